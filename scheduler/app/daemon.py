@@ -1,0 +1,264 @@
+"""The daemon: plans folder -> APScheduler schedules on PostgreSQL -> the dispatcher.
+
+One APScheduler schedule per plan (id `plan:<plan id>`), whose only argument is the plan id:
+calendar plans get their own trigger; relative plans get a sweep every `sweep_seconds` that sends
+the steps due in the enrolments table. Schedules are (re)added only when a plan's content changed,
+with triggers that start at `now`, so no past occurrence fires on a re-add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from apscheduler import AsyncScheduler, CoalescePolicy, ConflictPolicy, ScheduleLookupError
+from apscheduler import current_job
+from apscheduler.abc import Trigger
+from apscheduler.datastores.sqlalchemy import SQLAlchemyDataStore
+from apscheduler.eventbrokers.asyncpg import AsyncpgEventBroker
+from apscheduler.serializers.json import JSONSerializer
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from scheduler.app.dispatcher import Clock, Dispatcher, utc_now
+from scheduler.channels.base import Channel
+from scheduler.domain.plan import Plan
+from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relative_due
+from scheduler.planfiles import LoadedPlan, load_plans
+from scheduler.settings import Settings
+from scheduler.store.embedded import sqlalchemy_url, start_embedded
+from scheduler.store.postgres import PlanRecord, Store
+
+log = logging.getLogger(__name__)
+
+TASK_ID = "fire_plan"
+APSCHEDULER_SCHEMA = "apscheduler"
+HEARTBEAT_SECONDS = 5.0
+
+# The APScheduler task must be an importable function with plain-string arguments; it reaches the
+# running daemon's dispatcher through this module-level slot, set once at start-up.
+_dispatcher: Dispatcher | None = None
+
+
+async def fire_plan(plan_id: str) -> None:
+    """The APScheduler task: one fire of a plan's schedule, at its scheduled time."""
+    if _dispatcher is None:  # pragma: no cover - only a misconfigured process gets here
+        raise RuntimeError("fire_plan ran outside a reminders daemon")
+    await _dispatcher.fire(plan_id, current_job.get().scheduled_fire_time)
+
+
+def schedule_id(plan_id: str) -> str:
+    return f"plan:{plan_id}"
+
+
+def database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    log.warning("DATABASE_URL is unset: using an embedded PostgreSQL in %s", settings.data_dir)
+    return start_embedded(settings.data_dir / "pgdata")
+
+
+def replica_identity(settings: Settings) -> str:
+    return settings.replica_id or socket.gethostname()
+
+
+@dataclass
+class SyncResult:
+    added: list[str]
+    unchanged: list[str]
+    finished: list[str]
+
+
+class Daemon:
+    """The running scheduler: owns the APScheduler instance and keeps plans in sync with it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        channel: Channel,
+        scheduler: AsyncScheduler,
+        *,
+        replica_id: str,
+        clock: Clock = utc_now,
+    ):
+        self.settings = settings
+        self.store = store
+        self.scheduler = scheduler
+        self.replica_id = replica_id
+        self.clock = clock
+        self.dispatcher = Dispatcher(
+            store,
+            channel,
+            replica_id=replica_id,
+            concurrency=settings.send_concurrency,
+            batch_size=settings.batch_size,
+            clock=clock,
+        )
+
+    async def sync_plans(self, loaded: list[LoadedPlan]) -> SyncResult:
+        """Record each plan's version and (re)schedule the plans whose content changed."""
+        result = SyncResult([], [], [])
+        for item in loaded:
+            plan = item.plan
+            registration = await self.store.register_plan(
+                plan.id,
+                "relative" if plan.is_relative else "calendar",
+                item.content_hash,
+                plan.model_dump(mode="json"),
+                str(item.path),
+            )
+            if not registration.changed and await self._has_schedule(plan.id):
+                result.unchanged.append(plan.id)
+                continue
+            if plan.is_relative and registration.record.version > 1:
+                await self.store.reschedule_enrollments(plan.id, _next_due_computer(plan))
+            trigger = self._trigger(plan, registration.record)
+            if trigger is None:
+                result.finished.append(plan.id)
+                await self._remove_schedule(plan.id)
+                continue
+            await self.scheduler.add_schedule(
+                TASK_ID,
+                trigger,
+                id=schedule_id(plan.id),
+                args=[plan.id],
+                coalesce=CoalescePolicy.all,
+                misfire_grace_time=plan.schedule.grace.as_timedelta(),
+                conflict_policy=ConflictPolicy.replace,
+            )
+            result.added.append(plan.id)
+            log.info("scheduled plan %s (version %d)", plan.id, registration.record.version,
+                     extra={"plan_id": plan.id})
+        return result
+
+    def _trigger(self, plan: Plan, record: PlanRecord) -> Trigger | None:
+        now = self.clock()
+        if plan.schedule.relative is not None:
+            return IntervalTrigger(seconds=self.settings.sweep_seconds, start_time=now)
+        cal = plan.schedule.calendar
+        assert cal is not None
+        return calendar_trigger(cal, calendar_anchor(cal, record.registered_at), now)
+
+    async def _has_schedule(self, plan_id: str) -> bool:
+        try:
+            await self.scheduler.get_schedule(schedule_id(plan_id))
+        except ScheduleLookupError:
+            return False
+        return True
+
+    async def _remove_schedule(self, plan_id: str) -> None:
+        if await self._has_schedule(plan_id):
+            await self.scheduler.remove_schedule(schedule_id(plan_id))
+
+    async def heartbeat_forever(self) -> None:
+        host, pid = socket.gethostname(), os.getpid()
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await self.store.heartbeat(self.replica_id, host, pid)
+            resolved = await self.store.resolve_in_flight()
+            if resolved:
+                log.warning("%d deliveries in flight on a dead replica are now 'unknown'", resolved)
+
+
+def _next_due_computer(plan: Plan):  # noqa: ANN202 - a small closure for the store
+    from zoneinfo import ZoneInfo
+
+    rule = plan.schedule.relative
+    assert rule is not None
+
+    def compute(start_at: datetime, tz: str, index: int) -> datetime | None:
+        return relative_due(rule, start_at, ZoneInfo(tz), index)
+
+    return compute
+
+
+async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
+    """The WeChat channel; without credentials, a fake WeChat on loopback that we start."""
+    from scheduler.channels.wechat import WeChatChannel
+
+    base_url, appid, secret = settings.wechat_api_base, settings.wechat_appid, settings.wechat_secret
+    if not (appid and secret):
+        from scheduler.fake_wechat import FakeWeChat
+
+        fake = FakeWeChat()
+        base_url = await fake.start("127.0.0.1", settings.fake_wechat_port)
+        stack.push_async_callback(fake.stop)
+        appid, secret = "fake-appid", "fake-secret"
+        log.warning(
+            "No WeChat credentials (REMINDERS_WECHAT_APPID / REMINDERS_WECHAT_SECRET): sending to "
+            "a FAKE WeChat at %s. Nothing reaches real users. Read what it received at %s/fake/messages",
+            base_url, base_url,
+        )
+    channel = WeChatChannel(
+        base_url=base_url,
+        appid=appid,
+        secret=secret,
+        timeout=settings.wechat_timeout,
+        retries=settings.wechat_retries,
+        miniprogram_state=settings.miniprogram_state,
+        lang=settings.lang,
+    )
+    stack.push_async_callback(channel.aclose)
+    return channel
+
+
+async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or `stop` is set)."""
+    global _dispatcher
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    replica_id = replica_identity(settings)
+    async with AsyncExitStack() as stack:
+        url = database_url(settings)
+        store = await stack.enter_async_context(Store.open(url))
+        await store.migrate()
+        await store.heartbeat(replica_id, socket.gethostname(), os.getpid(), starting=True)
+        resolved = await store.resolve_in_flight(replica=replica_id)
+        if resolved:
+            log.warning("%d deliveries were in flight when this replica last stopped: recorded "
+                        "as 'unknown', not resent", resolved)
+        channel = await open_channel(settings, stack)
+
+        engine = create_async_engine(sqlalchemy_url(url), pool_size=5)
+        stack.push_async_callback(engine.dispose)
+        scheduler = AsyncScheduler(
+            SQLAlchemyDataStore(engine, schema=APSCHEDULER_SCHEMA, serializer=JSONSerializer()),
+            AsyncpgEventBroker.from_async_sqla_engine(engine),
+            identity=replica_id,
+            cleanup_interval=timedelta(minutes=5),
+        )
+        await stack.enter_async_context(scheduler)
+        daemon = Daemon(settings, store, channel, scheduler, replica_id=replica_id)
+        _dispatcher = daemon.dispatcher
+        # Configure the task once; scheduling by its id keeps this limit (see DESIGN.md).
+        await scheduler.configure_task(TASK_ID, func=fire_plan, max_running_jobs=100)
+
+        loaded, problems = load_plans([settings.plans_dir])
+        for problem in problems:
+            log.error("plan not loaded: %s", problem)
+        synced = await daemon.sync_plans(loaded)
+        log.info("plans: %d scheduled, %d unchanged, %d finished, %d invalid",
+                 len(synced.added), len(synced.unchanged), len(synced.finished), len(problems))
+
+        await scheduler.start_in_background()
+        heartbeat = asyncio.create_task(daemon.heartbeat_forever())
+        log.info("reminders daemon running as replica %s", replica_id)
+        await stop.wait()
+        log.info("stopping: finishing the sends in flight")
+        if not await daemon.dispatcher.drain(timeout=10):
+            log.warning("sends still in flight after 10 s: they will be recorded as 'unknown'")
+        heartbeat.cancel()
+        await scheduler.stop()
+        await scheduler.wait_until_stopped()
+    _dispatcher = None
+    log.info("stopped")

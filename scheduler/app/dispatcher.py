@@ -1,0 +1,347 @@
+"""The dispatcher: turns one fire of a plan into sends, through the gate, into the ledger.
+
+A calendar plan's fire fans out to its whole audience; a relative plan's sweep takes the
+enrolments whose next step is due. Either way the audience is streamed in batches: each batch is
+claimed in the ledger with its consent in one round trip, the allowed sends go to a pool of
+`concurrency` workers, and their results are written back one batch at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from scheduler.channels.base import Channel, OutgoingMessage, SendResult
+from scheduler.domain.messages import RenderError, render
+from scheduler.domain.outcomes import Outcome
+from scheduler.domain.plan import Plan
+from scheduler.domain.schedule import (
+    calendar_anchor,
+    calendar_step,
+    is_repeated_wall_time,
+    relative_due,
+)
+from scheduler.store.postgres import Claim, Finished, PlanRecord, Recipient, Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Due:
+    """One (occurrence, user) that is due, with its rendered message."""
+
+    occurrence: str
+    user_id: str
+    step: int
+    due_at: datetime
+    data: dict[str, str]
+
+
+@dataclass
+class FanOutReport:
+    claimed: int = 0
+    sent: int = 0
+    failed: int = 0
+    no_consent: int = 0
+    already_claimed: int = 0
+    missed: int = 0
+    unrenderable: int = 0
+    stopped: bool = False  # the plan stopped being active, or the daemon is stopping
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ActivePlan:
+    record: PlanRecord
+    plan: Plan
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        channel: Channel,
+        *,
+        replica_id: str,
+        concurrency: int = 64,
+        batch_size: int = 500,
+        clock: Clock = utc_now,
+    ):
+        self.store = store
+        self.channel = channel
+        self.replica_id = replica_id
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.clock = clock
+        self.stopping = asyncio.Event()  # set on shutdown: no new batch is claimed
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._plans: dict[tuple[str, int], Plan] = {}
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop claiming and wait for the fan-outs in progress to finish their sends."""
+        self.stopping.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def load(self, plan_id: str) -> ActivePlan | None:
+        """The plan's current version from the database (the truth every replica shares)."""
+        record = await self.store.plan(plan_id)
+        if record is None:
+            return None
+        key = (record.id, record.version)
+        if key not in self._plans:
+            self._plans[key] = Plan.model_validate(record.definition)
+        return ActivePlan(record, self._plans[key])
+
+    async def fire(self, plan_id: str, fire_time: datetime) -> FanOutReport:
+        """Handle one fire of a plan's schedule (the entry point of the APScheduler task)."""
+        active = await self.load(plan_id)
+        if active is None:
+            log.warning("schedule fired for unknown plan %s", plan_id, extra={"plan_id": plan_id})
+            return FanOutReport()
+        if active.record.state != "active":
+            log.info("plan %s is %s: fire skipped", plan_id, active.record.state,
+                     extra={"plan_id": plan_id})
+            return FanOutReport(stopped=True)
+        if active.plan.is_relative:
+            return await self.sweep(active)
+        return await self.fan_out(active, fire_time)
+
+    # --- calendar plans -------------------------------------------------------------------------
+
+    async def fan_out(self, active: ActivePlan, fire_time: datetime) -> FanOutReport:
+        cal = active.plan.schedule.calendar
+        assert cal is not None
+        if is_repeated_wall_time(fire_time, cal.timezone) and cal.every is None:
+            return FanOutReport()  # the second 01:30 of a DST fall-back night
+        anchor = calendar_anchor(cal, active.record.registered_at)
+        step = calendar_step(cal, anchor, fire_time)
+        if step is None:
+            log.warning("plan %s fired at %s, which is not one of its occurrences",
+                        active.record.id, fire_time.isoformat(), extra={"plan_id": active.record.id})
+            return FanOutReport()
+        # The occurrence is keyed by its scheduled time, so a double fire meets the same rows.
+        occurrence = fire_time.astimezone(UTC).isoformat()
+        tz = ZoneInfo(cal.timezone)
+        report = FanOutReport()
+
+        async def batches() -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
+            async for recipients in self.store.audience(active.record.id, self.batch_size):
+                dues = await self._render_all(
+                    active, recipients, report, lambda r: (occurrence, step, fire_time, tz)
+                )
+                claims = await self._claim(self.store.pool, active, dues)
+                if not claims and dues and await self._inactive(active.record.id):
+                    claims = None
+                yield dues, claims
+
+        await self._pipeline(active, batches(), report)
+        if cal.count is not None and step >= cal.count and not report.stopped:
+            await self.store.set_plan_state(active.record.id, "completed", self.replica_id,
+                                            f"all {cal.count} occurrences are due")
+        log.info("plan %s step %d fanned out: %s", active.record.id, step, report.outcomes,
+                 extra={"plan_id": active.record.id, "occurrence": occurrence})
+        return report
+
+    # --- relative plans -------------------------------------------------------------------------
+
+    async def sweep(self, active: ActivePlan) -> FanOutReport:
+        """Send every step of a relative plan that is due now, oldest first."""
+        rule = active.plan.schedule.relative
+        assert rule is not None
+        grace = active.plan.schedule.grace.as_timedelta()
+        report = FanOutReport()
+        plan_id = active.record.id
+
+        async def batches() -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
+            while not self.stopping.is_set():
+                now = self.clock()
+                async with self.store.due_enrollments(plan_id, now, self.batch_size) as (conn, due):
+                    # FOR SHARE: a pause waits for this batch, and no batch starts after it.
+                    state = await conn.fetchval(
+                        "SELECT state FROM plans WHERE id = $1 FOR SHARE", plan_id
+                    )
+                    if state != "active" or not due:
+                        break
+                    late = [r for r in due if now - r.next_due_at > grace]
+                    await self.store.skip(
+                        plan_id=plan_id,
+                        version=active.record.version,
+                        replica=self.replica_id,
+                        rows=[(_step_key(r), r.user_id, r.next_step + 1, r.next_due_at) for r in late],
+                        status=Outcome.MISSED,
+                        reason="grace_exceeded",
+                        conn=conn,
+                    )
+                    report.missed += len(late)
+                    dues = await self._render_all(
+                        active,
+                        [r for r in due if now - r.next_due_at <= grace],
+                        report,
+                        lambda r: (_step_key(r), r.next_step + 1, r.next_due_at, ZoneInfo(r.tz)),
+                        conn=conn,
+                    )
+                    claims = await self._claim(conn, active, dues)
+                    await self.store.advance_enrollments(
+                        conn,
+                        plan_id,
+                        [r.user_id for r in due],
+                        [r.next_step + 1 for r in due],
+                        [relative_due(rule, r.start_at, ZoneInfo(r.tz), r.next_step + 1) for r in due],
+                    )
+                # Sends start only after the claim and the advance have committed.
+                yield dues, claims
+            else:
+                return  # stopping
+            if state != "active":
+                yield [], None
+
+        await self._pipeline(active, batches(), report)
+        return report
+
+    # --- shared machinery -----------------------------------------------------------------------
+
+    async def _render_all(
+        self,
+        active: ActivePlan,
+        recipients: list[Recipient],
+        report: FanOutReport,
+        when: Callable[[Recipient], tuple[str, int, datetime, ZoneInfo]],
+        conn: Any = None,
+    ) -> list[Due]:
+        """Render each recipient's message; one that cannot be rendered is recorded as skipped."""
+        dues, broken = [], []
+        for recipient in recipients:
+            occurrence, step, due_at, tz = when(recipient)
+            try:
+                data = render(active.plan, step, due_at, tz, recipient.user_id, recipient.vars)
+            except RenderError as exc:
+                log.warning("plan %s: cannot render for %s: %s", active.record.id,
+                            recipient.user_id, exc, extra={"plan_id": active.record.id})
+                broken.append((occurrence, recipient.user_id, step, due_at))
+                continue
+            dues.append(Due(occurrence, recipient.user_id, step, due_at, data))
+        report.unrenderable += len(broken)
+        await self.store.skip(
+            plan_id=active.record.id, version=active.record.version, replica=self.replica_id,
+            rows=broken, status=Outcome.SKIPPED, reason="unrenderable", conn=conn,
+        )
+        return dues
+
+    async def _claim(self, conn: Any, active: ActivePlan, dues: list[Due]) -> list[Claim]:
+        if not dues:
+            return []
+        return await self.store.claim(
+            conn,
+            plan_id=active.record.id,
+            version=active.record.version,
+            template_id=active.plan.template.id,
+            consent_kind=active.plan.consent.value,
+            replica=self.replica_id,
+            occurrences=[d.occurrence for d in dues],
+            users=[d.user_id for d in dues],
+            steps=[d.step for d in dues],
+            due=[d.due_at for d in dues],
+            messages=[d.data for d in dues],
+        )
+
+    async def _inactive(self, plan_id: str) -> bool:
+        record = await self.store.plan(plan_id)
+        return record is None or record.state != "active"
+
+    async def _pipeline(
+        self,
+        active: ActivePlan,
+        batches: AsyncIterator[tuple[list[Due], list[Claim] | None]],
+        report: FanOutReport,
+    ) -> None:
+        plan = active.plan
+        queue: asyncio.Queue[tuple[int, OutgoingMessage] | None] = asyncio.Queue(
+            maxsize=self.batch_size * 2
+        )
+        results: list[Finished] = []
+
+        async def flush() -> None:
+            batch = results[:]
+            results.clear()
+            await self.store.finish(plan.template.id, plan.consent.value, batch)
+
+        async def worker() -> None:
+            while (item := await queue.get()) is not None:
+                delivery_id, message = item
+                result = await self.channel.send(message)
+                results.append(_finished(delivery_id, result))
+                if result.outcome == Outcome.SENT:
+                    report.sent += 1
+                else:
+                    report.failed += 1
+                if len(results) >= self.batch_size:
+                    await flush()
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+        self._running += 1
+        self._idle.clear()
+        try:
+            async for dues, claims in batches:
+                if claims is None:
+                    report.stopped = True
+                    break
+                by_user = {d.user_id: d for d in dues}
+                report.claimed += len(claims)
+                report.already_claimed += len(dues) - len(claims)
+                for c in claims:
+                    if not c.allowed:
+                        report.no_consent += 1
+                        continue
+                    due = by_user[c.user_id]
+                    await queue.put((c.delivery_id, OutgoingMessage(
+                        c.user_id, plan.template.id, due.data, plan.template.page)))
+                if self.stopping.is_set():
+                    report.stopped = True
+                    break
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            # Results already in hand are written even when the fan-out is cancelled.
+            await asyncio.shield(flush())
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+        report.outcomes = {
+            "sent": report.sent, "failed": report.failed, "no_consent": report.no_consent,
+            "already_claimed": report.already_claimed, "missed": report.missed,
+        }
+
+
+def _step_key(recipient: Recipient) -> str:
+    return f"step-{recipient.next_step + 1}"
+
+
+def _finished(delivery_id: int, result: SendResult) -> Finished:
+    return Finished(
+        delivery_id,
+        result.outcome.value,
+        result.reason.value if result.reason else None,
+        result.errcode,
+        result.msgid,
+        result.detail,
+    )

@@ -1,0 +1,307 @@
+"""The `reminders` command line. Errors a user can cause are printed plainly, never as tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import ValidationError
+
+from scheduler.errors import PlanError, RemindersError
+from scheduler.settings import Settings
+
+log = logging.getLogger("scheduler")
+
+
+class UsageError(RemindersError):
+    pass
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise UsageError("invalid configuration:\n" + "\n".join(lines)) from None
+    if getattr(args, "plans", None):
+        settings = settings.model_copy(update={"plans_dir": Path(args.plans)})
+    return settings
+
+
+def _aware(text: str, what: str, default_tz: ZoneInfo | None = None) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not an ISO date-time, e.g. 2026-03-01T09:00+08:00") from None
+    if moment.tzinfo is None:
+        if default_tz is None:
+            raise UsageError(f"{what}: {text!r} needs a UTC offset, e.g. 2026-03-01T09:00+08:00")
+        moment = moment.replace(tzinfo=default_tz)
+    return moment
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"--tz: {name!r} is not an IANA time zone, e.g. Asia/Shanghai") from None
+
+
+# --- validate / preview -------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from scheduler.planfiles import load_plans
+
+    loaded, problems = load_plans(Path(p) for p in args.paths)
+    if args.json:
+        print(json.dumps({
+            "valid": [{"file": str(i.path), "id": i.plan.id} for i in loaded],
+            "errors": [{"file": p.file, "field": p.field, "reason": p.reason} for p in problems],
+        }, ensure_ascii=False, indent=2))
+    else:
+        for item in loaded:
+            print(f"ok     {item.path} ({item.plan.id})")
+        for problem in problems:
+            print(f"error  {problem}")
+        if not loaded and not problems:
+            print("no plan files found")
+    return 1 if problems or not loaded else 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from scheduler.domain.messages import RenderError, render
+    from scheduler.domain.schedule import calendar_anchor, calendar_occurrences, relative_occurrences
+    from scheduler.planfiles import load_plan_file
+
+    plan = load_plan_file(Path(args.plan_file)).plan
+    now = datetime.now(UTC)
+    if plan.schedule.calendar is not None:
+        cal = plan.schedule.calendar
+        tz = ZoneInfo(cal.timezone)
+        start = _aware(args.start, "--from", tz) if args.start else now
+        anchor = calendar_anchor(cal, start)
+        occurrences = (o for o in calendar_occurrences(cal, anchor) if o.due_at >= start)
+    else:
+        tz = _zone(args.tz)
+        start = _aware(args.start, "--from", tz) if args.start else now
+        occurrences = relative_occurrences(plan, start, tz)
+    variables = dict(_pairs(args.var))
+    rows = []
+    for occurrence, _ in zip(occurrences, range(args.count), strict=False):
+        try:
+            data = render(plan, occurrence.step, occurrence.due_at, tz, "preview-user", variables)
+        except RenderError as exc:
+            data = {"error": f"{exc} (pass it with --var)"}
+        rows.append({
+            "step": occurrence.step,
+            "local": occurrence.due_at.astimezone(tz).isoformat(),
+            "utc": occurrence.due_at.isoformat(),
+            "message": data,
+        })
+    if args.json:
+        print(json.dumps({"plan": plan.id, "occurrences": rows}, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{plan.id}: {plan.name} ({'relative to enrolment' if plan.is_relative else 'calendar'},"
+          f" {tz.key})")
+    for row in rows:
+        text = "; ".join(f"{k}={v}" for k, v in row["message"].items())
+        print(f"  step {row['step']:>3}  {row['local']}  (UTC {row['utc'][:16]})  {text}")
+    if not rows:
+        print("  no occurrences left")
+    return 0
+
+
+def _pairs(items: Sequence[str] | None) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--var {item!r}: write key=value")
+        pairs.append((key, value))
+    return pairs
+
+
+# --- database-backed commands -------------------------------------------------------------------
+
+
+async def _with_store(settings: Settings, work):  # noqa: ANN001, ANN202
+    from scheduler.app.daemon import database_url
+    from scheduler.store.postgres import Store
+
+    async with Store.open(database_url(settings)) as store:
+        await store.migrate()
+        return await work(store)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    async def work(store) -> list[str]:  # noqa: ANN001
+        return await store.migrate()
+
+    applied = asyncio.run(_with_store(_settings(args), work))
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from scheduler.domain.plan import Plan
+    from scheduler.domain.schedule import relative_due
+    from scheduler.planfiles import content_hash, load_plans
+
+    settings = _settings(args)
+    variables = dict(_pairs(args.var))
+
+    async def work(store) -> str:  # noqa: ANN001
+        record = await store.plan(args.plan_id)
+        if record is None:  # not loaded by a daemon yet: take it from the plans folder
+            loaded, _ = load_plans([settings.plans_dir])
+            match = [i for i in loaded if i.plan.id == args.plan_id]
+            if not match:
+                raise UsageError(f"no plan {args.plan_id!r} in the database or in {settings.plans_dir}/")
+            plan = match[0].plan
+            registration = await store.register_plan(
+                plan.id, "relative" if plan.is_relative else "calendar", content_hash(plan),
+                plan.model_dump(mode="json"), str(match[0].path))
+            record = registration.record
+        plan = Plan.model_validate(record.definition)
+        missing = [v for v in plan.variables if v not in variables]
+        if missing:
+            raise UsageError(f"plan {plan.id} needs --var for: {', '.join(missing)}")
+        default_tz = plan.schedule.calendar.timezone if plan.schedule.calendar else "Asia/Shanghai"
+        tz = _zone(args.tz or default_tz)
+        start = _aware(args.start, "--start", tz) if args.start else datetime.now(UTC)
+        next_due = (
+            relative_due(plan.schedule.relative, start, tz, 0) if plan.schedule.relative else None
+        )
+        await store.enroll(plan.id, args.user, start, tz.key, variables, next_due)
+        when = f"; first step due {next_due.astimezone(tz).isoformat()}" if next_due else ""
+        return f"enrolled {args.user} in {plan.id}{when}"
+
+    print(asyncio.run(_with_store(settings, work)))
+    return 0
+
+
+def cmd_consent(args: argparse.Namespace) -> int:
+    async def work(store) -> dict | None:  # noqa: ANN001
+        await store.record_consent(args.user, args.template, args.kind, args.result, "cli")
+        return await store.consent_of(args.user, args.template)
+
+    state = asyncio.run(_with_store(_settings(args), work))
+    print(f"recorded {args.result} ({args.kind}) for {args.user} on {args.template}: {state}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from scheduler.app.daemon import run
+
+    settings = _settings(args)
+    if not settings.plans_dir.is_dir():
+        raise UsageError(f"plans folder {settings.plans_dir} does not exist (set REMINDERS_PLANS_DIR)")
+    asyncio.run(run(settings))
+    return 0
+
+
+def cmd_fake_wechat(args: argparse.Namespace) -> int:
+    from scheduler.fake_wechat import serve
+
+    try:
+        asyncio.run(serve(args.host, args.port, check_consent=args.check_consent))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from scheduler.domain.plan import Plan
+
+    print(json.dumps(Plan.model_json_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+# --- wiring -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reminders", description="Long-term recurring reminders over WeChat subscribe messages."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon on the plans folder")
+    p.add_argument("--plans", help="plans folder (default: $REMINDERS_PLANS_DIR or ./plans)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check plan files and folders")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preview", help="list a plan's next occurrences and messages")
+    p.add_argument("plan_file")
+    p.add_argument("--from", dest="start", help="ISO date-time to preview from (default: now)")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--tz", default="Asia/Shanghai", help="user's time zone (relative plans)")
+    p.add_argument("--var", action="append", help="a user variable, key=value")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("db", help="database maintenance")
+    db = p.add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply the SQL migrations")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("enroll", help="enrol a user in a plan")
+    p.add_argument("plan_id")
+    p.add_argument("--user", required=True, help="the user's openid")
+    p.add_argument("--start", help="ISO date-time the user's timeline starts (default: now)")
+    p.add_argument("--tz", help="the user's IANA time zone")
+    p.add_argument("--var", action="append", help="a user variable, key=value")
+    p.add_argument("--plans", help="plans folder, for a plan no daemon has loaded yet")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("consent", help="record a user's consent popup result")
+    p.add_argument("--user", required=True)
+    p.add_argument("--template", required=True)
+    p.add_argument("--kind", required=True, choices=["one_time", "long_term"])
+    p.add_argument("--result", required=True, choices=["accept", "reject", "ban", "filter"])
+    p.set_defaults(func=cmd_consent)
+
+    p = sub.add_parser("fake-wechat", help="serve a fake WeChat API on loopback")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8399)
+    p.add_argument("--check-consent", action="store_true", help="answer 43101 without a grant")
+    p.set_defaults(func=cmd_fake_wechat)
+
+    p = sub.add_parser("schema", help="print the plan file JSON Schema")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=Settings.model_fields["log_level"].default if args.command != "run" else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except PlanError as exc:
+        print("error  " + str(exc).replace("\n", "\nerror  "), file=sys.stderr)
+        return 1
+    except RemindersError as exc:
+        print(f"reminders: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The final outcome of one due (plan, occurrence, user), as the delivery ledger records it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    PENDING = "pending"  # claimed and in flight; never final
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DEFERRED = "deferred"
+    UNKNOWN = "unknown"  # in flight when its process died: not resent (no idempotency key)
+    MISSED = "missed"  # due while nothing could send it, and too late to catch up
+
+
+class Reason(StrEnum):
+    # skipped
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    OPTED_OUT = "opted_out"
+    NO_CONSENT = "no_consent"
+    # failed (from the channel)
+    CONSENT_GONE = "consent_gone"  # 43101
+    TRANSIENT = "transient"  # -1, 43108, 5xx, timeouts after every retry
+    TOKEN = "token"  # the token stayed invalid after a refresh
+    QUOTA = "quota"  # 45009
+    BAD_OPENID = "bad_openid"  # 40003
+    BAD_TEMPLATE = "bad_template"  # 40037
+    BAD_PAGE = "bad_page"  # 41030
+    TEMPLATE_BANNED = "template_banned"  # 43107
+    SENSITIVE_CONTENT = "sensitive_content"  # 45168
+    INVALID_DATA = "invalid_data"  # 47003
+    BAD_REQUEST = "bad_request"  # 41001, 47001
+    WECHAT_ERROR = "wechat_error"  # any other errcode
+    # unknown
+    CRASHED_IN_FLIGHT = "crashed_in_flight"

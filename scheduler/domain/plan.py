@@ -1,0 +1,357 @@
+"""The plan file model: what a service team writes, validated. Pure: no I/O.
+
+A plan says who gets what, when: a schedule (calendar, for the whole audience, or relative to
+each user's enrolment), the WeChat template and its fields, the message per step, the service
+category and the consent kind. `docs/plans.md` documents it; `docs/plan.schema.json` is generated
+from these models.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import date, datetime, time, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from scheduler.domain.template_fields import KNOWN_TYPES, field_type
+
+
+class Category(StrEnum):
+    GOVERNMENT = "government"
+    MEDICAL = "medical"
+    TRANSPORT = "transport"
+    EDUCATION = "education"
+    FINANCE = "finance"
+    COMMERCE = "commerce"
+    CATERING = "catering"
+    ENTERTAINMENT = "entertainment"
+    OTHER = "other"
+
+
+class ConsentKind(StrEnum):
+    ONE_TIME = "one_time"
+    LONG_TERM = "long_term"
+
+
+_PLAN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_DURATION = re.compile(r"^\s*(\d+)\s*([a-z]+?)s?\s*$")
+_UNITS = {"second", "minute", "hour", "day", "week", "month"}
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- small value types --------------------------------------------------------------------------
+
+
+class Duration(BaseModel):
+    """`N unit`, e.g. `1 week`, `30 days`, `1 month`, `5 seconds`."""
+
+    model_config = ConfigDict(frozen=True)
+    amount: int
+    unit: Literal["second", "minute", "hour", "day", "week", "month"]
+
+    @property
+    def is_calendar(self) -> bool:
+        """Days and longer move along the local calendar (wall-clock time stays put across DST)."""
+        return self.unit in ("day", "week", "month")
+
+    def as_timedelta(self) -> timedelta:
+        if self.unit == "month":
+            raise ValueError("a month has no fixed length")
+        return timedelta(**{f"{self.unit}s": self.amount})
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.unit}{'s' if self.amount != 1 else ''}"
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, Duration | dict):
+        return value
+    match = _DURATION.match(str(value).lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(
+            f"{value!r} is not a duration: write a number and a unit "
+            "(seconds, minutes, hours, days, weeks or months), e.g. '1 week'"
+        )
+    return {"amount": int(match.group(1)), "unit": match.group(2)}
+
+
+DurationText = Annotated[
+    Duration,
+    BeforeValidator(_parse_duration),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\s*\d+\s*(second|minute|hour|day|week|month)s?\s*$"}),
+]
+
+
+def _parse_time_of_day(value: Any) -> Any:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, int):  # YAML reads 07:30 as sexagesimal 450
+        return time(value // 60, value % 60)
+    try:
+        return time.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a time of day: write HH:MM, e.g. '07:30'") from None
+
+
+TimeOfDay = Annotated[
+    time,
+    BeforeValidator(_parse_time_of_day),
+    PlainSerializer(lambda t: t.strftime("%H:%M:%S" if t.second else "%H:%M"), return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d{2}:\d{2}(:\d{2})?$"}),
+]
+
+
+def _check_zone(value: Any) -> Any:
+    try:
+        ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{value!r} is not an IANA time zone, e.g. 'Asia/Shanghai' or 'America/New_York'"
+        ) from None
+    return str(value)
+
+
+ZoneName = Annotated[str, BeforeValidator(_check_zone)]
+
+
+def _at_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+AtTimes = Annotated[list[TimeOfDay], BeforeValidator(_at_list), Field(min_length=1)]
+
+
+def _sorted_unique(times: list[time]) -> list[time]:
+    return sorted(set(times))
+
+
+# --- schedules ----------------------------------------------------------------------------------
+
+
+class Weekly(Model):
+    # Not `on`: YAML 1.1 reads a bare `on` key as the boolean true.
+    days: Annotated[list[Literal[WEEKDAYS]], BeforeValidator(_at_list), Field(min_length=1)]  # type: ignore[valid-type]
+    at: AtTimes
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _lower_weekdays(cls, value: Any) -> Any:
+        return [str(v).lower()[:3] for v in (value if isinstance(value, list) else [value])]
+
+
+class Monthly(Model):
+    day: int | Literal["last"] = Field(description="Day of the month (1-31) or 'last'.")
+    at: AtTimes
+
+    @field_validator("day")
+    @classmethod
+    def _day_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 31:
+            raise ValueError("day must be 1-31 or 'last'")
+        return value
+
+
+class Daily(Model):
+    at: AtTimes
+
+
+class Calendar(Model):
+    """One timeline for the whole audience, in one time zone. Exactly one of the rule fields."""
+
+    timezone: ZoneName = "Asia/Shanghai"
+    weekly: Weekly | None = None
+    monthly: Monthly | None = None
+    daily: Daily | None = None
+    weekdays: Daily | None = Field(None, description="Monday to Friday at the given times.")
+    cron: str | None = Field(None, description="A 5-field crontab expression, local time.")
+    every: DurationText | None = Field(None, description="A fixed interval, e.g. '2 hours'.")
+    start: datetime | date | None = Field(
+        None, description="First moment that may fire (local). Default: when the plan is loaded."
+    )
+    end: datetime | date | None = Field(None, description="Last moment (a date means its end).")
+    count: int | None = Field(None, ge=1, description="How many occurrences in all.")
+
+    @model_validator(mode="after")
+    def _exactly_one_rule(self) -> Calendar:
+        rules = [n for n in ("weekly", "monthly", "daily", "weekdays", "cron", "every") if getattr(self, n)]
+        if len(rules) != 1:
+            raise ValueError(
+                "give exactly one of weekly, monthly, daily, weekdays, cron or every"
+                + (f" (found {', '.join(rules)})" if rules else "")
+            )
+        if self.cron is not None:
+            from scheduler.domain.schedule import check_crontab  # local import: avoids a cycle
+
+            check_crontab(self.cron, self.timezone)
+        if self.every is not None and (self.every.is_calendar or self.every.amount < 1):
+            raise ValueError(
+                "'every' takes seconds, minutes or hours (at least 1); "
+                "for days, weeks or months use daily, weekly or monthly"
+            )
+        return self
+
+
+class Relative(Model):
+    """A timeline per user, counted from each enrolment's start, in the user's own time zone."""
+
+    every: DurationText
+    count: int | None = Field(None, ge=1, description="How many messages in all.")
+    duration: DurationText | None = Field(
+        None, description="Stop after this long from the start, e.g. '30 days'."
+    )
+    at: list[TimeOfDay] | None = Field(
+        None, description="Local times of day for each period; default: the enrolment's time."
+    )
+    first_after: DurationText | None = Field(
+        None, description="Delay before the first period; default: one `every`."
+    )
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return None if value is None else _at_list(value)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Relative:
+        if self.every.amount < 1:
+            raise ValueError("'every' must be at least 1 of its unit")
+        if self.count is None and self.duration is None:
+            raise ValueError("a relative schedule needs a count or a duration, or it never ends")
+        if self.at is not None and not self.every.is_calendar:
+            raise ValueError("'at' needs 'every' in days, weeks or months")
+        return self
+
+
+class Schedule(Model):
+    calendar: Calendar | None = None
+    relative: Relative | None = None
+    grace: DurationText = Field(
+        default_factory=lambda: Duration(amount=1, unit="hour"),
+        description="How late an occurrence may still be sent; later ones are recorded missed.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        if (self.calendar is None) == (self.relative is None):
+            raise ValueError("give exactly one of 'calendar' or 'relative'")
+        return self
+
+
+# --- template and message -----------------------------------------------------------------------
+
+
+class Template(Model):
+    id: str = Field(min_length=1, description="The private template id (priTmplId).")
+    fields: dict[str, str] = Field(
+        min_length=1, description="Keyword key -> WeChat type, e.g. thing1: thing."
+    )
+    page: str | None = Field(None, description="Mini program page the card opens, query allowed.")
+
+    @field_validator("fields")
+    @classmethod
+    def _keys_match_types(cls, fields: dict[str, str]) -> dict[str, str]:
+        for key, type_ in fields.items():
+            if type_ not in KNOWN_TYPES:
+                raise ValueError(f"{key}: unknown WeChat type {type_!r}")
+            if field_type(key) != type_:
+                raise ValueError(
+                    f"{key}: WeChat keys are the type plus a number, so {key!r} "
+                    f"cannot be of type {type_!r}"
+                )
+        if not 1 <= len(fields) <= 5:
+            raise ValueError("a template has 1 to 5 keywords")
+        return fields
+
+
+BUILTIN_VARIABLES = ("step", "count", "date", "time", "plan_name", "user")
+
+
+class Message(Model):
+    default: dict[str, str] = Field(description="Field key -> text, with {variables}.")
+    steps: dict[int, dict[str, str]] = Field(
+        default_factory=dict, description="Step number (from 1) -> fields that differ at that step."
+    )
+
+
+class Plan(Model):
+    id: str = Field(description="Stable id: lowercase letters, digits, '-' and '_'.")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    category: Category
+    consent: ConsentKind
+    schedule: Schedule
+    template: Template
+    message: Message
+    variables: list[str] = Field(
+        default_factory=list, description="Per-user variables every enrolment must supply."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        if not _PLAN_ID.match(value):
+            raise ValueError(
+                f"{value!r}: use 1-64 lowercase letters, digits, '-' or '_', starting alphanumeric"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _message_fits_template(self) -> Plan:
+        keys = set(self.template.fields)
+        allowed_vars = set(BUILTIN_VARIABLES) | set(self.variables)
+        missing = keys - set(self.message.default)
+        if missing:
+            raise ValueError(f"message.default lacks template fields: {', '.join(sorted(missing))}")
+        count = self.occurrence_limit
+        for where, fields in [("default", self.message.default)] + [
+            (f"steps.{n}", f) for n, f in self.message.steps.items()
+        ]:
+            extra = set(fields) - keys
+            if extra:
+                raise ValueError(f"message.{where}: not template fields: {', '.join(sorted(extra))}")
+            for key, text in fields.items():
+                for name in placeholders(text, f"message.{where}.{key}"):
+                    if name not in allowed_vars:
+                        raise ValueError(
+                            f"message.{where}.{key}: unknown variable {{{name}}}; declare it "
+                            f"under 'variables' or use one of {', '.join(BUILTIN_VARIABLES)}"
+                        )
+        for step in self.message.steps:
+            if step < 1 or (count is not None and step > count):
+                raise ValueError(f"message.steps.{step}: no such step (steps run 1..{count})")
+        return self
+
+    @property
+    def occurrence_limit(self) -> int | None:
+        rule = self.schedule.calendar or self.schedule.relative
+        return rule.count if rule else None
+
+    @property
+    def is_relative(self) -> bool:
+        return self.schedule.relative is not None
+
+
+def placeholders(text: str, where: str = "text") -> list[str]:
+    """The `{names}` a message text uses; raises ValueError on broken braces."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc} (write {{{{ and }}}} for literal braces)") from None

@@ -1,0 +1,223 @@
+"""Schedule maths: when each step of a plan is due. Pure: the clock is always passed in.
+
+Calendar plans become APScheduler triggers (one schedule per plan in the daemon); `preview` and the
+daemon's step numbering iterate the very same triggers. Relative plans are computed per enrolment by
+`relative_due`, which the daemon stores as each enrolment's next due time.
+
+Wall-clock rules keep their local time across daylight-saving changes: a time that does not exist
+(spring forward) fires when the clock has moved past it (02:30 -> 03:30), and a time that happens
+twice (fall back) fires once, at its first instance.
+"""
+
+from __future__ import annotations
+
+import calendar as _calendar
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from apscheduler.abc import Trigger
+from apscheduler.triggers.combining import OrTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from scheduler.domain.plan import Calendar, Duration, Plan, Relative
+
+# A plan's fire times are enumerated to number its steps; this bounds the work for plans without a
+# count that fire very often (a step number past it is reported as unknown, never wrong).
+MAX_ENUMERATED_STEPS = 200_000
+
+
+def require_aware(moment: datetime, what: str = "time") -> datetime:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{what} must carry a time zone: {moment.isoformat()}")
+    return moment
+
+
+def check_crontab(expr: str, timezone: str) -> None:
+    """Raise ValueError with a plain reason if `expr` is not a usable 5-field crontab."""
+    try:
+        CronTrigger.from_crontab(expr, timezone=ZoneInfo(timezone))
+    except ValueError as exc:
+        raise ValueError(f"cron {expr!r}: {exc}") from None
+
+
+def localize(value: datetime | date, tz: ZoneInfo, *, end_of_day: bool = False) -> datetime:
+    """A plan's local date or datetime as an aware datetime (naive values are in `tz`)."""
+    if not isinstance(value, datetime):
+        value = datetime.combine(value, time.max if end_of_day else time.min)
+    return value if value.tzinfo else value.replace(tzinfo=tz)
+
+
+# --- calendar plans -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    step: int  # from 1
+    due_at: datetime  # aware, UTC
+
+
+def calendar_anchor(cal: Calendar, registered_at: datetime) -> datetime:
+    """The first moment a calendar plan may fire: its `start`, or when it was first loaded."""
+    tz = ZoneInfo(cal.timezone)
+    return localize(cal.start, tz) if cal.start is not None else require_aware(registered_at)
+
+
+def _trigger(cal: Calendar, start: datetime, end: datetime | None) -> Trigger:
+    tz = ZoneInfo(cal.timezone)
+    if cal.every is not None:
+        return IntervalTrigger(
+            seconds=cal.every.as_timedelta().total_seconds(), start_time=start, end_time=end
+        )
+    if cal.cron is not None:
+        return CronTrigger.from_crontab(cal.cron, start_time=start, end_time=end, timezone=tz)
+    if cal.weekly is not None:
+        fields, times = {"day_of_week": ",".join(cal.weekly.days)}, cal.weekly.at
+    elif cal.monthly is not None:
+        fields, times = {"day": str(cal.monthly.day)}, cal.monthly.at
+    elif cal.weekdays is not None:
+        fields, times = {"day_of_week": "mon-fri"}, cal.weekdays.at
+    else:
+        assert cal.daily is not None
+        fields, times = {}, cal.daily.at
+    triggers = [
+        CronTrigger(
+            **fields,
+            hour=t.hour,
+            minute=t.minute,
+            second=t.second,
+            start_time=start,
+            end_time=end,
+            timezone=tz,
+        )
+        for t in sorted(set(times))
+    ]
+    return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
+
+
+def is_repeated_wall_time(fire_time: datetime, timezone: str) -> bool:
+    """True for the second instance of a local time that happens twice (DST fall-back)."""
+    local = fire_time.astimezone(ZoneInfo(timezone))
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+
+def _fire_times(cal: Calendar, start: datetime, end: datetime | None) -> Iterator[datetime]:
+    trigger = _trigger(cal, start, end)
+    wall_clock = cal.every is None
+    while (fire_time := trigger.next()) is not None:
+        if wall_clock and is_repeated_wall_time(fire_time, cal.timezone):
+            continue
+        yield fire_time.astimezone(UTC)
+
+
+def calendar_end(cal: Calendar, anchor: datetime) -> datetime | None:
+    """The last moment the plan may fire: its `end`, or its `count`-th occurrence if earlier."""
+    tz = ZoneInfo(cal.timezone)
+    end = localize(cal.end, tz, end_of_day=True) if cal.end is not None else None
+    if cal.count is not None:
+        last = None
+        for last, _ in zip(_fire_times(cal, anchor, end), range(cal.count), strict=False):
+            pass
+        if last is not None:
+            end = last if end is None else min(end, last)
+    return end
+
+
+def calendar_occurrences(cal: Calendar, anchor: datetime) -> Iterator[Occurrence]:
+    """Every occurrence of a calendar plan from its anchor, numbered from 1."""
+    end = calendar_end(cal, anchor)
+    for step, fire_time in enumerate(_fire_times(cal, anchor, end), start=1):
+        yield Occurrence(step, fire_time)
+
+
+def calendar_trigger(cal: Calendar, anchor: datetime, now: datetime) -> Trigger | None:
+    """The trigger the daemon schedules: occurrences from `now` on (never a past one), or None
+    if the plan has no occurrence left."""
+    require_aware(now, "now")
+    end = calendar_end(cal, anchor)
+    start = max(anchor, now)
+    if cal.every is not None:  # keep the interval's phase, counted from the anchor
+        step = cal.every.as_timedelta()
+        start = anchor + step * -(-(start - anchor) // step)
+    if end is not None and start > end:
+        return None
+    return _trigger(cal, start, end)
+
+
+def calendar_step(cal: Calendar, anchor: datetime, fire_time: datetime) -> int | None:
+    """The step number of `fire_time`, or None if it is not an occurrence of this plan."""
+    if cal.every is not None:
+        steps, rest = divmod(fire_time - anchor, cal.every.as_timedelta())
+        in_range = rest == timedelta(0) and steps >= 0
+        return steps + 1 if in_range and (cal.count is None or steps < cal.count) else None
+    for occurrence, _ in zip(
+        calendar_occurrences(cal, anchor), range(MAX_ENUMERATED_STEPS), strict=False
+    ):
+        if occurrence.due_at == fire_time:
+            return occurrence.step
+        if occurrence.due_at > fire_time:
+            return None
+    return None
+
+
+# --- relative plans -----------------------------------------------------------------------------
+
+
+def _add_months(day: date, months: int) -> date:
+    month_index = day.month - 1 + months
+    year, month = day.year + month_index // 12, month_index % 12 + 1
+    return date(year, month, min(day.day, _calendar.monthrange(year, month)[1]))
+
+
+def _shift(local: datetime, duration: Duration, times: int = 1) -> datetime:
+    """`local` moved by `duration` x `times`: calendar units keep the wall-clock time."""
+    n = duration.amount * times
+    if duration.unit == "month":
+        return datetime.combine(_add_months(local.date(), n), local.timetz()).replace(
+            tzinfo=local.tzinfo
+        )
+    if duration.unit in ("day", "week"):
+        days = n * (7 if duration.unit == "week" else 1)
+        return (local.replace(tzinfo=None) + timedelta(days=days)).replace(tzinfo=local.tzinfo)
+    return (local.astimezone(UTC) + duration.as_timedelta() * times).astimezone(local.tzinfo)
+
+
+def relative_due(rule: Relative, start: datetime, tz: ZoneInfo, index: int) -> datetime | None:
+    """When step `index` (from 0) of one enrolment is due (UTC), or None when the plan is over.
+
+    Step times are computed from the start each time, never by adding to the previous step, so
+    month ends and DST changes cannot make them drift.
+    """
+    require_aware(start, "enrolment start")
+    if index < 0 or (rule.count is not None and index >= rule.count):
+        return None
+    local_start = start.astimezone(tz)
+    # With `first_after` under a day, some of the first day's times may precede the enrolment:
+    # they are not part of this user's timeline.
+    early = sum(1 for slot in range(len(rule.at or ())) if _raw_due(rule, local_start, slot) < start)
+    due = _raw_due(rule, local_start, index + early)
+    if rule.duration is not None and due > _shift(local_start, rule.duration).astimezone(UTC):
+        return None
+    return due
+
+
+def _raw_due(rule: Relative, local_start: datetime, raw_index: int) -> datetime:
+    times = sorted(rule.at) if rule.at else None
+    period, slot = divmod(raw_index, len(times) if times else 1)
+    first = _shift(local_start, rule.first_after or rule.every)
+    due_local = _shift(first, rule.every, period)
+    if times:
+        due_local = datetime.combine(due_local.date(), times[slot]).replace(tzinfo=local_start.tzinfo)
+    # Through UTC: a local time that does not exist (spring forward) moves past the gap.
+    return due_local.astimezone(UTC)
+
+
+def relative_occurrences(plan: Plan, start: datetime, tz: ZoneInfo) -> Iterator[Occurrence]:
+    rule = plan.schedule.relative
+    assert rule is not None
+    index = 0
+    while (due := relative_due(rule, start, tz, index)) is not None:
+        index += 1
+        yield Occurrence(index, due)

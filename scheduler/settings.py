@@ -1,0 +1,46 @@
+"""All configuration, read once from `REMINDERS_*` environment variables or a `.env` file.
+
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REMINDERS_", env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "REMINDERS_DATABASE_URL"),
+        description="PostgreSQL 14+ URL; unset starts an embedded PostgreSQL under data_dir.",
+    )
+    data_dir: Path = Field(Path(".reminders"), description="Embedded PostgreSQL and local state.")
+    plans_dir: Path = Field(Path("plans"), description="Folder of plan files (*.yaml, *.yml).")
+
+    wechat_api_base: str = Field(
+        "https://api.weixin.qq.com", description="Base URL of the WeChat server API."
+    )
+    wechat_appid: str | None = Field(None, description="Mini program appid.")
+    wechat_secret: str | None = Field(None, description="Mini program AppSecret.")
+    wechat_timeout: float = Field(10.0, description="Seconds before a WeChat call times out.")
+    wechat_retries: int = Field(3, description="Attempts for a transient WeChat error (-1, 5xx).")
+    miniprogram_state: str = Field("formal", description="developer, trial or formal.")
+    lang: str = Field("zh_CN", description="Language of the card's link text.")
+    fake_wechat_port: int = Field(
+        0, description="Port of the fake WeChat the daemon starts without credentials (0: any)."
+    )
+
+    send_concurrency: int = Field(64, description="Sends in flight at once per replica.")
+    batch_size: int = Field(500, description="Users claimed per database round trip.")
+    sweep_seconds: float = Field(
+        30.0, description="How often relative (per-enrolment) plans look for due steps."
+    )
+    replica_id: str | None = Field(
+        None, description="Stable identity of this replica; default host name + data folder."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")

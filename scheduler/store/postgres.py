@@ -1,0 +1,420 @@
+"""The PostgreSQL store (asyncpg): plans, enrolments, consent, the delivery ledger, replicas.
+
+Every query that touches many users takes arrays and runs once per batch, never once per user.
+asyncpg errors are translated into `StoreError` here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from scheduler.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_LOCK = 72_410_001  # pg_advisory_xact_lock key: one replica migrates at a time
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    id: str
+    state: str
+    version: int
+    content_hash: str
+    definition: dict[str, Any]
+    registered_at: datetime
+
+
+@dataclass(frozen=True)
+class Registration:
+    record: PlanRecord
+    changed: bool  # a new version was recorded by this call
+
+
+@dataclass(frozen=True)
+class Recipient:
+    user_id: str
+    tz: str
+    vars: dict[str, Any]
+    start_at: datetime
+    next_step: int = 0
+    next_due_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    delivery_id: int
+    user_id: str
+    allowed: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    delivery_id: int
+    status: str
+    reason: str | None
+    errcode: int | None
+    msgid: int | None
+    detail: str | None
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, dsn: str, *, max_size: int = 10) -> AsyncIterator[Store]:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=max_size, init=_init_connection
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            yield cls(pool)
+        finally:
+            await pool.close()
+
+    # --- schema ---------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply the package's SQL migrations not yet applied, in order; returns their names."""
+        files = sorted(
+            (f for f in resources.files("scheduler.store.migrations").iterdir() if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        applied: list[str] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATIONS_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+            for file in files:
+                if file.name in done:
+                    continue
+                await conn.execute(file.read_text(encoding="utf-8"))
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", file.name)
+                applied.append(file.name)
+        for name in applied:
+            log.info("applied migration %s", name)
+        return applied
+
+    # --- plans ----------------------------------------------------------------------------------
+
+    async def register_plan(
+        self, plan_id: str, kind: str, content_hash: str, definition: dict[str, Any], source: str
+    ) -> Registration:
+        """Record this content as the plan's current version (a new version if it changed)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO plans (id, kind) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                plan_id,
+                kind,
+            )
+            row = await conn.fetchrow(
+                "SELECT p.current_version, v.content_hash FROM plans p"
+                " LEFT JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+                " WHERE p.id = $1 FOR UPDATE OF p",
+                plan_id,
+            )
+            changed = row["content_hash"] != content_hash
+            if changed:
+                version = (row["current_version"] or 0) + 1
+                await conn.execute(
+                    "INSERT INTO plan_versions (plan_id, version, content_hash, source_file, definition)"
+                    " VALUES ($1, $2, $3, $4, $5)"
+                    " ON CONFLICT (plan_id, content_hash) DO UPDATE SET loaded_at = now()",
+                    plan_id, version, content_hash, source, definition,
+                )
+                # An edit back to an older content reuses that version's number.
+                version = await conn.fetchval(
+                    "SELECT version FROM plan_versions WHERE plan_id = $1 AND content_hash = $2",
+                    plan_id, content_hash,
+                )
+                await conn.execute(
+                    "UPDATE plans SET current_version = $2, kind = $3, updated_at = now() WHERE id = $1",
+                    plan_id, version, kind,
+                )
+                await conn.execute(
+                    "INSERT INTO plan_events (plan_id, action, actor, plan_version, reason)"
+                    " VALUES ($1, 'loaded', 'plan-file', $2, $3)",
+                    plan_id, version, source,
+                )
+        record = await self.plan(plan_id)
+        assert record is not None
+        return Registration(record, changed)
+
+    async def plan(self, plan_id: str) -> PlanRecord | None:
+        row = await self.pool.fetchrow(
+            "SELECT p.id, p.state, p.current_version, p.registered_at, v.content_hash, v.definition"
+            " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+            " WHERE p.id = $1",
+            plan_id,
+        )
+        if row is None:
+            return None
+        return PlanRecord(
+            row["id"], row["state"], row["current_version"], row["content_hash"],
+            row["definition"], row["registered_at"],
+        )
+
+    async def set_plan_state(self, plan_id: str, state: str, actor: str, reason: str | None) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            version = await conn.fetchval(
+                "UPDATE plans SET state = $2, state_reason = $3, updated_at = now()"
+                " WHERE id = $1 RETURNING current_version",
+                plan_id, state, reason,
+            )
+            await conn.execute(
+                "INSERT INTO plan_events (plan_id, action, actor, reason, plan_version)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                plan_id, state, actor, reason, version,
+            )
+
+    # --- enrolments -----------------------------------------------------------------------------
+
+    async def enroll(
+        self,
+        plan_id: str,
+        user_id: str,
+        start_at: datetime,
+        tz: str,
+        variables: dict[str, Any],
+        next_due_at: datetime | None,
+    ) -> None:
+        """Enrol a user (or restart their timeline from `start_at` if already enrolled)."""
+        try:
+            await self.pool.execute(
+                "INSERT INTO enrollments (plan_id, user_id, start_at, tz, vars, next_due_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT (plan_id, user_id) DO UPDATE SET start_at = $3, tz = $4, vars = $5,"
+                " next_due_at = $6, next_step = 0, status = 'active', updated_at = now()",
+                plan_id, user_id, start_at, tz, variables, next_due_at,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            raise StoreError(f"no plan {plan_id!r} is loaded; start the daemon on its file first") from None
+
+    async def audience(self, plan_id: str, batch_size: int) -> AsyncIterator[list[Recipient]]:
+        """The plan's active enrolments in batches, by keyset pagination (no long transaction)."""
+        after = ""
+        while True:
+            rows = await self.pool.fetch(
+                "SELECT user_id, tz, vars, start_at FROM enrollments"
+                " WHERE plan_id = $1 AND status = 'active' AND user_id > $2"
+                " ORDER BY user_id LIMIT $3",
+                plan_id, after, batch_size,
+            )
+            if not rows:
+                return
+            yield [Recipient(r["user_id"], r["tz"], r["vars"], r["start_at"]) for r in rows]
+            after = rows[-1]["user_id"]
+
+    @asynccontextmanager
+    async def due_enrollments(
+        self, plan_id: str, now: datetime, batch_size: int
+    ) -> AsyncIterator[tuple[asyncpg.Connection, list[Recipient]]]:
+        """Lock up to `batch_size` enrolments of a relative plan whose next step is due.
+
+        The caller claims their deliveries and advances them on the same connection before the
+        transaction commits; other replicas skip the locked rows.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT user_id, tz, vars, start_at, next_step, next_due_at FROM enrollments"
+                " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2"
+                " ORDER BY next_due_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+                plan_id, now, batch_size,
+            )
+            yield conn, [
+                Recipient(
+                    r["user_id"], r["tz"], r["vars"], r["start_at"], r["next_step"], r["next_due_at"]
+                )
+                for r in rows
+            ]
+
+    @staticmethod
+    async def advance_enrollments(
+        conn: asyncpg.Connection,
+        plan_id: str,
+        users: Sequence[str],
+        next_steps: Sequence[int],
+        next_due: Sequence[datetime | None],
+    ) -> None:
+        await conn.execute(
+            "UPDATE enrollments e SET next_step = u.step, next_due_at = u.due, updated_at = now(),"
+            " status = CASE WHEN u.due IS NULL THEN 'finished' ELSE e.status END"
+            " FROM unnest($2::text[], $3::int[], $4::timestamptz[]) AS u (uid, step, due)"
+            " WHERE e.plan_id = $1 AND e.user_id = u.uid",
+            plan_id, users, next_steps, next_due,
+        )
+
+    async def reschedule_enrollments(self, plan_id: str, compute) -> int:  # noqa: ANN001
+        """Recompute every active enrolment's next due time after the plan's schedule changed."""
+        changed = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT user_id, tz, start_at, next_step FROM enrollments"
+                " WHERE plan_id = $1 AND status = 'active' FOR UPDATE",
+                plan_id,
+            )
+            if rows:
+                dues = [compute(r["start_at"], r["tz"], r["next_step"]) for r in rows]
+                await self.advance_enrollments(
+                    conn, plan_id, [r["user_id"] for r in rows], [r["next_step"] for r in rows], dues
+                )
+                changed = len(rows)
+        return changed
+
+    # --- consent --------------------------------------------------------------------------------
+
+    async def record_consent(
+        self, user_id: str, template_id: str, kind: str, result: str, source: str,
+        event_id: str | None = None,
+    ) -> None:
+        """Append a consent event and apply it to the user's current consent for the template."""
+        credit = 1 if kind == "one_time" and result == "accept" else 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO consent_events (user_id, template_id, kind, result, source, event_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                user_id, template_id, kind, result, source, event_id,
+            )
+            if result == "filter":
+                return
+            await conn.execute(
+                "INSERT INTO consent AS c (user_id, template_id, credits, long_term, banned)"
+                " VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (user_id, template_id) DO UPDATE SET"
+                "  credits = CASE WHEN $5 THEN c.credits ELSE c.credits + $3 END,"
+                "  long_term = CASE WHEN $6 = 'long_term' THEN $4 ELSE c.long_term END,"
+                "  banned = $5, updated_at = now()",
+                user_id, template_id, credit,
+                kind == "long_term" and result == "accept", result == "ban", kind,
+            )
+
+    async def consent_of(self, user_id: str, template_id: str) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            "SELECT credits, long_term, banned FROM consent WHERE user_id = $1 AND template_id = $2",
+            user_id, template_id,
+        )
+        return dict(row) if row else None
+
+    # --- the ledger -----------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        conn: asyncpg.Connection | asyncpg.Pool,
+        *,
+        plan_id: str,
+        version: int,
+        template_id: str,
+        consent_kind: str,
+        replica: str,
+        occurrences: Sequence[str],
+        users: Sequence[str],
+        steps: Sequence[int],
+        due: Sequence[datetime],
+        messages: Sequence[dict[str, Any]],
+    ) -> list[Claim]:
+        """Insert ledger rows and take consent for a batch (see claim_deliveries in the SQL)."""
+        rows = await conn.fetch(
+            "SELECT delivery_id, user_id, allowed FROM claim_deliveries("
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            plan_id, version, template_id, consent_kind, replica,
+            occurrences, users, steps, due, messages,
+        )
+        return [Claim(r["delivery_id"], r["user_id"], r["allowed"]) for r in rows]
+
+    async def finish(self, template_id: str, consent_kind: str, results: Sequence[Finished]) -> None:
+        if not results:
+            return
+        await self.pool.execute(
+            "SELECT finish_deliveries($1, $2, $3, $4, $5, $6, $7, $8)",
+            template_id, consent_kind,
+            [r.delivery_id for r in results], [r.status for r in results],
+            [r.reason for r in results], [r.errcode for r in results],
+            [r.msgid for r in results], [r.detail for r in results],
+        )
+
+    async def skip(
+        self,
+        *,
+        plan_id: str,
+        version: int,
+        replica: str,
+        rows: Sequence[tuple[str, str, int, datetime]],  # (occurrence, user, step, due)
+        status: str,
+        reason: str,
+        conn: asyncpg.Connection | None = None,
+    ) -> None:
+        """Record final outcomes that need no send (missed, unrenderable), once per row."""
+        if not rows:
+            return
+        await (conn or self.pool).execute(
+            "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
+            " status, reason, claimed_by, finished_at)"
+            " SELECT $1, $2, u.occ, u.uid, u.step, u.due, $3, $4, $5, now()"
+            " FROM unnest($6::text[], $7::text[], $8::int[], $9::timestamptz[])"
+            "  AS u (occ, uid, step, due)"
+            " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+            plan_id, version, status, reason, replica,
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+        )
+
+    async def outcome_counts(self, plan_id: str | None = None) -> dict[tuple[str, str | None], int]:
+        rows = await self.pool.fetch(
+            "SELECT status, reason, count(*) AS n FROM deliveries"
+            " WHERE $1::text IS NULL OR plan_id = $1 GROUP BY status, reason",
+            plan_id,
+        )
+        return {(r["status"], r["reason"]): r["n"] for r in rows}
+
+    # --- replicas -------------------------------------------------------------------------------
+
+    async def heartbeat(self, replica: str, host: str, pid: int, *, starting: bool = False) -> None:
+        """Keep this replica's row fresh; at start, refuse an id that a live process holds."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT host, pid, now() - last_seen < interval '15 seconds' AS live"
+                " FROM replicas WHERE id = $1 FOR UPDATE",
+                replica,
+            )
+            if starting and row and row["live"] and (row["host"], row["pid"]) != (host, pid):
+                raise StoreError(
+                    f"replica id {replica!r} is in use by a live daemon (pid {row['pid']} on "
+                    f"{row['host']}); give each replica its own REMINDERS_REPLICA_ID"
+                )
+            await conn.execute(
+                "INSERT INTO replicas (id, host, pid) VALUES ($1, $2, $3)"
+                " ON CONFLICT (id) DO UPDATE SET host = $2, pid = $3, last_seen = now()"
+                + (", started_at = now()" if starting else ""),
+                replica, host, pid,
+            )
+
+    async def resolve_in_flight(self, *, replica: str | None = None, dead_after_s: float = 60) -> int:
+        """Deliveries left pending by a process that died become `unknown` (never resent):
+        this replica's own (at its start), or those of replicas silent for `dead_after_s`."""
+        status = await self.pool.execute(
+            "UPDATE deliveries SET status = 'unknown', reason = 'crashed_in_flight',"
+            " finished_at = now()"
+            " WHERE status = 'pending' AND (claimed_by = $1 OR claimed_by IN ("
+            "  SELECT id FROM replicas WHERE last_seen < now() - make_interval(secs => $2)))",
+            replica, dead_after_s,
+        )
+        return int(status.split()[-1])
