@@ -199,13 +199,31 @@ def cmd_consent(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from scheduler.app.daemon import run
+    from scheduler.app.daemon import has_credentials, run
 
     settings = _settings(args)
     if not settings.plans_dir.is_dir():
         raise UsageError(f"plans folder {settings.plans_dir} does not exist (set REMINDERS_PLANS_DIR)")
-    asyncio.run(run(settings))
+    if args.demo and has_credentials(settings):
+        raise UsageError("--demo enrols demo users: it runs only against the fake WeChat "
+                         "(unset REMINDERS_WECHAT_APPID / REMINDERS_WECHAT_SECRET)")
+    asyncio.run(run(settings, demo=args.demo))
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from scheduler.app.daemon import replica_identity
+
+    settings = _settings(args)
+    replica = replica_identity(settings)
+
+    async def work(store) -> bool:  # noqa: ANN001
+        return bool(await store.pool.fetchval(
+            "SELECT last_seen > now() - interval '30 seconds' FROM replicas WHERE id = $1", replica))
+
+    healthy = asyncio.run(_with_store(settings, work))
+    print(f"replica {replica}: {'healthy' if healthy else 'no recent heartbeat'}")
+    return 0 if healthy else 1
 
 
 def cmd_fake_wechat(args: argparse.Namespace) -> int:
@@ -236,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon on the plans folder")
     p.add_argument("--plans", help="plans folder (default: $REMINDERS_PLANS_DIR or ./plans)")
+    p.add_argument("--demo", action="store_true",
+                   help="with the fake WeChat: enrol demo users and add a plan firing every 10 s")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("health", help="exit 0 if this replica's daemon is alive (for health checks)")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("validate", help="check plan files and folders")
     p.add_argument("paths", nargs="+")
@@ -286,11 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        level = Settings().log_level.upper()
+    except ValidationError:
+        level = "INFO"  # the command itself reports the bad setting
     logging.basicConfig(
-        level=Settings.model_fields["log_level"].default if args.command != "run" else logging.INFO,
+        level=level if args.command in ("run", "fake-wechat") else "WARNING",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per send is noise
     try:
         return args.func(args)
     except PlanError as exc:

@@ -94,6 +94,7 @@ class FakeWeChat:
         check_consent: bool = False,
         templates: dict[str, list[str]] | None = None,
         keep_messages: bool = True,
+        log_messages: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`appid`/`secret` None accept any. `templates` maps template id -> keyword keys; when
@@ -105,6 +106,7 @@ class FakeWeChat:
         self.check_consent = check_consent
         self.templates = templates
         self.keep_messages = keep_messages
+        self.log_messages = log_messages  # the demo shows each message it receives
         self.clock = clock
 
         self.messages: list[dict[str, Any]] = []
@@ -193,8 +195,9 @@ class FakeWeChat:
     ) -> None:
         """Queue faults for the next send calls, in order, `times` over.
 
-        Each errcode answers one call with that errcode; with no errcodes, one call per `times`
-        gets `http_status` (a non-JSON error page) or, without it, only the extra latency.
+        Each errcode answers one call with that errcode (before any token or body check). With
+        `http_status` the call gets that status and a non-JSON page instead. With neither, the
+        call is only delayed by `latency_s` and then handled normally.
         """
         codes: list[int | None] = list(errcodes) or [None]
         for _ in range(times):
@@ -343,6 +346,8 @@ class FakeWeChat:
                     "received_at": time.time(),
                 }
             )
+        if self.log_messages:
+            logger.info("fake WeChat received for %s (%s): %s", touser, template_id, values)
         self._errcodes[0] += 1
         return web.json_response({"errcode": 0, "errmsg": "ok", "msgid": msgid})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,19 @@ def _message(error: dict) -> str:
     return msg
 
 
+# Validators that check several fields together start their message with the field at fault,
+# relative to where they sit ("message.steps.4: no such step"): move it into the field path.
+_LEADING_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)*): (.+)$", re.DOTALL)
+
+
+def _problem(source: str, error: dict) -> PlanProblem:
+    field, reason = _field_path(error["loc"]), _message(error)
+    if error["type"] == "value_error" and (match := _LEADING_FIELD.match(reason)):
+        field = f"{field}.{match[1]}" if field else match[1]
+        reason = match[2]
+    return PlanProblem(source, field, reason)
+
+
 def parse_plan(text: str, source: str) -> Plan:
     """Validate one plan file's text; raises PlanError naming `source`, the field and why."""
     try:
@@ -77,10 +91,7 @@ def parse_plan(text: str, source: str) -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            PlanProblem(source, _field_path(err["loc"]), _message(err)) for err in exc.errors()
-        ]
-        raise PlanError(problems) from None
+        raise PlanError([_problem(source, err) for err in exc.errors()]) from None
 
 
 def content_hash(plan: Plan) -> str:

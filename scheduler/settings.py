@@ -41,6 +41,7 @@ class Settings(BaseSettings):
         30.0, description="How often relative (per-enrolment) plans look for due steps."
     )
     replica_id: str | None = Field(
-        None, description="Stable identity of this replica; default host name + data folder."
+        None, description="Stable identity of this replica (default: the host name); give each "
+        "replica on one host its own."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")

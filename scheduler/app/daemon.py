@@ -57,6 +57,10 @@ def schedule_id(plan_id: str) -> str:
     return f"plan:{plan_id}"
 
 
+def has_credentials(settings: Settings) -> bool:
+    return bool(settings.wechat_appid and settings.wechat_secret)
+
+
 def database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
@@ -184,10 +188,10 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
     from scheduler.channels.wechat import WeChatChannel
 
     base_url, appid, secret = settings.wechat_api_base, settings.wechat_appid, settings.wechat_secret
-    if not (appid and secret):
+    if not has_credentials(settings):
         from scheduler.fake_wechat import FakeWeChat
 
-        fake = FakeWeChat()
+        fake = FakeWeChat(log_messages=True)
         base_url = await fake.start("127.0.0.1", settings.fake_wechat_port)
         stack.push_async_callback(fake.stop)
         appid, secret = "fake-appid", "fake-secret"
@@ -209,8 +213,8 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
     return channel
 
 
-async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or `stop` is set)."""
+async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or `stop` is set); `demo` seeds demo users."""
     global _dispatcher
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -246,7 +250,13 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         loaded, problems = load_plans([settings.plans_dir])
         for problem in problems:
             log.error("plan not loaded: %s", problem)
+        if demo:
+            from scheduler import demo as demo_data
+
+            loaded.append(demo_data.demo_plan())
         synced = await daemon.sync_plans(loaded)
+        if demo:
+            await demo_data.seed(store, loaded, daemon.clock())
         log.info("plans: %d scheduled, %d unchanged, %d finished, %d invalid",
                  len(synced.added), len(synced.unchanged), len(synced.finished), len(problems))
 
@@ -260,5 +270,6 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         heartbeat.cancel()
         await scheduler.stop()
         await scheduler.wait_until_stopped()
+        await store.retire(replica_id)
     _dispatcher = None
     log.info("stopped")

@@ -111,6 +111,8 @@ class Dispatcher:
 
     async def fire(self, plan_id: str, fire_time: datetime) -> FanOutReport:
         """Handle one fire of a plan's schedule (the entry point of the APScheduler task)."""
+        if self.stopping.is_set():
+            return FanOutReport(stopped=True)
         active = await self.load(plan_id)
         if active is None:
             log.warning("schedule fired for unknown plan %s", plan_id, extra={"plan_id": plan_id})

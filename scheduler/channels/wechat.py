@@ -173,10 +173,12 @@ class WeChatChannel:
         self._current: tuple[str, httpx.URL] | None = None
         self._renew_at = 0.0
         self._lock = asyncio.Lock()
-        self._fetches = 0  # token fetches attempted, to share a failure with everyone waiting
+        self._fetches_done = 0  # finished token fetches: a failure is shared with all who waited
         self._last_fetch_failure: _Failure | None = None
 
     async def send(self, message: OutgoingMessage) -> SendResult:
+        """Deliver one message: SENT, or FAILED with reason, errcode and errmsg; never raises
+        for a WeChat or network error."""
         body = send_body(message, miniprogram_state=self._miniprogram_state, lang=self._lang)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
@@ -196,8 +198,9 @@ class WeChatChannel:
     async def _retry(self, content: bytes, first: _Failure) -> SendResult:
         """Attempts 2..retries with backoff after a transient failure of attempt 1.
 
-        Only these sends pay for tenacity (~20 µs a call, a tenth of a send). Its first attempt
-        replays the failure already seen, so its count and backoff cover all `retries` attempts.
+        Only these sends pay for tenacity (~20 µs a call, about 6% of a send on loopback). Its
+        first attempt replays the failure already seen, so its count and backoff cover all
+        `retries` attempts.
         """
         replay: list[_Failure] = [first]
 
@@ -262,21 +265,22 @@ class WeChatChannel:
         return await self._refresh_token()
 
     async def _refresh_token(self) -> tuple[str, httpx.URL]:
-        fetches_before = self._fetches
+        fetches_before = self._fetches_done
         async with self._lock:
             current = self._current
             if current is not None and time.monotonic() < self._renew_at:
                 return current  # someone else refreshed while we waited
-            if self._fetches != fetches_before and self._last_fetch_failure is not None:
+            if self._fetches_done != fetches_before and self._last_fetch_failure is not None:
                 # A fetch failed while we waited; do not hammer the token endpoint again.
                 raise self._last_fetch_failure.copy()
-            self._fetches += 1
+            self._last_fetch_failure = None
             try:
                 token, expires_in = await self._fetch_token()
             except _Failure as failure:
                 self._last_fetch_failure = failure
                 raise
-            self._last_fetch_failure = None
+            finally:
+                self._fetches_done += 1
             url = f"{self._base}/cgi-bin/message/subscribe/send?access_token={quote(token)}"
             self._current = (token, httpx.URL(url))
             self._renew_at = time.monotonic() + max(

@@ -102,20 +102,30 @@ DurationText = Annotated[
 
 def _parse_time_of_day(value: Any) -> Any:
     if isinstance(value, time):
-        return value
-    if isinstance(value, int):  # YAML reads 07:30 as sexagesimal 450
-        return time(value // 60, value % 60)
-    try:
-        return time.fromisoformat(str(value))
-    except ValueError:
-        raise ValueError(f"{value!r} is not a time of day: write HH:MM, e.g. '07:30'") from None
+        parsed: time | None = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 19:30 as the sexagesimal number 1170
+        parsed = time(value // 60, value % 60) if 0 <= value < 24 * 60 else None
+    else:
+        try:
+            parsed = time.fromisoformat(str(value))
+        except ValueError:
+            parsed = None
+    # A time with a UTC offset would be silently read as local time (the plan's or the user's zone)
+    if parsed is None or parsed.tzinfo is not None:
+        raise ValueError(f"{value!r} is not a time of day: write HH:MM, e.g. '07:30'")
+    return parsed
 
+
+_TIME_SCHEMA = {"type": "string", "pattern": r"^\d{2}:\d{2}(:\d{2})?$"}
+# Lists of times may also be written as one time (`at: "09:00"`).
+_TIMES_SCHEMA = {"anyOf": [_TIME_SCHEMA, {"type": "array", "items": _TIME_SCHEMA, "minItems": 1}]}
 
 TimeOfDay = Annotated[
     time,
     BeforeValidator(_parse_time_of_day),
     PlainSerializer(lambda t: t.strftime("%H:%M:%S" if t.second else "%H:%M"), return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^\d{2}:\d{2}(:\d{2})?$"}),
+    WithJsonSchema(_TIME_SCHEMA),
 ]
 
 
@@ -132,11 +142,28 @@ def _check_zone(value: Any) -> Any:
 ZoneName = Annotated[str, BeforeValidator(_check_zone)]
 
 
+_DATE_ONLY = re.compile(r"^\s*\d{4}-\d{2}-\d{2}\s*$")
+
+
+def _date_or_datetime(value: Any) -> Any:
+    # A bare date means a whole day ("end: 2026-03-10" includes the 10th). YAML reads it as a date,
+    # but quoted, or read back from the stored JSON, it is text that `datetime` would take as
+    # midnight: keep it a date.
+    if isinstance(value, str) and _DATE_ONLY.match(value):
+        return date.fromisoformat(value.strip())
+    return value
+
+
+LocalMoment = Annotated[datetime | date, BeforeValidator(_date_or_datetime)]
+
+
 def _at_list(value: Any) -> Any:
     return value if isinstance(value, list) else [value]
 
 
-AtTimes = Annotated[list[TimeOfDay], BeforeValidator(_at_list), Field(min_length=1)]
+AtTimes = Annotated[
+    list[TimeOfDay], BeforeValidator(_at_list), Field(min_length=1), WithJsonSchema(_TIMES_SCHEMA)
+]
 
 
 def _sorted_unique(times: list[time]) -> list[time]:
@@ -148,7 +175,19 @@ def _sorted_unique(times: list[time]) -> list[time]:
 
 class Weekly(Model):
     # Not `on`: YAML 1.1 reads a bare `on` key as the boolean true.
-    days: Annotated[list[Literal[WEEKDAYS]], BeforeValidator(_at_list), Field(min_length=1)]  # type: ignore[valid-type]
+    days: Annotated[  # type: ignore[valid-type]
+        list[Literal[WEEKDAYS]],
+        BeforeValidator(_at_list),
+        Field(min_length=1),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"enum": list(WEEKDAYS)},
+                    {"type": "array", "items": {"enum": list(WEEKDAYS)}, "minItems": 1},
+                ]
+            }
+        ),
+    ]
     at: AtTimes
 
     @field_validator("days", mode="before")
@@ -183,10 +222,10 @@ class Calendar(Model):
     weekdays: Daily | None = Field(None, description="Monday to Friday at the given times.")
     cron: str | None = Field(None, description="A 5-field crontab expression, local time.")
     every: DurationText | None = Field(None, description="A fixed interval, e.g. '2 hours'.")
-    start: datetime | date | None = Field(
+    start: LocalMoment | None = Field(
         None, description="First moment that may fire (local). Default: when the plan is loaded."
     )
-    end: datetime | date | None = Field(None, description="Last moment (a date means its end).")
+    end: LocalMoment | None = Field(None, description="Last moment (a date means its end).")
     count: int | None = Field(None, ge=1, description="How many occurrences in all.")
 
     @model_validator(mode="after")
@@ -217,7 +256,7 @@ class Relative(Model):
     duration: DurationText | None = Field(
         None, description="Stop after this long from the start, e.g. '30 days'."
     )
-    at: list[TimeOfDay] | None = Field(
+    at: Annotated[list[TimeOfDay], WithJsonSchema(_TIMES_SCHEMA)] | None = Field(
         None, description="Local times of day for each period; default: the enrolment's time."
     )
     first_after: DurationText | None = Field(
@@ -247,6 +286,14 @@ class Schedule(Model):
         default_factory=lambda: Duration(amount=1, unit="hour"),
         description="How late an occurrence may still be sent; later ones are recorded missed.",
     )
+
+    @field_validator("grace")
+    @classmethod
+    def _fixed_length(cls, grace: Duration) -> Duration:
+        # the daemon needs a timedelta (misfire grace time); a month has none
+        if grace.unit == "month":
+            raise ValueError("a month has no fixed length: write the grace in days, e.g. '30 days'")
+        return grace
 
     @model_validator(mode="after")
     def _one_kind(self) -> Schedule:
@@ -291,8 +338,18 @@ class Message(Model):
     )
 
 
+def _id_optional_in_files(schema: dict[str, Any]) -> None:
+    # The loader fills a missing id from the file name, so a plan file may leave it out.
+    schema["required"] = [name for name in schema.get("required", []) if name != "id"]
+
+
 class Plan(Model):
-    id: str = Field(description="Stable id: lowercase letters, digits, '-' and '_'.")
+    model_config = ConfigDict(json_schema_extra=_id_optional_in_files)
+
+    id: str = Field(
+        description="Stable id: lowercase letters, digits, '-' and '_'. "
+        "Default in a plan file: the file name without its extension."
+    )
     name: str = Field(min_length=1)
     description: str | None = None
     category: Category
@@ -319,7 +376,8 @@ class Plan(Model):
         allowed_vars = set(BUILTIN_VARIABLES) | set(self.variables)
         missing = keys - set(self.message.default)
         if missing:
-            raise ValueError(f"message.default lacks template fields: {', '.join(sorted(missing))}")
+            names = ", ".join(sorted(missing))
+            raise ValueError(f"message.default: missing template fields: {names}")
         count = self.occurrence_limit
         for where, fields in [("default", self.message.default)] + [
             (f"steps.{n}", f) for n, f in self.message.steps.items()
@@ -336,7 +394,8 @@ class Plan(Model):
                         )
         for step in self.message.steps:
             if step < 1 or (count is not None and step > count):
-                raise ValueError(f"message.steps.{step}: no such step (steps run 1..{count})")
+                runs = f"steps run 1..{count}" if count is not None else "steps start at 1"
+                raise ValueError(f"message.steps.{step}: no such step ({runs})")
         return self
 
     @property

@@ -40,7 +40,8 @@ def check_crontab(expr: str, timezone: str) -> None:
     try:
         CronTrigger.from_crontab(expr, timezone=ZoneInfo(timezone))
     except ValueError as exc:
-        raise ValueError(f"cron {expr!r}: {exc}") from None
+        # "cron: " first, so a plan file's error names the field schedule.calendar.cron
+        raise ValueError(f"cron: {expr!r} is not a valid crontab ({exc})") from None
 
 
 def localize(value: datetime | date, tz: ZoneInfo, *, end_of_day: bool = False) -> datetime:
@@ -71,6 +72,12 @@ def _trigger(cal: Calendar, start: datetime, end: datetime | None) -> Trigger:
         return IntervalTrigger(
             seconds=cal.every.as_timedelta().total_seconds(), start_time=start, end_time=end
         )
+    # APScheduler 4.0.0a6's CronTrigger reads start_time's wall clock as if it were in the
+    # trigger's zone (09:00 UTC would "match" 09:00 Shanghai), and returns a start_time inside a
+    # matching second as is (09:00:00.5): give it whole seconds in the plan's zone.
+    if start.microsecond:
+        start = start.replace(microsecond=0) + timedelta(seconds=1)
+    start, end = start.astimezone(tz), end.astimezone(tz) if end is not None else None
     if cal.cron is not None:
         return CronTrigger.from_crontab(cal.cron, start_time=start, end_time=end, timezone=tz)
     if cal.weekly is not None:
@@ -127,6 +134,7 @@ def calendar_end(cal: Calendar, anchor: datetime) -> datetime | None:
 
 def calendar_occurrences(cal: Calendar, anchor: datetime) -> Iterator[Occurrence]:
     """Every occurrence of a calendar plan from its anchor, numbered from 1."""
+    require_aware(anchor, "anchor")
     end = calendar_end(cal, anchor)
     for step, fire_time in enumerate(_fire_times(cal, anchor, end), start=1):
         yield Occurrence(step, fire_time)
@@ -136,6 +144,7 @@ def calendar_trigger(cal: Calendar, anchor: datetime, now: datetime) -> Trigger 
     """The trigger the daemon schedules: occurrences from `now` on (never a past one), or None
     if the plan has no occurrence left."""
     require_aware(now, "now")
+    require_aware(anchor, "anchor")
     end = calendar_end(cal, anchor)
     start = max(anchor, now)
     if cal.every is not None:  # keep the interval's phase, counted from the anchor
@@ -143,11 +152,18 @@ def calendar_trigger(cal: Calendar, anchor: datetime, now: datetime) -> Trigger 
         start = anchor + step * -(-(start - anchor) // step)
     if end is not None and start > end:
         return None
+    # An `end` later than the last fire time (e.g. the end of the last day) leaves none to fire.
+    if next(_fire_times(cal, start, end), None) is None:
+        return None
     return _trigger(cal, start, end)
 
 
 def calendar_step(cal: Calendar, anchor: datetime, fire_time: datetime) -> int | None:
     """The step number of `fire_time`, or None if it is not an occurrence of this plan."""
+    require_aware(anchor, "anchor")
+    # In UTC: a local time inside a DST fold never compares equal (==) to another zone's time
+    # (PEP 495), so 01:30 New York time on a fall-back night would never match its occurrence.
+    fire_time = require_aware(fire_time, "fire time").astimezone(UTC)
     if cal.every is not None:
         steps, rest = divmod(fire_time - anchor, cal.every.as_timedelta())
         in_range = rest == timedelta(0) and steps >= 0
@@ -206,8 +222,13 @@ def relative_due(rule: Relative, start: datetime, tz: ZoneInfo, index: int) -> d
 def _raw_due(rule: Relative, local_start: datetime, raw_index: int) -> datetime:
     times = sorted(rule.at) if rule.at else None
     period, slot = divmod(raw_index, len(times) if times else 1)
-    first = _shift(local_start, rule.first_after or rule.every)
-    due_local = _shift(first, rule.every, period)
+    first = rule.first_after or rule.every
+    if first.unit == rule.every.unit:
+        # One shift from the start: Jan 31 + 2 months is Mar 31, not (Jan 31 + 1 month) + 1 month.
+        total = Duration(amount=first.amount + rule.every.amount * period, unit=first.unit)
+        due_local = _shift(local_start, total)
+    else:
+        due_local = _shift(_shift(local_start, first), rule.every, period)
     if times:
         due_local = datetime.combine(due_local.date(), times[slot]).replace(tzinfo=local_start.tzinfo)
     # Through UTC: a local time that does not exist (spring forward) moves past the gap.

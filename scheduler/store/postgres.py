@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ class Finished:
     errcode: int | None
     msgid: int | None
     detail: str | None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -391,11 +402,17 @@ class Store:
         """Keep this replica's row fresh; at start, refuse an id that a live process holds."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "SELECT host, pid, now() - last_seen < interval '15 seconds' AS live"
+                "SELECT host, pid, last_seen > now() - interval '15 seconds' AS live"
                 " FROM replicas WHERE id = $1 FOR UPDATE",
                 replica,
             )
-            if starting and row and row["live"] and (row["host"], row["pid"]) != (host, pid):
+            if (
+                starting
+                and row
+                and row["live"]
+                and (row["host"], row["pid"]) != (host, pid)
+                and (row["host"] != host or _pid_alive(row["pid"]))
+            ):
                 raise StoreError(
                     f"replica id {replica!r} is in use by a live daemon (pid {row['pid']} on "
                     f"{row['host']}); give each replica its own REMINDERS_REPLICA_ID"
@@ -406,6 +423,12 @@ class Store:
                 + (", started_at = now()" if starting else ""),
                 replica, host, pid,
             )
+
+    async def retire(self, replica: str) -> None:
+        """A clean stop: the replica's id is free for its successor at once."""
+        await self.pool.execute(
+            "UPDATE replicas SET last_seen = '-infinity' WHERE id = $1", replica
+        )
 
     async def resolve_in_flight(self, *, replica: str | None = None, dead_after_s: float = 60) -> int:
         """Deliveries left pending by a process that died become `unknown` (never resent):

@@ -1,0 +1,258 @@
+"""WeChatChannel against a FakeWeChat on loopback: real HTTP, real aiohttp transport."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from scheduler.channels.base import OutgoingMessage
+from scheduler.channels.wechat import WeChatChannel, send_body
+from scheduler.domain.outcomes import Outcome, Reason
+from scheduler.fake_wechat import FakeWeChat
+
+MESSAGE = OutgoingMessage(
+    touser="o-user-1",
+    template_id="tmpl-1",
+    data={"thing1": "康复训练第3周", "time2": "2025年3月1日 09:00"},
+    page="pages/plan/index?step=3",
+)
+
+
+def make_channel(base_url: str, **options: object) -> WeChatChannel:
+    settings: dict[str, object] = {
+        "timeout": 2.0,
+        "retries": 3,
+        "backoff_base": 0.001,
+        "backoff_max": 0.005,
+    }
+    settings.update(options)
+    return WeChatChannel(base_url, "wx-test", "s3cret", **settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeWeChat]:
+    fake = FakeWeChat()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def channel(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
+    assert fake.base_url is not None
+    channel = make_channel(fake.base_url)
+    yield channel
+    await channel.aclose()
+
+
+def token_calls(fake: FakeWeChat) -> int:
+    return int(fake.stats()["token_calls"].get("stable_token", 0))
+
+
+def test_send_body_matches_the_api() -> None:
+    body = send_body(MESSAGE, miniprogram_state="formal", lang="zh_CN")
+    assert body == {
+        "touser": "o-user-1",
+        "template_id": "tmpl-1",
+        "page": "pages/plan/index?step=3",
+        "data": {"thing1": {"value": "康复训练第3周"}, "time2": {"value": "2025年3月1日 09:00"}},
+        "miniprogram_state": "formal",
+        "lang": "zh_CN",
+    }
+    no_page = OutgoingMessage(touser="o", template_id="t", data={"thing1": "x"})
+    assert "page" not in send_body(no_page, miniprogram_state="formal", lang="zh_CN")
+
+
+async def test_success_returns_the_msgid(fake: FakeWeChat, channel: WeChatChannel) -> None:
+    result = await channel.send(MESSAGE)
+    assert result.outcome is Outcome.SENT
+    assert result.errcode == 0
+    [message] = fake.messages
+    assert result.msgid == message["msgid"]
+    assert message["data"] == dict(MESSAGE.data)
+    assert message["page"] == MESSAGE.page
+    assert (message["miniprogram_state"], message["lang"]) == ("formal", "zh_CN")
+
+
+async def test_state_and_lang_are_sent(fake: FakeWeChat) -> None:
+    assert fake.base_url is not None
+    channel = make_channel(fake.base_url, miniprogram_state="developer", lang="en_US")
+    try:
+        assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+    finally:
+        await channel.aclose()
+    assert (fake.messages[0]["miniprogram_state"], fake.messages[0]["lang"]) == (
+        "developer",
+        "en_US",
+    )
+
+
+async def test_consent_gone(fake: FakeWeChat, channel: WeChatChannel) -> None:
+    fake.check_consent = True
+    result = await channel.send(MESSAGE)
+    assert result.outcome is Outcome.FAILED
+    assert result.reason is Reason.CONSENT_GONE
+    assert result.errcode == 43101
+    assert result.detail is not None and " rid: " in result.detail
+    assert fake.stats()["sends"] == 1  # not retried
+
+
+async def test_expired_token_is_renewed_once(fake: FakeWeChat, channel: WeChatChannel) -> None:
+    assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+    assert token_calls(fake) == 1
+    fake.expire_tokens()
+    result = await channel.send(MESSAGE)
+    assert result.outcome is Outcome.SENT
+    assert token_calls(fake) == 2
+    assert fake.stats()["errcodes"] == {"0": 2, "42001": 1}
+
+
+async def test_token_still_invalid_after_refresh_is_token_failure(
+    fake: FakeWeChat, channel: WeChatChannel
+) -> None:
+    fake.inject([40001, 40001])
+    result = await channel.send(MESSAGE)
+    assert (result.outcome, result.reason, result.errcode) == (Outcome.FAILED, Reason.TOKEN, 40001)
+    assert token_calls(fake) == 2
+    assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+
+
+@pytest.mark.parametrize("errcode", [-1, 43108])
+async def test_transient_errcode_then_success(
+    fake: FakeWeChat, channel: WeChatChannel, errcode: int
+) -> None:
+    fake.inject([errcode])
+    result = await channel.send(MESSAGE)
+    assert result.outcome is Outcome.SENT
+    assert fake.stats()["errcodes"] == {str(errcode): 1, "0": 1}
+
+
+async def test_server_error_then_success(fake: FakeWeChat, channel: WeChatChannel) -> None:
+    fake.inject(http_status=503)
+    assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+    assert fake.stats()["http_statuses"] == {"503": 1}
+
+
+async def test_invalid_data_is_not_retried(fake: FakeWeChat, channel: WeChatChannel) -> None:
+    message = OutgoingMessage(touser="o", template_id="t", data={"thing1": "x" * 21})
+    result = await channel.send(message)
+    assert (result.outcome, result.reason, result.errcode) == (
+        Outcome.FAILED,
+        Reason.INVALID_DATA,
+        47003,
+    )
+    assert result.detail is not None and "data.thing1.value invalid" in result.detail
+    assert fake.stats()["sends"] == 1
+
+
+@pytest.mark.parametrize(
+    ("errcode", "reason"),
+    [
+        (45009, Reason.QUOTA),
+        (40003, Reason.BAD_OPENID),
+        (40037, Reason.BAD_TEMPLATE),
+        (41030, Reason.BAD_PAGE),
+        (43107, Reason.TEMPLATE_BANNED),
+        (45168, Reason.SENSITIVE_CONTENT),
+        (47001, Reason.BAD_REQUEST),
+        (41001, Reason.BAD_REQUEST),
+        (48001, Reason.WECHAT_ERROR),
+    ],
+)
+async def test_permanent_errcodes_map_to_reasons(
+    fake: FakeWeChat, channel: WeChatChannel, errcode: int, reason: Reason
+) -> None:
+    fake.inject([errcode])
+    result = await channel.send(MESSAGE)
+    assert (result.outcome, result.reason, result.errcode) == (Outcome.FAILED, reason, errcode)
+    assert fake.stats()["sends"] == 1
+
+
+async def test_retries_exhausted_is_transient(fake: FakeWeChat, channel: WeChatChannel) -> None:
+    fake.inject([-1], times=3)
+    result = await channel.send(MESSAGE)
+    assert (result.outcome, result.reason, result.errcode) == (
+        Outcome.FAILED,
+        Reason.TRANSIENT,
+        -1,
+    )
+    assert fake.stats()["errcodes"] == {"-1": 3}
+
+    fake.inject(http_status=502, times=3)
+    result = await channel.send(MESSAGE)
+    assert (result.outcome, result.reason, result.detail) == (
+        Outcome.FAILED,
+        Reason.TRANSIENT,
+        "HTTP 502",
+    )
+    assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+
+
+async def test_timeout_is_retried(fake: FakeWeChat) -> None:
+    assert fake.base_url is not None
+    channel = make_channel(fake.base_url, timeout=0.2, retries=2)
+    try:
+        assert (await channel.send(MESSAGE)).outcome is Outcome.SENT  # the token, first
+        fake.inject(latency_s=0.5)
+        assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+        fake.inject(latency_s=0.5, times=2)
+        result = await channel.send(MESSAGE)
+        assert (result.outcome, result.reason) == (Outcome.FAILED, Reason.TRANSIENT)
+        assert result.detail is not None and "Timeout" in result.detail
+    finally:
+        await channel.aclose()
+    await asyncio.sleep(0.6)  # let the fake finish the slow requests it still holds
+
+
+async def test_connection_refused_is_transient() -> None:
+    fake = FakeWeChat()
+    base_url = await fake.start()
+    await fake.stop()  # nothing listens there now
+    channel = make_channel(base_url)
+    try:
+        result = await channel.send(MESSAGE)
+    finally:
+        await channel.aclose()
+    assert (result.outcome, result.reason) == (Outcome.FAILED, Reason.TRANSIENT)
+    assert result.detail
+
+
+async def test_bad_secret_is_a_token_failure_fetched_once(fake: FakeWeChat) -> None:
+    fake.secret = "the-real-one"
+    assert fake.base_url is not None
+    channel = make_channel(fake.base_url)
+    try:
+        results = await asyncio.gather(*(channel.send(MESSAGE) for _ in range(50)))
+    finally:
+        await channel.aclose()
+    assert {(r.outcome, r.reason, r.errcode) for r in results} == {
+        (Outcome.FAILED, Reason.TOKEN, 40125)
+    }
+    assert token_calls(fake) == 1  # everyone waiting shared the one failure
+    assert fake.stats()["sends"] == 0
+
+
+async def test_concurrent_sends_share_one_token_fetch(
+    fake: FakeWeChat, channel: WeChatChannel
+) -> None:
+    results = await asyncio.gather(*(channel.send(MESSAGE) for _ in range(500)))
+    assert all(r.outcome is Outcome.SENT for r in results)
+    assert token_calls(fake) == 1
+    assert len({r.msgid for r in results}) == 500
+
+    fake.expire_tokens()
+    results = await asyncio.gather(*(channel.send(MESSAGE) for _ in range(200)))
+    assert all(r.outcome is Outcome.SENT for r in results)
+    assert token_calls(fake) == 2
+
+
+async def test_a_given_client_is_not_closed(fake: FakeWeChat) -> None:
+    assert fake.base_url is not None
+    async with httpx.AsyncClient(trust_env=False) as client:
+        channel = make_channel(fake.base_url, client=client)
+        assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+        await channel.aclose()
+        assert not client.is_closed
