@@ -1,4 +1,7 @@
-"""The `reminders` command line. Errors a user can cause are printed plainly, never as tracebacks."""
+"""The `reminders` command line.
+
+Errors a user can cause are printed plainly, never as tracebacks.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ def _aware(text: str, what: str, default_tz: ZoneInfo | None = None) -> datetime
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"{what}: {text!r} is not an ISO date-time, e.g. 2026-03-01T09:00+08:00") from None
+        raise UsageError(
+            f"{what}: {text!r} is not an ISO date-time, e.g. 2026-03-01T09:00+08:00"
+        ) from None
     if moment.tzinfo is None:
         if default_tz is None:
             raise UsageError(f"{what}: {text!r} needs a UTC offset, e.g. 2026-03-01T09:00+08:00")
@@ -62,10 +67,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     loaded, problems = load_plans(Path(p) for p in args.paths)
     if args.json:
-        print(json.dumps({
-            "valid": [{"file": str(i.path), "id": i.plan.id} for i in loaded],
-            "errors": [{"file": p.file, "field": p.field, "reason": p.reason} for p in problems],
-        }, ensure_ascii=False, indent=2))
+        print(
+            json.dumps(
+                {
+                    "valid": [{"file": str(i.path), "id": i.plan.id} for i in loaded],
+                    "errors": [
+                        {"file": p.file, "field": p.field, "reason": p.reason} for p in problems
+                    ],
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
     else:
         for item in loaded:
             print(f"ok     {item.path} ({item.plan.id})")
@@ -78,7 +91,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from scheduler.domain.messages import RenderError, render
-    from scheduler.domain.schedule import calendar_anchor, calendar_occurrences, relative_occurrences
+    from scheduler.domain.schedule import (
+        calendar_anchor,
+        calendar_occurrences,
+        relative_occurrences,
+    )
     from scheduler.planfiles import load_plan_file
 
     plan = load_plan_file(Path(args.plan_file)).plan
@@ -100,17 +117,21 @@ def cmd_preview(args: argparse.Namespace) -> int:
             data = render(plan, occurrence.step, occurrence.due_at, tz, "preview-user", variables)
         except RenderError as exc:
             data = {"error": f"{exc} (pass it with --var)"}
-        rows.append({
-            "step": occurrence.step,
-            "local": occurrence.due_at.astimezone(tz).isoformat(),
-            "utc": occurrence.due_at.isoformat(),
-            "message": data,
-        })
+        rows.append(
+            {
+                "step": occurrence.step,
+                "local": occurrence.due_at.astimezone(tz).isoformat(),
+                "utc": occurrence.due_at.isoformat(),
+                "message": data,
+            }
+        )
     if args.json:
         print(json.dumps({"plan": plan.id, "occurrences": rows}, ensure_ascii=False, indent=2))
         return 0
-    print(f"{plan.id}: {plan.name} ({'relative to enrolment' if plan.is_relative else 'calendar'},"
-          f" {tz.key})")
+    print(
+        f"{plan.id}: {plan.name} ({'relative to enrolment' if plan.is_relative else 'calendar'},"
+        f" {tz.key})"
+    )
     for row in rows:
         text = "; ".join(f"{k}={v}" for k, v in row["message"].items())
         print(f"  step {row['step']:>3}  {row['local']}  (UTC {row['utc'][:16]})  {text}")
@@ -164,11 +185,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             loaded, _ = load_plans([settings.plans_dir])
             match = [i for i in loaded if i.plan.id == args.plan_id]
             if not match:
-                raise UsageError(f"no plan {args.plan_id!r} in the database or in {settings.plans_dir}/")
+                raise UsageError(
+                    f"no plan {args.plan_id!r} in the database or in {settings.plans_dir}/"
+                )
             plan = match[0].plan
             registration = await store.register_plan(
-                plan.id, "relative" if plan.is_relative else "calendar", content_hash(plan),
-                plan.model_dump(mode="json"), str(match[0].path))
+                plan.id,
+                "relative" if plan.is_relative else "calendar",
+                content_hash(plan),
+                plan.model_dump(mode="json"),
+                str(match[0].path),
+            )
             record = registration.record
         plan = Plan.model_validate(record.definition)
         missing = [v for v in plan.variables if v not in variables]
@@ -203,10 +230,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if not settings.plans_dir.is_dir():
-        raise UsageError(f"plans folder {settings.plans_dir} does not exist (set REMINDERS_PLANS_DIR)")
+        raise UsageError(
+            f"plans folder {settings.plans_dir} does not exist (set REMINDERS_PLANS_DIR)"
+        )
     if args.demo and has_credentials(settings):
-        raise UsageError("--demo enrols demo users: it runs only against the fake WeChat "
-                         "(unset REMINDERS_WECHAT_APPID / REMINDERS_WECHAT_SECRET)")
+        raise UsageError(
+            "--demo enrols demo users: it runs only against the fake WeChat "
+            "(unset REMINDERS_WECHAT_APPID / REMINDERS_WECHAT_SECRET)"
+        )
     asyncio.run(run(settings, demo=args.demo))
     return 0
 
@@ -218,8 +249,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     replica = replica_identity(settings)
 
     async def work(store) -> bool:  # noqa: ANN001
-        return bool(await store.pool.fetchval(
-            "SELECT last_seen > now() - interval '30 seconds' FROM replicas WHERE id = $1", replica))
+        return bool(
+            await store.pool.fetchval(
+                "SELECT last_seen > now() - interval '30 seconds' FROM replicas WHERE id = $1",
+                replica,
+            )
+        )
 
     healthy = asyncio.run(_with_store(settings, work))
     print(f"replica {replica}: {'healthy' if healthy else 'no recent heartbeat'}")
@@ -248,17 +283,23 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reminders", description="Long-term recurring reminders over WeChat subscribe messages."
+        prog="reminders",
+        description="Long-term recurring reminders over WeChat subscribe messages.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the daemon on the plans folder")
     p.add_argument("--plans", help="plans folder (default: $REMINDERS_PLANS_DIR or ./plans)")
-    p.add_argument("--demo", action="store_true",
-                   help="with the fake WeChat: enrol demo users and add a plan firing every 10 s")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="with the fake WeChat: enrol demo users and add a plan firing every 10 s",
+    )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("health", help="exit 0 if this replica's daemon is alive (for health checks)")
+    p = sub.add_parser(
+        "health", help="exit 0 if this replica's daemon is alive (for health checks)"
+    )
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("validate", help="check plan files and folders")

@@ -49,12 +49,19 @@ async def seed(store: Store, loaded: list[LoadedPlan], now: datetime) -> None:
     """Enrol the demo users in every plan and grant them consent for its template."""
     for item in loaded:
         plan = item.plan
-        tz = ZoneInfo(plan.schedule.calendar.timezone if plan.schedule.calendar else "Asia/Shanghai")
+        tz = ZoneInfo(
+            plan.schedule.calendar.timezone if plan.schedule.calendar else "Asia/Shanghai"
+        )
         variables = {name: "演示" for name in plan.variables}
         for user in DEMO_USERS:
             due = relative_due(plan.schedule.relative, now, tz, 0) if plan.is_relative else None
             await store.enroll(plan.id, user, now, tz.key, variables, due)
             for _ in range(3 if plan.consent.value == "one_time" else 1):
-                await store.record_consent(user, plan.template.id, plan.consent.value, "accept", "demo")
-    log.warning("DEMO: enrolled %s in %d plans with consent; the plan demo-ticker sends every 10 s",
-                ", ".join(DEMO_USERS), len(loaded))
+                await store.record_consent(
+                    user, plan.template.id, plan.consent.value, "accept", "demo"
+                )
+    log.warning(
+        "DEMO: enrolled %s in %d plans with consent; the plan demo-ticker sends every 10 s",
+        ", ".join(DEMO_USERS),
+        len(loaded),
+    )

@@ -1,12 +1,12 @@
 """Every error this package raises on purpose derives from `RemindersError`.
 
-    RemindersError
-    ├── PlanError            a plan file is invalid (carries file, field path and reason)
-    ├── ConfigError          settings or the environment cannot work
-    ├── StoreError           the database refused or failed
-    └── ChannelError         a message could not be handed to the channel
-        ├── TransientChannelError   worth retrying (timeouts, 5xx, errcode -1)
-        └── PermanentChannelError   retrying unchanged will not help
+RemindersError
+├── PlanError            a plan file is invalid (carries file, field path and reason)
+├── ConfigError          settings or the environment cannot work
+├── StoreError           the database refused or failed
+└── ChannelError         a message could not be handed to the channel
+    ├── TransientChannelError   worth retrying (timeouts, 5xx, errcode -1)
+    └── PermanentChannelError   retrying unchanged will not help
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ def plan_files(paths: Iterable[Path]) -> list[Path]:
                 sorted(
                     p
                     for p in path.iterdir()
-                    if p.suffix in PLAN_SUFFIXES and p.is_file() and p.name != POLICY_FILE
+                    if p.suffix in PLAN_SUFFIXES
+                    and p.is_file()
+                    and p.name != POLICY_FILE
                     and not p.name.startswith(".")
                 )
             )
@@ -124,7 +126,11 @@ def load_plans(paths: Iterable[Path]) -> tuple[list[LoadedPlan], list[PlanProble
             continue
         if item.plan.id in seen:
             problems.append(
-                PlanProblem(str(path), "id", f"plan id {item.plan.id!r} is also used by {seen[item.plan.id]}")
+                PlanProblem(
+                    str(path),
+                    "id",
+                    f"plan id {item.plan.id!r} is also used by {seen[item.plan.id]}",
+                )
             )
             continue
         seen[item.plan.id] = path

@@ -41,7 +41,8 @@ class Settings(BaseSettings):
         30.0, description="How often relative (per-enrolment) plans look for due steps."
     )
     replica_id: str | None = Field(
-        None, description="Stable identity of this replica (default: the host name); give each "
-        "replica on one host its own."
+        None,
+        description="Stable identity of this replica (default: the host name); give each "
+        "replica on one host its own.",
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")

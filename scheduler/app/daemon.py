@@ -17,8 +17,13 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from apscheduler import AsyncScheduler, CoalescePolicy, ConflictPolicy, ScheduleLookupError
-from apscheduler import current_job
+from apscheduler import (
+    AsyncScheduler,
+    CoalescePolicy,
+    ConflictPolicy,
+    ScheduleLookupError,
+    current_job,
+)
 from apscheduler.abc import Trigger
 from apscheduler.datastores.sqlalchemy import SQLAlchemyDataStore
 from apscheduler.eventbrokers.asyncpg import AsyncpgEventBroker
@@ -138,8 +143,12 @@ class Daemon:
                 conflict_policy=ConflictPolicy.replace,
             )
             result.added.append(plan.id)
-            log.info("scheduled plan %s (version %d)", plan.id, registration.record.version,
-                     extra={"plan_id": plan.id})
+            log.info(
+                "scheduled plan %s (version %d)",
+                plan.id,
+                registration.record.version,
+                extra={"plan_id": plan.id},
+            )
         return result
 
     def _trigger(self, plan: Plan, record: PlanRecord) -> Trigger | None:
@@ -187,7 +196,11 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
     """The WeChat channel; without credentials, a fake WeChat on loopback that we start."""
     from scheduler.channels.wechat import WeChatChannel
 
-    base_url, appid, secret = settings.wechat_api_base, settings.wechat_appid, settings.wechat_secret
+    base_url, appid, secret = (
+        settings.wechat_api_base,
+        settings.wechat_appid,
+        settings.wechat_secret,
+    )
     if not has_credentials(settings):
         from scheduler.fake_wechat import FakeWeChat
 
@@ -197,8 +210,10 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
         appid, secret = "fake-appid", "fake-secret"
         log.warning(
             "No WeChat credentials (REMINDERS_WECHAT_APPID / REMINDERS_WECHAT_SECRET): sending to "
-            "a FAKE WeChat at %s. Nothing reaches real users. Read what it received at %s/fake/messages",
-            base_url, base_url,
+            "a FAKE WeChat at %s. Nothing reaches real users. "
+            "Read what it received at %s/fake/messages",
+            base_url,
+            base_url,
         )
     channel = WeChatChannel(
         base_url=base_url,
@@ -229,8 +244,11 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         await store.heartbeat(replica_id, socket.gethostname(), os.getpid(), starting=True)
         resolved = await store.resolve_in_flight(replica=replica_id)
         if resolved:
-            log.warning("%d deliveries were in flight when this replica last stopped: recorded "
-                        "as 'unknown', not resent", resolved)
+            log.warning(
+                "%d deliveries were in flight when this replica last stopped: recorded "
+                "as 'unknown', not resent",
+                resolved,
+            )
         channel = await open_channel(settings, stack)
 
         engine = create_async_engine(sqlalchemy_url(url), pool_size=5)
@@ -257,15 +275,20 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         synced = await daemon.sync_plans(loaded)
         if demo:
             await demo_data.seed(store, loaded, daemon.clock())
-        log.info("plans: %d scheduled, %d unchanged, %d finished, %d invalid",
-                 len(synced.added), len(synced.unchanged), len(synced.finished), len(problems))
+        log.info(
+            "plans: %d scheduled, %d unchanged, %d finished, %d invalid",
+            len(synced.added),
+            len(synced.unchanged),
+            len(synced.finished),
+            len(problems),
+        )
 
         await scheduler.start_in_background()
         heartbeat = asyncio.create_task(daemon.heartbeat_forever())
         log.info("reminders daemon running as replica %s", replica_id)
         await stop.wait()
         log.info("stopping: finishing the sends in flight")
-        if not await daemon.dispatcher.drain(timeout=10):
+        if not await daemon.dispatcher.drain(within_s=10):
             log.warning("sends still in flight after 10 s: they will be recorded as 'unknown'")
         heartbeat.cancel()
         await scheduler.stop()

@@ -90,11 +90,11 @@ class Dispatcher:
         self._idle.set()
         self._plans: dict[tuple[str, int], Plan] = {}
 
-    async def drain(self, timeout: float) -> bool:
+    async def drain(self, within_s: float) -> bool:
         """Stop claiming and wait for the fan-outs in progress to finish their sends."""
         self.stopping.set()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), within_s)
         except TimeoutError:
             return False
         return True
@@ -118,8 +118,12 @@ class Dispatcher:
             log.warning("schedule fired for unknown plan %s", plan_id, extra={"plan_id": plan_id})
             return FanOutReport()
         if active.record.state != "active":
-            log.info("plan %s is %s: fire skipped", plan_id, active.record.state,
-                     extra={"plan_id": plan_id})
+            log.info(
+                "plan %s is %s: fire skipped",
+                plan_id,
+                active.record.state,
+                extra={"plan_id": plan_id},
+            )
             return FanOutReport(stopped=True)
         if active.plan.is_relative:
             return await self.sweep(active)
@@ -135,8 +139,12 @@ class Dispatcher:
         anchor = calendar_anchor(cal, active.record.registered_at)
         step = calendar_step(cal, anchor, fire_time)
         if step is None:
-            log.warning("plan %s fired at %s, which is not one of its occurrences",
-                        active.record.id, fire_time.isoformat(), extra={"plan_id": active.record.id})
+            log.warning(
+                "plan %s fired at %s, which is not one of its occurrences",
+                active.record.id,
+                fire_time.isoformat(),
+                extra={"plan_id": active.record.id},
+            )
             return FanOutReport()
         # The occurrence is keyed by its scheduled time, so a double fire meets the same rows.
         occurrence = fire_time.astimezone(UTC).isoformat()
@@ -155,10 +163,19 @@ class Dispatcher:
 
         await self._pipeline(active, batches(), report)
         if cal.count is not None and step >= cal.count and not report.stopped:
-            await self.store.set_plan_state(active.record.id, "completed", self.replica_id,
-                                            f"all {cal.count} occurrences are due")
-        log.info("plan %s step %d fanned out: %s", active.record.id, step, report.outcomes,
-                 extra={"plan_id": active.record.id, "occurrence": occurrence})
+            await self.store.set_plan_state(
+                active.record.id,
+                "completed",
+                self.replica_id,
+                f"all {cal.count} occurrences are due",
+            )
+        log.info(
+            "plan %s step %d fanned out: %s",
+            active.record.id,
+            step,
+            report.outcomes,
+            extra={"plan_id": active.record.id, "occurrence": occurrence},
+        )
         return report
 
     # --- relative plans -------------------------------------------------------------------------
@@ -186,7 +203,9 @@ class Dispatcher:
                         plan_id=plan_id,
                         version=active.record.version,
                         replica=self.replica_id,
-                        rows=[(_step_key(r), r.user_id, r.next_step + 1, r.next_due_at) for r in late],
+                        rows=[
+                            (_step_key(r), r.user_id, r.next_step + 1, r.next_due_at) for r in late
+                        ],
                         status=Outcome.MISSED,
                         reason="grace_exceeded",
                         conn=conn,
@@ -205,7 +224,10 @@ class Dispatcher:
                         plan_id,
                         [r.user_id for r in due],
                         [r.next_step + 1 for r in due],
-                        [relative_due(rule, r.start_at, ZoneInfo(r.tz), r.next_step + 1) for r in due],
+                        [
+                            relative_due(rule, r.start_at, ZoneInfo(r.tz), r.next_step + 1)
+                            for r in due
+                        ],
                     )
                 # Sends start only after the claim and the advance have committed.
                 yield dues, claims
@@ -234,15 +256,25 @@ class Dispatcher:
             try:
                 data = render(active.plan, step, due_at, tz, recipient.user_id, recipient.vars)
             except RenderError as exc:
-                log.warning("plan %s: cannot render for %s: %s", active.record.id,
-                            recipient.user_id, exc, extra={"plan_id": active.record.id})
+                log.warning(
+                    "plan %s: cannot render for %s: %s",
+                    active.record.id,
+                    recipient.user_id,
+                    exc,
+                    extra={"plan_id": active.record.id},
+                )
                 broken.append((occurrence, recipient.user_id, step, due_at))
                 continue
             dues.append(Due(occurrence, recipient.user_id, step, due_at, data))
         report.unrenderable += len(broken)
         await self.store.skip(
-            plan_id=active.record.id, version=active.record.version, replica=self.replica_id,
-            rows=broken, status=Outcome.SKIPPED, reason="unrenderable", conn=conn,
+            plan_id=active.record.id,
+            version=active.record.version,
+            replica=self.replica_id,
+            rows=broken,
+            status=Outcome.SKIPPED,
+            reason="unrenderable",
+            conn=conn,
         )
         return dues
 
@@ -312,8 +344,14 @@ class Dispatcher:
                         report.no_consent += 1
                         continue
                     due = by_user[c.user_id]
-                    await queue.put((c.delivery_id, OutgoingMessage(
-                        c.user_id, plan.template.id, due.data, plan.template.page)))
+                    await queue.put(
+                        (
+                            c.delivery_id,
+                            OutgoingMessage(
+                                c.user_id, plan.template.id, due.data, plan.template.page
+                            ),
+                        )
+                    )
                 if self.stopping.is_set():
                     report.stopped = True
                     break
@@ -329,8 +367,11 @@ class Dispatcher:
             if not self._running:
                 self._idle.set()
         report.outcomes = {
-            "sent": report.sent, "failed": report.failed, "no_consent": report.no_consent,
-            "already_claimed": report.already_claimed, "missed": report.missed,
+            "sent": report.sent,
+            "failed": report.failed,
+            "no_consent": report.no_consent,
+            "already_claimed": report.already_claimed,
+            "missed": report.missed,
         }
 
 

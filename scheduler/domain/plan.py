@@ -96,7 +96,9 @@ DurationText = Annotated[
     Duration,
     BeforeValidator(_parse_duration),
     PlainSerializer(str, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^\s*\d+\s*(second|minute|hour|day|week|month)s?\s*$"}),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^\s*\d+\s*(second|minute|hour|day|week|month)s?\s*$"}
+    ),
 ]
 
 
@@ -230,7 +232,11 @@ class Calendar(Model):
 
     @model_validator(mode="after")
     def _exactly_one_rule(self) -> Calendar:
-        rules = [n for n in ("weekly", "monthly", "daily", "weekdays", "cron", "every") if getattr(self, n)]
+        rules = [
+            n
+            for n in ("weekly", "monthly", "daily", "weekdays", "cron", "every")
+            if getattr(self, n)
+        ]
         if len(rules) != 1:
             raise ValueError(
                 "give exactly one of weekly, monthly, daily, weekdays, cron or every"
@@ -384,7 +390,9 @@ class Plan(Model):
         ]:
             extra = set(fields) - keys
             if extra:
-                raise ValueError(f"message.{where}: not template fields: {', '.join(sorted(extra))}")
+                raise ValueError(
+                    f"message.{where}: not template fields: {', '.join(sorted(extra))}"
+                )
             for key, text in fields.items():
                 for name in placeholders(text, f"message.{where}.{key}"):
                     if name not in allowed_vars:

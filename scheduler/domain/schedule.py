@@ -15,6 +15,7 @@ import calendar as _calendar
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from itertools import islice
 from zoneinfo import ZoneInfo
 
 from apscheduler.abc import Trigger
@@ -124,11 +125,9 @@ def calendar_end(cal: Calendar, anchor: datetime) -> datetime | None:
     tz = ZoneInfo(cal.timezone)
     end = localize(cal.end, tz, end_of_day=True) if cal.end is not None else None
     if cal.count is not None:
-        last = None
-        for last, _ in zip(_fire_times(cal, anchor, end), range(cal.count), strict=False):
-            pass
-        if last is not None:
-            end = last if end is None else min(end, last)
+        first_count = list(islice(_fire_times(cal, anchor, end), cal.count))
+        if first_count:
+            end = first_count[-1] if end is None else min(end, first_count[-1])
     return end
 
 
@@ -212,7 +211,9 @@ def relative_due(rule: Relative, start: datetime, tz: ZoneInfo, index: int) -> d
     local_start = start.astimezone(tz)
     # With `first_after` under a day, some of the first day's times may precede the enrolment:
     # they are not part of this user's timeline.
-    early = sum(1 for slot in range(len(rule.at or ())) if _raw_due(rule, local_start, slot) < start)
+    early = sum(
+        1 for slot in range(len(rule.at or ())) if _raw_due(rule, local_start, slot) < start
+    )
     due = _raw_due(rule, local_start, index + early)
     if rule.duration is not None and due > _shift(local_start, rule.duration).astimezone(UTC):
         return None
@@ -230,7 +231,9 @@ def _raw_due(rule: Relative, local_start: datetime, raw_index: int) -> datetime:
     else:
         due_local = _shift(_shift(local_start, first), rule.every, period)
     if times:
-        due_local = datetime.combine(due_local.date(), times[slot]).replace(tzinfo=local_start.tzinfo)
+        due_local = datetime.combine(due_local.date(), times[slot]).replace(
+            tzinfo=local_start.tzinfo
+        )
     # Through UTC: a local time that does not exist (spring forward) moves past the gap.
     return due_local.astimezone(UTC)
 

@@ -28,7 +28,9 @@ def start_embedded(data_dir: Path) -> str:
         try:
             server = pgserver.get_server(data_dir, cleanup_mode="stop")
         except Exception as exc:  # pgserver raises plain exceptions with the server's log
-            raise ConfigError(f"could not start the embedded PostgreSQL in {data_dir}: {exc}") from exc
+            raise ConfigError(
+                f"could not start the embedded PostgreSQL in {data_dir}: {exc}"
+            ) from exc
     url = server.get_uri()
     log.info("embedded PostgreSQL running with data in %s", data_dir)
     return url
@@ -38,5 +40,5 @@ def sqlalchemy_url(url: str) -> str:
     """The same database for SQLAlchemy's asyncpg dialect (APScheduler's data store)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     raise ConfigError(f"DATABASE_URL must start with postgresql://, got {url.split(':')[0]}://...")

@@ -105,7 +105,11 @@ class Store:
     async def migrate(self) -> list[str]:
         """Apply the package's SQL migrations not yet applied, in order; returns their names."""
         files = sorted(
-            (f for f in resources.files("scheduler.store.migrations").iterdir() if f.name.endswith(".sql")),
+            (
+                f
+                for f in resources.files("scheduler.store.migrations").iterdir()
+                if f.name.endswith(".sql")
+            ),
             key=lambda f: f.name,
         )
         applied: list[str] = []
@@ -148,24 +152,35 @@ class Store:
             if changed:
                 version = (row["current_version"] or 0) + 1
                 await conn.execute(
-                    "INSERT INTO plan_versions (plan_id, version, content_hash, source_file, definition)"
+                    "INSERT INTO plan_versions"
+                    " (plan_id, version, content_hash, source_file, definition)"
                     " VALUES ($1, $2, $3, $4, $5)"
                     " ON CONFLICT (plan_id, content_hash) DO UPDATE SET loaded_at = now()",
-                    plan_id, version, content_hash, source, definition,
+                    plan_id,
+                    version,
+                    content_hash,
+                    source,
+                    definition,
                 )
                 # An edit back to an older content reuses that version's number.
                 version = await conn.fetchval(
                     "SELECT version FROM plan_versions WHERE plan_id = $1 AND content_hash = $2",
-                    plan_id, content_hash,
+                    plan_id,
+                    content_hash,
                 )
                 await conn.execute(
-                    "UPDATE plans SET current_version = $2, kind = $3, updated_at = now() WHERE id = $1",
-                    plan_id, version, kind,
+                    "UPDATE plans SET current_version = $2, kind = $3, updated_at = now()"
+                    " WHERE id = $1",
+                    plan_id,
+                    version,
+                    kind,
                 )
                 await conn.execute(
                     "INSERT INTO plan_events (plan_id, action, actor, plan_version, reason)"
                     " VALUES ($1, 'loaded', 'plan-file', $2, $3)",
-                    plan_id, version, source,
+                    plan_id,
+                    version,
+                    source,
                 )
         record = await self.plan(plan_id)
         assert record is not None
@@ -174,28 +189,41 @@ class Store:
     async def plan(self, plan_id: str) -> PlanRecord | None:
         row = await self.pool.fetchrow(
             "SELECT p.id, p.state, p.current_version, p.registered_at, v.content_hash, v.definition"
-            " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+            " FROM plans p"
+            " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
             " WHERE p.id = $1",
             plan_id,
         )
         if row is None:
             return None
         return PlanRecord(
-            row["id"], row["state"], row["current_version"], row["content_hash"],
-            row["definition"], row["registered_at"],
+            row["id"],
+            row["state"],
+            row["current_version"],
+            row["content_hash"],
+            row["definition"],
+            row["registered_at"],
         )
 
-    async def set_plan_state(self, plan_id: str, state: str, actor: str, reason: str | None) -> None:
+    async def set_plan_state(
+        self, plan_id: str, state: str, actor: str, reason: str | None
+    ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             version = await conn.fetchval(
                 "UPDATE plans SET state = $2, state_reason = $3, updated_at = now()"
                 " WHERE id = $1 RETURNING current_version",
-                plan_id, state, reason,
+                plan_id,
+                state,
+                reason,
             )
             await conn.execute(
                 "INSERT INTO plan_events (plan_id, action, actor, reason, plan_version)"
                 " VALUES ($1, $2, $3, $4, $5)",
-                plan_id, state, actor, reason, version,
+                plan_id,
+                state,
+                actor,
+                reason,
+                version,
             )
 
     # --- enrolments -----------------------------------------------------------------------------
@@ -216,10 +244,17 @@ class Store:
                 " VALUES ($1, $2, $3, $4, $5, $6)"
                 " ON CONFLICT (plan_id, user_id) DO UPDATE SET start_at = $3, tz = $4, vars = $5,"
                 " next_due_at = $6, next_step = 0, status = 'active', updated_at = now()",
-                plan_id, user_id, start_at, tz, variables, next_due_at,
+                plan_id,
+                user_id,
+                start_at,
+                tz,
+                variables,
+                next_due_at,
             )
         except asyncpg.ForeignKeyViolationError:
-            raise StoreError(f"no plan {plan_id!r} is loaded; start the daemon on its file first") from None
+            raise StoreError(
+                f"no plan {plan_id!r} is loaded; start the daemon on its file first"
+            ) from None
 
     async def audience(self, plan_id: str, batch_size: int) -> AsyncIterator[list[Recipient]]:
         """The plan's active enrolments in batches, by keyset pagination (no long transaction)."""
@@ -229,7 +264,9 @@ class Store:
                 "SELECT user_id, tz, vars, start_at FROM enrollments"
                 " WHERE plan_id = $1 AND status = 'active' AND user_id > $2"
                 " ORDER BY user_id LIMIT $3",
-                plan_id, after, batch_size,
+                plan_id,
+                after,
+                batch_size,
             )
             if not rows:
                 return
@@ -250,14 +287,24 @@ class Store:
                 "SELECT user_id, tz, vars, start_at, next_step, next_due_at FROM enrollments"
                 " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2"
                 " ORDER BY next_due_at LIMIT $3 FOR UPDATE SKIP LOCKED",
-                plan_id, now, batch_size,
+                plan_id,
+                now,
+                batch_size,
             )
-            yield conn, [
-                Recipient(
-                    r["user_id"], r["tz"], r["vars"], r["start_at"], r["next_step"], r["next_due_at"]
-                )
-                for r in rows
-            ]
+            yield (
+                conn,
+                [
+                    Recipient(
+                        r["user_id"],
+                        r["tz"],
+                        r["vars"],
+                        r["start_at"],
+                        r["next_step"],
+                        r["next_due_at"],
+                    )
+                    for r in rows
+                ],
+            )
 
     @staticmethod
     async def advance_enrollments(
@@ -272,7 +319,10 @@ class Store:
             " status = CASE WHEN u.due IS NULL THEN 'finished' ELSE e.status END"
             " FROM unnest($2::text[], $3::int[], $4::timestamptz[]) AS u (uid, step, due)"
             " WHERE e.plan_id = $1 AND e.user_id = u.uid",
-            plan_id, users, next_steps, next_due,
+            plan_id,
+            users,
+            next_steps,
+            next_due,
         )
 
     async def reschedule_enrollments(self, plan_id: str, compute) -> int:  # noqa: ANN001
@@ -287,7 +337,11 @@ class Store:
             if rows:
                 dues = [compute(r["start_at"], r["tz"], r["next_step"]) for r in rows]
                 await self.advance_enrollments(
-                    conn, plan_id, [r["user_id"] for r in rows], [r["next_step"] for r in rows], dues
+                    conn,
+                    plan_id,
+                    [r["user_id"] for r in rows],
+                    [r["next_step"] for r in rows],
+                    dues,
                 )
                 changed = len(rows)
         return changed
@@ -295,7 +349,12 @@ class Store:
     # --- consent --------------------------------------------------------------------------------
 
     async def record_consent(
-        self, user_id: str, template_id: str, kind: str, result: str, source: str,
+        self,
+        user_id: str,
+        template_id: str,
+        kind: str,
+        result: str,
+        source: str,
         event_id: str | None = None,
     ) -> None:
         """Append a consent event and apply it to the user's current consent for the template."""
@@ -304,7 +363,12 @@ class Store:
             await conn.execute(
                 "INSERT INTO consent_events (user_id, template_id, kind, result, source, event_id)"
                 " VALUES ($1, $2, $3, $4, $5, $6)",
-                user_id, template_id, kind, result, source, event_id,
+                user_id,
+                template_id,
+                kind,
+                result,
+                source,
+                event_id,
             )
             if result == "filter":
                 return
@@ -315,14 +379,20 @@ class Store:
                 "  credits = CASE WHEN $5 THEN c.credits ELSE c.credits + $3 END,"
                 "  long_term = CASE WHEN $6 = 'long_term' THEN $4 ELSE c.long_term END,"
                 "  banned = $5, updated_at = now()",
-                user_id, template_id, credit,
-                kind == "long_term" and result == "accept", result == "ban", kind,
+                user_id,
+                template_id,
+                credit,
+                kind == "long_term" and result == "accept",
+                result == "ban",
+                kind,
             )
 
     async def consent_of(self, user_id: str, template_id: str) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(
-            "SELECT credits, long_term, banned FROM consent WHERE user_id = $1 AND template_id = $2",
-            user_id, template_id,
+            "SELECT credits, long_term, banned FROM consent"
+            " WHERE user_id = $1 AND template_id = $2",
+            user_id,
+            template_id,
         )
         return dict(row) if row else None
 
@@ -347,20 +417,34 @@ class Store:
         rows = await conn.fetch(
             "SELECT delivery_id, user_id, allowed FROM claim_deliveries("
             "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            plan_id, version, template_id, consent_kind, replica,
-            occurrences, users, steps, due, messages,
+            plan_id,
+            version,
+            template_id,
+            consent_kind,
+            replica,
+            occurrences,
+            users,
+            steps,
+            due,
+            messages,
         )
         return [Claim(r["delivery_id"], r["user_id"], r["allowed"]) for r in rows]
 
-    async def finish(self, template_id: str, consent_kind: str, results: Sequence[Finished]) -> None:
+    async def finish(
+        self, template_id: str, consent_kind: str, results: Sequence[Finished]
+    ) -> None:
         if not results:
             return
         await self.pool.execute(
             "SELECT finish_deliveries($1, $2, $3, $4, $5, $6, $7, $8)",
-            template_id, consent_kind,
-            [r.delivery_id for r in results], [r.status for r in results],
-            [r.reason for r in results], [r.errcode for r in results],
-            [r.msgid for r in results], [r.detail for r in results],
+            template_id,
+            consent_kind,
+            [r.delivery_id for r in results],
+            [r.status for r in results],
+            [r.reason for r in results],
+            [r.errcode for r in results],
+            [r.msgid for r in results],
+            [r.detail for r in results],
         )
 
     async def skip(
@@ -384,8 +468,15 @@ class Store:
             " FROM unnest($6::text[], $7::text[], $8::int[], $9::timestamptz[])"
             "  AS u (occ, uid, step, due)"
             " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
-            plan_id, version, status, reason, replica,
-            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+            plan_id,
+            version,
+            status,
+            reason,
+            replica,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
         )
 
     async def outcome_counts(self, plan_id: str | None = None) -> dict[tuple[str, str | None], int]:
@@ -421,7 +512,9 @@ class Store:
                 "INSERT INTO replicas (id, host, pid) VALUES ($1, $2, $3)"
                 " ON CONFLICT (id) DO UPDATE SET host = $2, pid = $3, last_seen = now()"
                 + (", started_at = now()" if starting else ""),
-                replica, host, pid,
+                replica,
+                host,
+                pid,
             )
 
     async def retire(self, replica: str) -> None:
@@ -430,7 +523,9 @@ class Store:
             "UPDATE replicas SET last_seen = '-infinity' WHERE id = $1", replica
         )
 
-    async def resolve_in_flight(self, *, replica: str | None = None, dead_after_s: float = 60) -> int:
+    async def resolve_in_flight(
+        self, *, replica: str | None = None, dead_after_s: float = 60
+    ) -> int:
         """Deliveries left pending by a process that died become `unknown` (never resent):
         this replica's own (at its start), or those of replicas silent for `dead_after_s`."""
         status = await self.pool.execute(
@@ -438,6 +533,7 @@ class Store:
             " finished_at = now()"
             " WHERE status = 'pending' AND (claimed_by = $1 OR claimed_by IN ("
             "  SELECT id FROM replicas WHERE last_seen < now() - make_interval(secs => $2)))",
-            replica, dead_after_s,
+            replica,
+            dead_after_s,
         )
         return int(status.split()[-1])

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,7 +45,8 @@ USERS = [f"o-user-{i:02d}" for i in range(8)]
 def fake_url() -> Iterator[str]:
     with subprocess.Popen(
         [sys.executable, "-m", "scheduler.fake_wechat", "--port", "0"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     ) as proc:
         try:
             url = proc.stdout.readline().strip()
@@ -70,8 +71,9 @@ async def audience(store: Store, plans_dir: Path, db_url: str) -> Store:
     from scheduler.planfiles import load_plan_file
 
     item = load_plan_file(plans_dir / "ticker.yaml")
-    await store.register_plan("ticker", "calendar", item.content_hash,
-                              item.plan.model_dump(mode="json"), str(item.path))
+    await store.register_plan(
+        "ticker", "calendar", item.content_hash, item.plan.model_dump(mode="json"), str(item.path)
+    )
     now = datetime.now(UTC)
     for user in USERS:
         await store.enroll("ticker", user, now, "Asia/Shanghai", {}, None)
@@ -95,7 +97,9 @@ class Daemon:
         with log.open("a") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "scheduler.cli", "run"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -124,8 +128,8 @@ async def fake_messages(fake_url: str) -> list[dict]:
         return (await client.get(f"{fake_url}/fake/messages")).json()
 
 
-async def wait_for(predicate, timeout: float = 40.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
+async def wait_for(predicate, within_s: float = 40.0, what: str = "condition") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if await predicate():
             return
@@ -135,7 +139,8 @@ async def wait_for(predicate, timeout: float = 40.0, what: str = "condition") ->
 
 async def sent_occurrences(store: Store) -> int:
     return await store.pool.fetchval(
-        "SELECT count(DISTINCT occurrence) FROM deliveries WHERE status = 'sent'")
+        "SELECT count(DISTINCT occurrence) FROM deliveries WHERE status = 'sent'"
+    )
 
 
 async def assert_exactly_once(store: Store, fake_url: str) -> list[dict]:
@@ -182,9 +187,7 @@ async def test_two_daemons_on_one_database_never_send_a_duplicate(audience, daem
     assert len(messages) >= 5 * len(USERS)
 
 
-async def test_kill_9_mid_fan_out_leaves_unknown_rows_and_no_resend(
-    audience, daemons, fake_url
-):
+async def test_kill_9_mid_fan_out_leaves_unknown_rows_and_no_resend(audience, daemons, fake_url):
     store = audience
     async with httpx.AsyncClient() as client:  # the first fan-out's sends take a while
         await client.post(f"{fake_url}/fake/inject", json={"latency_s": 3.0, "times": len(USERS)})
@@ -192,7 +195,8 @@ async def test_kill_9_mid_fan_out_leaves_unknown_rows_and_no_resend(
     await wait_for(lambda: _any_pending(store), what="a send in flight")
     victim.stop(signal.SIGKILL)
     in_flight = await store.pool.fetchval(
-        "SELECT count(*) FROM deliveries WHERE status = 'pending'")
+        "SELECT count(*) FROM deliveries WHERE status = 'pending'"
+    )
     assert in_flight > 0
 
     survivor = daemons("r1")  # restarting with the same identity resolves its own rows
@@ -201,22 +205,27 @@ async def test_kill_9_mid_fan_out_leaves_unknown_rows_and_no_resend(
     assert survivor.stop() == 0
     await assert_exactly_once(store, fake_url)
     unknown = await store.pool.fetchval(
-        "SELECT count(*) FROM deliveries WHERE status = 'unknown' AND reason = 'crashed_in_flight'")
+        "SELECT count(*) FROM deliveries WHERE status = 'unknown' AND reason = 'crashed_in_flight'"
+    )
     assert unknown > 0
 
 
 async def _at_least(store: Store, occurrences: int) -> bool:
     complete = await store.pool.fetchval(
         "SELECT count(*) FROM (SELECT occurrence FROM deliveries GROUP BY occurrence"
-        " HAVING count(*) FILTER (WHERE status = 'sent') = $1) AS done", len(USERS))
+        " HAVING count(*) FILTER (WHERE status = 'sent') = $1) AS done",
+        len(USERS),
+    )
     return complete >= occurrences
 
 
 async def _any_pending(store: Store) -> bool:
-    return bool(await store.pool.fetchval(
-        "SELECT count(*) FROM deliveries WHERE status = 'pending'"))
+    return bool(
+        await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'pending'")
+    )
 
 
 async def _unknown(store: Store) -> bool:
-    return bool(await store.pool.fetchval(
-        "SELECT count(*) FROM deliveries WHERE status = 'unknown'"))
+    return bool(
+        await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'unknown'")
+    )

@@ -20,29 +20,41 @@ T0 = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)  # Monday 09:00 in Shanghai
 
 
 def calendar_plan(consent: str = "long_term") -> Plan:
-    return Plan.model_validate({
-        "id": "alerts",
-        "name": "Alerts",
-        "category": "transport",
-        "consent": consent,
-        "schedule": {"calendar": {"timezone": "Asia/Shanghai", "daily": {"at": "09:00"},
-                                  "start": "2026-03-01"}},
-        "template": {"id": "tmpl_alert", "fields": {"thing1": "thing", "number2": "number"}},
-        "message": {"default": {"thing1": "Alert for {who}", "number2": "{step}"}},
-        "variables": ["who"],
-    })
+    return Plan.model_validate(
+        {
+            "id": "alerts",
+            "name": "Alerts",
+            "category": "transport",
+            "consent": consent,
+            "schedule": {
+                "calendar": {
+                    "timezone": "Asia/Shanghai",
+                    "daily": {"at": "09:00"},
+                    "start": "2026-03-01",
+                }
+            },
+            "template": {"id": "tmpl_alert", "fields": {"thing1": "thing", "number2": "number"}},
+            "message": {"default": {"thing1": "Alert for {who}", "number2": "{step}"}},
+            "variables": ["who"],
+        }
+    )
 
 
 def relative_plan() -> Plan:
-    return Plan.model_validate({
-        "id": "rehab",
-        "name": "Rehab",
-        "category": "medical",
-        "consent": "one_time",
-        "schedule": {"relative": {"every": "1 week", "count": 3, "at": "09:00"}, "grace": "2 hours"},
-        "template": {"id": "tmpl_rehab", "fields": {"thing1": "thing"}},
-        "message": {"default": {"thing1": "Week {step}"}},
-    })
+    return Plan.model_validate(
+        {
+            "id": "rehab",
+            "name": "Rehab",
+            "category": "medical",
+            "consent": "one_time",
+            "schedule": {
+                "relative": {"every": "1 week", "count": 3, "at": "09:00"},
+                "grace": "2 hours",
+            },
+            "template": {"id": "tmpl_rehab", "fields": {"thing1": "thing"}},
+            "message": {"default": {"thing1": "Week {step}"}},
+        }
+    )
 
 
 class Clock:
@@ -63,23 +75,34 @@ async def fake() -> AsyncIterator[FakeWeChat]:
 
 @pytest.fixture
 async def channel(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
-    channel = WeChatChannel(base_url=fake.base_url, appid="app", secret="secret", retries=2,
-                            backoff_base=0.01, backoff_max=0.02)
+    channel = WeChatChannel(
+        base_url=fake.base_url,
+        appid="app",
+        secret="secret",
+        retries=2,
+        backoff_base=0.01,
+        backoff_max=0.02,
+    )
     yield channel
     await channel.aclose()
 
 
 async def register(store: Store, plan: Plan, registered_at: datetime = T0) -> None:
     await store.register_plan(
-        plan.id, "relative" if plan.is_relative else "calendar", content_hash(plan),
-        plan.model_dump(mode="json"), "test",
+        plan.id,
+        "relative" if plan.is_relative else "calendar",
+        content_hash(plan),
+        plan.model_dump(mode="json"),
+        "test",
     )
 
 
 async def ledger(store: Store, plan_id: str) -> list[dict]:
     rows = await store.pool.fetch(
         "SELECT occurrence, user_id, step, status, reason, errcode, msgid, message"
-        " FROM deliveries WHERE plan_id = $1 ORDER BY occurrence, user_id", plan_id)
+        " FROM deliveries WHERE plan_id = $1 ORDER BY occurrence, user_id",
+        plan_id,
+    )
     return [dict(r) for r in rows]
 
 
@@ -110,7 +133,8 @@ async def test_fan_out_sends_once_per_user_and_records_every_outcome(store, fake
     rows = await ledger(store, plan.id)
     assert len(rows) == 25
     assert {(r["status"], r["reason"]) for r in rows if r["user_id"] in users[20:]} == {
-        ("skipped", "no_consent")}
+        ("skipped", "no_consent")
+    }
     assert all(r["status"] == "sent" and r["msgid"] for r in rows if r["user_id"] in users[:20])
 
 
@@ -133,12 +157,15 @@ async def test_one_time_credits_are_consumed_once_per_send(store, fake, channel)
     await d.fire(plan.id, first + day)
     await d.fire(plan.id, first + 2 * day)
 
-    outcomes = {(r["user_id"], r["step"]): (r["status"], r["reason"])
-                for r in await ledger(store, plan.id)}
+    outcomes = {
+        (r["user_id"], r["step"]): (r["status"], r["reason"]) for r in await ledger(store, plan.id)
+    }
     assert outcomes == {
-        ("o-a", 2): ("sent", None), ("o-a", 3): ("sent", None),
+        ("o-a", 2): ("sent", None),
+        ("o-a", 3): ("sent", None),
         ("o-a", 4): ("skipped", "no_consent"),
-        ("o-b", 2): ("sent", None), ("o-b", 3): ("skipped", "no_consent"),
+        ("o-b", 2): ("sent", None),
+        ("o-b", 3): ("skipped", "no_consent"),
         ("o-b", 4): ("skipped", "no_consent"),
     }
     assert len(fake.messages) == 3
@@ -159,7 +186,10 @@ async def test_43101_clears_consent_and_transient_failure_refunds_the_credit(sto
 
     rows = {r["user_id"]: r for r in await ledger(store, plan.id)}
     assert (rows["o-gone"]["status"], rows["o-gone"]["reason"], rows["o-gone"]["errcode"]) == (
-        "failed", "consent_gone", 43101)
+        "failed",
+        "consent_gone",
+        43101,
+    )
     assert (rows["o-busy"]["status"], rows["o-busy"]["reason"]) == ("failed", "transient")
     assert (await store.consent_of("o-gone", "tmpl_alert"))["credits"] == 0
     assert (await store.consent_of("o-busy", "tmpl_alert"))["credits"] == 3  # given back
@@ -173,7 +203,8 @@ async def test_paused_plan_sends_nothing(store, fake, channel):
     await store.set_plan_state(plan.id, "paused", "admin", "testing")
 
     report = await dispatcher(store, channel, Clock(T0)).fire(
-        plan.id, datetime(2026, 3, 2, 1, 0, tzinfo=UTC))
+        plan.id, datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
+    )
 
     assert report.stopped and fake.messages == [] and await ledger(store, plan.id) == []
 
@@ -184,8 +215,9 @@ async def test_relative_plan_sweeps_each_users_due_steps_in_virtual_time(store, 
     tz = ZoneInfo("Asia/Shanghai")
     starts = {"o-early": T0, "o-late": T0 + timedelta(days=2)}
     for user, start in starts.items():
-        await store.enroll(plan.id, user, start, tz.key, {},
-                           relative_due(plan.schedule.relative, start, tz, 0))
+        await store.enroll(
+            plan.id, user, start, tz.key, {}, relative_due(plan.schedule.relative, start, tz, 0)
+        )
         for _ in range(3):
             await store.record_consent(user, "tmpl_rehab", "one_time", "accept", "test")
     clock = Clock(T0)
@@ -205,16 +237,20 @@ async def test_relative_plan_sweeps_each_users_due_steps_in_virtual_time(store, 
     clock.now = T0 + timedelta(days=21, minutes=1)
     await d.fire(plan.id, clock.now)
 
-    outcomes = {(r["user_id"], r["step"]): (r["status"], r["reason"])
-                for r in await ledger(store, plan.id)}
+    outcomes = {
+        (r["user_id"], r["step"]): (r["status"], r["reason"]) for r in await ledger(store, plan.id)
+    }
     assert outcomes == {
-        ("o-early", 1): ("sent", None), ("o-early", 2): ("missed", "grace_exceeded"),
-        ("o-early", 3): ("sent", None), ("o-late", 1): ("sent", None),
+        ("o-early", 1): ("sent", None),
+        ("o-early", 2): ("missed", "grace_exceeded"),
+        ("o-early", 3): ("sent", None),
+        ("o-late", 1): ("sent", None),
         ("o-late", 2): ("missed", "grace_exceeded"),  # due on day 16, the sweep came on day 21
     }
     assert fake.messages[-1]["data"] == {"thing1": "Week 3"}
     enrolment = await store.pool.fetchrow(
-        "SELECT status, next_step, next_due_at FROM enrollments WHERE user_id = 'o-early'")
+        "SELECT status, next_step, next_due_at FROM enrollments WHERE user_id = 'o-early'"
+    )
     assert dict(enrolment) == {"status": "finished", "next_step": 3, "next_due_at": None}
 
 
@@ -226,9 +262,18 @@ async def test_in_flight_rows_of_a_dead_replica_become_unknown_not_resent(store,
     fire = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
     # A replica claimed the row and died before recording the result.
     claims = await store.claim(
-        store.pool, plan_id=plan.id, version=1, template_id="tmpl_alert",
-        consent_kind="long_term", replica="dead-one", occurrences=[fire.isoformat()],
-        users=["o-a"], steps=[2], due=[fire], messages=[{"thing1": "x", "number2": "2"}])
+        store.pool,
+        plan_id=plan.id,
+        version=1,
+        template_id="tmpl_alert",
+        consent_kind="long_term",
+        replica="dead-one",
+        occurrences=[fire.isoformat()],
+        users=["o-a"],
+        steps=[2],
+        due=[fire],
+        messages=[{"thing1": "x", "number2": "2"}],
+    )
     assert [c.allowed for c in claims] == [True]
     await store.heartbeat("dead-one", "host", 1, starting=True)
     await store.pool.execute("UPDATE replicas SET last_seen = now() - interval '5 minutes'")
