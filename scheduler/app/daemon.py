@@ -228,6 +228,22 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
     return channel
 
 
+async def build_scheduler(url: str, replica_id: str, stack: AsyncExitStack) -> AsyncScheduler:
+    """APScheduler on the same database: its tables in their own schema, JSON-serialised."""
+    engine = create_async_engine(sqlalchemy_url(url), pool_size=5)
+    stack.push_async_callback(engine.dispose)
+    scheduler = AsyncScheduler(
+        SQLAlchemyDataStore(engine, schema=APSCHEDULER_SCHEMA, serializer=JSONSerializer()),
+        AsyncpgEventBroker.from_async_sqla_engine(engine),
+        identity=replica_id,
+        cleanup_interval=timedelta(minutes=5),
+    )
+    await stack.enter_async_context(scheduler)
+    # Configure the task once and schedule by its id, which keeps this limit (see DESIGN.md).
+    await scheduler.configure_task(TASK_ID, func=fire_plan, max_running_jobs=100)
+    return scheduler
+
+
 async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or `stop` is set); `demo` seeds demo users."""
     global _dispatcher
@@ -251,19 +267,9 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
             )
         channel = await open_channel(settings, stack)
 
-        engine = create_async_engine(sqlalchemy_url(url), pool_size=5)
-        stack.push_async_callback(engine.dispose)
-        scheduler = AsyncScheduler(
-            SQLAlchemyDataStore(engine, schema=APSCHEDULER_SCHEMA, serializer=JSONSerializer()),
-            AsyncpgEventBroker.from_async_sqla_engine(engine),
-            identity=replica_id,
-            cleanup_interval=timedelta(minutes=5),
-        )
-        await stack.enter_async_context(scheduler)
+        scheduler = await build_scheduler(url, replica_id, stack)
         daemon = Daemon(settings, store, channel, scheduler, replica_id=replica_id)
         _dispatcher = daemon.dispatcher
-        # Configure the task once; scheduling by its id keeps this limit (see DESIGN.md).
-        await scheduler.configure_task(TASK_ID, func=fire_plan, max_running_jobs=100)
 
         loaded, problems = load_plans([settings.plans_dir])
         for problem in problems:

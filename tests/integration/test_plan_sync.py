@@ -1,0 +1,148 @@
+"""Plans -> APScheduler schedules on PostgreSQL: only changed plans are re-added, and a re-add
+never schedules a past occurrence."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from apscheduler import AsyncScheduler, ScheduleLookupError
+
+from scheduler.app.daemon import Daemon, build_scheduler, schedule_id
+from scheduler.channels.wechat import WeChatChannel
+from scheduler.planfiles import LoadedPlan, content_hash, parse_plan
+from scheduler.settings import Settings
+from scheduler.store.postgres import Store
+
+DAILY = """
+id: daily
+name: Daily
+category: transport
+consent: long_term
+schedule:
+  calendar:
+    timezone: Asia/Shanghai
+    daily: {{at: "{at}"}}
+    start: 2026-03-01
+    count: {count}
+template: {{id: tmpl, fields: {{thing1: thing}}}}
+message: {{default: {{thing1: "Day {{step}}"}}}}
+"""
+
+WEEKLY_RELATIVE = """
+id: rehab
+name: Rehab
+category: medical
+consent: one_time
+schedule:
+  relative: {{every: 1 week, count: 4, at: "{at}"}}
+template: {{id: tmpl, fields: {{thing1: thing}}}}
+message: {{default: {{thing1: "Week {{step}}"}}}}
+"""
+
+
+def loaded(text: str) -> LoadedPlan:
+    plan = parse_plan(text, "test.yaml")
+    return LoadedPlan(plan, Path("test.yaml"), content_hash(plan))
+
+
+class Clock:
+    def __init__(self, now: datetime):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@asynccontextmanager
+async def daemon_on(store: Store, db_url: str) -> AsyncIterator[Daemon]:
+    """A Daemon over a real APScheduler on the test database (entered and left in one task,
+    as anyio's cancel scopes require, so not a fixture)."""
+    async with AsyncExitStack() as stack:
+        scheduler = await build_scheduler(db_url, "sync-test", stack)
+        channel = WeChatChannel(base_url="http://127.0.0.1:9", appid="a", secret="s")  # unused
+        stack.push_async_callback(channel.aclose)
+        yield Daemon(
+            Settings(),
+            store,
+            channel,
+            scheduler,
+            replica_id="sync-test",
+            clock=Clock(datetime(2026, 3, 10, 3, 0, tzinfo=UTC)),
+        )
+
+
+async def next_fire(scheduler: AsyncScheduler, plan_id: str) -> datetime:
+    return (await scheduler.get_schedule(schedule_id(plan_id))).next_fire_time
+
+
+async def test_unchanged_plans_are_not_re_added(store, db_url):
+    async with daemon_on(store, db_url) as daemon:
+        await _unchanged(daemon, daemon.scheduler)
+
+
+async def _unchanged(daemon: Daemon, scheduler: AsyncScheduler) -> None:
+    first = await daemon.sync_plans([loaded(DAILY.format(at="09:00", count=30))])
+    before = await next_fire(scheduler, "daily")
+    daemon.clock.now += timedelta(hours=1)
+    # The same plan written differently (quoting, key order) is the same content.
+    again = await daemon.sync_plans([loaded(DAILY.format(at="09:00", count=30) + "\n# note\n")])
+
+    assert (first.added, again.added, again.unchanged) == (["daily"], [], ["daily"])
+    assert await next_fire(scheduler, "daily") == before
+
+
+async def test_a_changed_plan_is_re_added_without_firing_past_occurrences(store, db_url):
+    async with daemon_on(store, db_url) as daemon:
+        await _changed(daemon, daemon.scheduler, store)
+
+
+async def _changed(daemon: Daemon, scheduler: AsyncScheduler, store: Store) -> None:
+    await daemon.sync_plans([loaded(DAILY.format(at="09:00", count=30))])
+    # Ten days later the team moves the time to 08:00; March 1-19 are in the past by then.
+    daemon.clock.now = datetime(2026, 3, 20, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai
+    result = await daemon.sync_plans([loaded(DAILY.format(at="08:00", count=30))])
+
+    assert result.added == ["daily"]
+    assert await next_fire(scheduler, "daily") == datetime(2026, 3, 21, 0, 0, tzinfo=UTC)
+    record = await store.plan("daily")
+    assert record.version == 2
+    versions = await store.pool.fetch(
+        "SELECT version, content_hash FROM plan_versions WHERE plan_id = 'daily' ORDER BY 1"
+    )
+    assert [v["version"] for v in versions] == [1, 2]
+
+
+async def test_a_plan_with_no_occurrence_left_gets_no_schedule(store, db_url):
+    async with daemon_on(store, db_url) as daemon:
+        await _finished(daemon, daemon.scheduler)
+
+
+async def _finished(daemon: Daemon, scheduler: AsyncScheduler) -> None:
+    daemon.clock.now = datetime(2026, 6, 1, tzinfo=UTC)  # all 5 occurrences are in the past
+    result = await daemon.sync_plans([loaded(DAILY.format(at="09:00", count=5))])
+
+    assert result.finished == ["daily"]
+    with pytest.raises(ScheduleLookupError):
+        await scheduler.get_schedule(schedule_id("daily"))
+
+
+async def test_a_changed_relative_plan_reschedules_every_enrolment(store, db_url):
+    async with daemon_on(store, db_url) as daemon:
+        await _relative_changed(daemon, store)
+
+
+async def _relative_changed(daemon: Daemon, store: Store) -> None:
+    await daemon.sync_plans([loaded(WEEKLY_RELATIVE.format(at="09:00"))])
+    start = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
+    await store.enroll(
+        "rehab", "o-a", start, "Asia/Shanghai", {}, datetime(2026, 3, 9, 1, 0, tzinfo=UTC)
+    )
+
+    await daemon.sync_plans([loaded(WEEKLY_RELATIVE.format(at="18:30"))])
+
+    due = await store.pool.fetchval("SELECT next_due_at FROM enrollments WHERE user_id = 'o-a'")
+    assert due == datetime(2026, 3, 9, 10, 30, tzinfo=UTC)  # 18:30 in Shanghai, a week on
