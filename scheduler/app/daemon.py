@@ -21,6 +21,8 @@ from apscheduler import (
     AsyncScheduler,
     CoalescePolicy,
     ConflictPolicy,
+    JobOutcome,
+    JobReleased,
     ScheduleLookupError,
     current_job,
 )
@@ -170,12 +172,31 @@ class Daemon:
         if await self._has_schedule(plan_id):
             await self.scheduler.remove_schedule(schedule_id(plan_id))
 
+    async def on_job_released(self, event: JobReleased) -> None:
+        """APScheduler dropped a fire past its grace (`misfire_grace_time`): record it missed."""
+        if (
+            event.outcome is JobOutcome.missed_start_deadline
+            and event.scheduler_id == self.replica_id
+            and event.schedule_id
+            and event.schedule_id.startswith("plan:")
+            and event.scheduled_start is not None
+        ):
+            plan_id = event.schedule_id.removeprefix("plan:")
+            try:
+                await self.dispatcher.record_missed(plan_id, event.scheduled_start)
+            except Exception:  # an event callback must not take the scheduler down
+                log.exception("could not record the missed occurrence of plan %s", plan_id)
+
     async def heartbeat_forever(self) -> None:
         host, pid = socket.gethostname(), os.getpid()
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            await self.store.heartbeat(self.replica_id, host, pid)
-            resolved = await self.store.resolve_in_flight()
+            try:
+                await self.store.heartbeat(self.replica_id, host, pid)
+                resolved = await self.store.resolve_in_flight()
+            except Exception as exc:  # the database may be briefly away: keep beating
+                log.warning("heartbeat failed: %s", exc)
+                continue
             if resolved:
                 log.warning("%d deliveries in flight on a dead replica are now 'unknown'", resolved)
 
@@ -289,6 +310,7 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
             len(problems),
         )
 
+        scheduler.subscribe(daemon.on_job_released, JobReleased)
         await scheduler.start_in_background()
         heartbeat = asyncio.create_task(daemon.heartbeat_forever())
         log.info("reminders daemon running as replica %s", replica_id)

@@ -178,6 +178,39 @@ class Dispatcher:
         )
         return report
 
+    async def record_missed(self, plan_id: str, fire_time: datetime) -> int:
+        """An occurrence that could not start within the plan's grace (the daemon was down):
+        record it `missed` for the whole audience, so nothing is silently dropped."""
+        active = await self.load(plan_id)
+        if active is None or active.plan.is_relative:
+            return 0  # a relative plan's next sweep finds its late steps by itself
+        cal = active.plan.schedule.calendar
+        assert cal is not None
+        step = calendar_step(cal, calendar_anchor(cal, active.record.registered_at), fire_time)
+        if step is None:
+            return 0
+        occurrence = fire_time.astimezone(UTC).isoformat()
+        missed = 0
+        async for recipients in self.store.audience(plan_id, self.batch_size):
+            await self.store.skip(
+                plan_id=plan_id,
+                version=active.record.version,
+                replica=self.replica_id,
+                rows=[(occurrence, r.user_id, step, fire_time) for r in recipients],
+                status=Outcome.MISSED,
+                reason="grace_exceeded",
+            )
+            missed += len(recipients)
+        log.warning(
+            "plan %s step %d (%s) missed its grace window: %d recorded missed",
+            plan_id,
+            step,
+            occurrence,
+            missed,
+            extra={"plan_id": plan_id},
+        )
+        return missed
+
     # --- relative plans -------------------------------------------------------------------------
 
     async def sweep(self, active: ActivePlan) -> FanOutReport:

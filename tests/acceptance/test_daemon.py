@@ -210,6 +210,40 @@ async def test_kill_9_mid_fan_out_leaves_unknown_rows_and_no_resend(audience, da
     assert unknown > 0
 
 
+async def test_downtime_past_the_grace_window_is_recorded_missed_not_dropped(
+    audience, daemons, fake_url, plans_dir
+):
+    store = audience
+    (plans_dir / "ticker.yaml").write_text(
+        PLAN.replace("every: 2 seconds", "every: 2 seconds\n  grace: 1 second")
+    )
+    first = daemons("r1")
+    await wait_for(lambda: _at_least(store, 2), what="two occurrences sent")
+    assert first.stop() == 0
+    await asyncio.sleep(6)  # down for three occurrences or so
+    second = daemons("r1")
+    await wait_for(lambda: _missed(store), what="the downtime's occurrences recorded missed")
+    await wait_for(lambda: _at_least(store, 4), what="sending resumed")
+    assert second.stop() == 0
+
+    await assert_exactly_once(store, fake_url)
+    rows = await store.pool.fetch(
+        "SELECT step, array_agg(DISTINCT status) AS statuses, count(*) AS users"
+        " FROM deliveries GROUP BY step ORDER BY step"
+    )
+    steps = [r["step"] for r in rows]
+    # No gap: every occurrence from the first to the last has one final outcome per user.
+    assert steps == list(range(steps[0], steps[-1] + 1))
+    assert all(r["users"] == len(USERS) and len(r["statuses"]) == 1 for r in rows)
+    assert {s for r in rows for s in r["statuses"]} == {"sent", "missed"}
+
+
+async def _missed(store: Store) -> bool:
+    return bool(
+        await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'missed'")
+    )
+
+
 async def _at_least(store: Store, occurrences: int) -> bool:
     complete = await store.pool.fetchval(
         "SELECT count(*) FROM (SELECT occurrence FROM deliveries GROUP BY occurrence"
