@@ -151,6 +151,11 @@ async def fake_sends(base_url: str) -> int:
         return int((await response.json())["sends"])
 
 
+def cpu_us(since: float, count: int) -> float:
+    """Microseconds of this process's CPU per item since `since` (robust to a busy machine)."""
+    return (time.process_time() - since) / count * 1e6
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -174,14 +179,18 @@ async def bench(args: argparse.Namespace, server_url: str, db_url: str, base_url
         channel = WeChatChannel(base_url, "bench", "bench")
         try:
             await channel_loop(channel, baseline[:500], concurrency)  # token and pool warm-up
+            cpu = time.process_time()
             channel_per_s = await channel_loop(channel, baseline, concurrency)
-            raw_per_s = await aiohttp_loop(
-                base_url, await _fetch_token(base_url), baseline, concurrency
-            )
+            channel_us = cpu_us(cpu, len(baseline))
+            token = await _fetch_token(base_url)
+            cpu = time.process_time()
+            raw_per_s = await aiohttp_loop(base_url, token, baseline, concurrency)
+            raw_us = cpu_us(cpu, len(baseline))
             print(
                 f"baselines over {len(baseline)} messages (min(N, {args.baseline_max})), "
-                f"concurrency {concurrency}: channel {channel_per_s:.0f}/s, "
-                f"bare aiohttp {raw_per_s:.0f}/s"
+                f"concurrency {concurrency}: channel {channel_per_s:.0f}/s "
+                f"({channel_us:.0f} us CPU/send), bare aiohttp {raw_per_s:.0f}/s "
+                f"({raw_us:.0f} us CPU/send)"
             )
 
             dispatcher = Dispatcher(
@@ -193,15 +202,17 @@ async def bench(args: argparse.Namespace, server_url: str, db_url: str, base_url
                 clock=lambda: fire_time,
             )
             sends_before = await fake_sends(base_url)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             report = await dispatcher.fire(PLAN.id, fire_time)
             elapsed = time.perf_counter() - started
+            fire_us = cpu_us(cpu, max(report.sent, 1))
         finally:
             await channel.aclose()
         sends_per_s = report.sent / elapsed
         print(
             f"fire {fire_time.isoformat()} (step {step}): {report.outcomes} in {elapsed:.2f} s "
-            f"= {sends_per_s:.0f} sends/s (batch {args.batch_size}, concurrency {concurrency})"
+            f"= {sends_per_s:.0f} sends/s ({fire_us:.0f} us CPU/send in this process; "
+            f"batch {args.batch_size}, concurrency {concurrency})"
         )
 
         ledger = await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'sent'")
@@ -252,7 +263,10 @@ async def main(args: argparse.Namespace) -> str:
                 fake.kill()
                 await fake.wait()
         if created and server_url:
-            await admin_execute(server_url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            try:
+                await admin_execute(server_url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            except (OSError, asyncpg.PostgresError) as exc:  # do not hide the original error
+                print(f"warning: could not drop database {database}: {exc}", file=sys.stderr)
         if temp_dir is not None:
             import pgserver  # the embedded server: stop it before removing its data
 

@@ -6,9 +6,17 @@ This is the only module that reads the environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Scope = Literal["ingest", "admin"]
+
+
+class ApiToken(BaseModel):
+    token: SecretStr
+    scopes: list[Scope]
 
 
 class Settings(BaseSettings):
@@ -44,5 +52,20 @@ class Settings(BaseSettings):
         None,
         description="Stable identity of this replica (default: the host name); give each "
         "replica on one host its own.",
+    )
+    api_host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    api_port: int | None = Field(
+        8080, description="Port of the HTTP API (unset or empty: no API server)."
+    )
+    api_tokens: dict[str, ApiToken] = Field(
+        default_factory=dict,
+        description='API tokens by name, as JSON: {"crm": {"token": "...", "scopes": ["ingest"]}}.',
+    )
+    max_body_bytes: int = Field(1_048_576, description="Largest request body the API accepts.")
+    wechat_callback_token: SecretStr | None = Field(
+        None, description="The Token of the message-push settings (signs WeChat's callbacks)."
+    )
+    wechat_encoding_aes_key: SecretStr | None = Field(
+        None, description="The EncodingAESKey of the message-push settings (safe mode)."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")

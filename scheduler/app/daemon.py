@@ -291,6 +291,18 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         scheduler = await build_scheduler(url, replica_id, stack)
         daemon = Daemon(settings, store, channel, scheduler, replica_id=replica_id)
         _dispatcher = daemon.dispatcher
+        if settings.api_port is not None:
+            from scheduler.api.app import create_app
+            from scheduler.api.server import ApiServer
+
+            api = ApiServer(
+                create_app(settings, store, daemon=daemon), settings.api_host, settings.api_port
+            )
+            await api.start()
+            stack.push_async_callback(api.stop)
+            log.info(
+                "HTTP API on http://%s:%d (OpenAPI: /v1/openapi.json)", settings.api_host, api.port
+            )
 
         loaded, problems = load_plans([settings.plans_dir])
         for problem in problems:

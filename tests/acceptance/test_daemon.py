@@ -93,6 +93,7 @@ class Daemon:
             "REMINDERS_REPLICA_ID": replica,
             "REMINDERS_SWEEP_SECONDS": "1",
             "REMINDERS_BATCH_SIZE": "3",
+            "REMINDERS_API_PORT": "0",
         }
         with log.open("a") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(

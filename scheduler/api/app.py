@@ -1,0 +1,184 @@
+"""The HTTP API (FastAPI), served by the daemon: ingestion, administration, WeChat's callback.
+
+Routers live beside this module, one per concern; `create_app` assembles them. Every route takes
+its dependencies from `app.state` (set here), so tests can serve the same app on loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scheduler.settings import Scope as TokenScope
+from scheduler.settings import Settings
+from scheduler.store.postgres import Store
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the API token's name, recorded with everything it changes."""
+
+    name: str
+    scopes: frozenset[str]
+
+
+class ApiError(Exception):
+    """A request the API refuses, with a status and a reason a developer can act on."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **details}}
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require(scope: TokenScope | None) -> Callable[..., Awaitable[Caller]]:
+    """A dependency: the caller must present a token (Bearer) that carries `scope` (or any
+    valid token when `scope` is None)."""
+
+    async def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Caller:
+        settings: Settings = request.app.state.settings
+        caller = _identify(settings, credentials.credentials if credentials else None)
+        if caller is None:
+            raise ApiError(
+                401, "unauthenticated", "send a valid API token: Authorization: Bearer <token>"
+            )
+        if scope is not None and scope not in caller.scopes:
+            raise ApiError(403, "forbidden", f"token {caller.name!r} lacks the {scope!r} scope")
+        return caller
+
+    return check
+
+
+def _identify(settings: Settings, presented: str | None) -> Caller | None:
+    if not presented:
+        return None
+    found = None
+    # Compare against every token, in constant time each, so timing tells nothing.
+    for name, token in settings.api_tokens.items():
+        if hmac.compare_digest(token.token.get_secret_value().encode(), presented.encode()):
+            found = Caller(name, frozenset(token.scopes))
+    return found
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413, whether or not they declare a length."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(
+            error_body("body_too_large", f"request bodies are limited to {self.limit} bytes"),
+            status_code=413,
+        )
+        await response({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:  # pragma: no cover - a refusal reads nothing
+    return {"type": "http.disconnect"}
+
+
+def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
+    """The API app; `state` carries what routers need (e.g. the daemon) into `app.state`."""
+    app = FastAPI(
+        title="reminders",
+        version="1",
+        description="Long-term recurring reminders over WeChat subscribe messages.",
+        openapi_url=f"/{API_VERSION}/openapi.json",
+        docs_url=f"/{API_VERSION}/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    for key, value in state.items():
+        setattr(app.state, key, value)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(
+            error_body(exc.code, exc.message, **exc.details), exc.status, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]), "reason": e["msg"]} for e in exc.errors()
+        ]
+        return JSONResponse(
+            error_body("invalid_request", "the request does not match the API", problems=problems),
+            422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body("http_error", str(exc.detail)), exc.status_code)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="The database answers")
+    async def readyz() -> JSONResponse:
+        try:
+            await store.pool.fetchval("SELECT 1")
+        except Exception as exc:  # any failure means not ready
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, 503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get(f"/{API_VERSION}/token", tags=["auth"], summary="Which token is this")
+    async def whoami(caller: Annotated[Caller, Depends(require(None))]) -> dict[str, Any]:
+        return {"name": caller.name, "scopes": sorted(caller.scopes)}
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
