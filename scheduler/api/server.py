@@ -45,7 +45,7 @@ class ApiServer:
             ) from None
         self._socket = sock
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started and not self._task.done():
+        while not self._server.started and not self._task.done():  # noqa: ASYNC110 - a flag
             await asyncio.sleep(0.01)
 
     @property
