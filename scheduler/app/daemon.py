@@ -40,7 +40,7 @@ from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relativ
 from scheduler.planfiles import LoadedPlan, load_plans
 from scheduler.settings import Settings
 from scheduler.store.embedded import sqlalchemy_url, start_embedded
-from scheduler.store.postgres import PlanRecord, Store
+from scheduler.store.postgres import SCHEDULER_SETUP_LOCK, PlanRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,9 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
     return channel
 
 
-async def build_scheduler(url: str, replica_id: str, stack: AsyncExitStack) -> AsyncScheduler:
+async def build_scheduler(
+    store: Store, url: str, replica_id: str, stack: AsyncExitStack
+) -> AsyncScheduler:
     """APScheduler on the same database: its tables in their own schema, JSON-serialised."""
     engine = create_async_engine(sqlalchemy_url(url), pool_size=5)
     stack.push_async_callback(engine.dispose)
@@ -259,7 +261,10 @@ async def build_scheduler(url: str, replica_id: str, stack: AsyncExitStack) -> A
         identity=replica_id,
         cleanup_interval=timedelta(minutes=5),
     )
-    await stack.enter_async_context(scheduler)
+    # Its data store creates the schema and tables with IF NOT EXISTS, which still races when
+    # two replicas start together (unique violation on pg_namespace): take turns.
+    async with store.exclusively(SCHEDULER_SETUP_LOCK):
+        await stack.enter_async_context(scheduler)
     # Configure the task once and schedule by its id, which keeps this limit (see DESIGN.md).
     await scheduler.configure_task(TASK_ID, func=fire_plan, max_running_jobs=100)
     return scheduler
@@ -288,7 +293,7 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
             )
         channel = await open_channel(settings, stack)
 
-        scheduler = await build_scheduler(url, replica_id, stack)
+        scheduler = await build_scheduler(store, url, replica_id, stack)
         daemon = Daemon(settings, store, channel, scheduler, replica_id=replica_id)
         _dispatcher = daemon.dispatcher
         if settings.api_port is not None:

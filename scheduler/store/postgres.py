@@ -23,6 +23,7 @@ from scheduler.errors import StoreError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_LOCK = 72_410_001  # pg_advisory_xact_lock key: one replica migrates at a time
+SCHEDULER_SETUP_LOCK = 72_410_002  # one replica at a time creates APScheduler's tables
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,16 @@ class Store:
             await pool.close()
 
     # --- schema ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def exclusively(self, lock_key: int) -> AsyncIterator[None]:
+        """Hold a session advisory lock: replicas starting together take turns in this block."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", lock_key)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
 
     async def migrate(self) -> list[str]:
         """Apply the package's SQL migrations not yet applied, in order; returns their names."""

@@ -179,11 +179,14 @@ async def test_daemon_delivers_each_occurrence_once_and_a_restart_resends_nothin
     assert "Traceback" not in (tmp_path / "r1.log").read_text()
 
 
-async def test_two_daemons_on_one_database_never_send_a_duplicate(audience, daemons, fake_url):
+async def test_two_daemons_on_one_database_never_send_a_duplicate(
+    audience, daemons, fake_url, tmp_path
+):
     store = audience
     one, two = daemons("r1"), daemons("r2")
     await wait_for(lambda: _at_least(store, 5), what="five occurrences sent by two replicas")
-    assert one.stop() == 0 and two.stop() == 0
+    for replica, daemon in (("r1", one), ("r2", two)):
+        assert daemon.stop() == 0, (tmp_path / f"{replica}.log").read_text()
     messages = await assert_exactly_once(store, fake_url)
     assert len(messages) >= 5 * len(USERS)
 

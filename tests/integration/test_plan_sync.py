@@ -3,6 +3,7 @@ never schedules a past occurrence."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -62,7 +63,7 @@ async def daemon_on(store: Store, db_url: str) -> AsyncIterator[Daemon]:
     """A Daemon over a real APScheduler on the test database (entered and left in one task,
     as anyio's cancel scopes require, so not a fixture)."""
     async with AsyncExitStack() as stack:
-        scheduler = await build_scheduler(db_url, "sync-test", stack)
+        scheduler = await build_scheduler(store, db_url, "sync-test", stack)
         channel = WeChatChannel(base_url="http://127.0.0.1:9", appid="a", secret="s")  # unused
         stack.push_async_callback(channel.aclose)
         yield Daemon(
@@ -146,3 +147,15 @@ async def _relative_changed(daemon: Daemon, store: Store) -> None:
 
     due = await store.pool.fetchval("SELECT next_due_at FROM enrollments WHERE user_id = 'o-a'")
     assert due == datetime(2026, 3, 9, 10, 30, tzinfo=UTC)  # 18:30 in Shanghai, a week on
+
+
+async def test_replicas_starting_together_all_set_up_the_scheduler(store: Store, db_url: str):
+    """APScheduler's CREATE SCHEMA/TABLE IF NOT EXISTS races between replicas; they take turns."""
+
+    async def start_replica(name: str) -> str:
+        async with AsyncExitStack() as stack:
+            scheduler = await build_scheduler(store, db_url, name, stack)
+            return scheduler.identity
+
+    names = [f"replica-{i}" for i in range(4)]
+    assert await asyncio.gather(*(start_replica(n) for n in names)) == names
