@@ -171,50 +171,6 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_enroll(args: argparse.Namespace) -> int:
-    from scheduler.domain.plan import Plan
-    from scheduler.domain.schedule import relative_due
-    from scheduler.planfiles import content_hash, load_plans
-
-    settings = _settings(args)
-    variables = dict(_pairs(args.var))
-
-    async def work(store) -> str:  # noqa: ANN001
-        record = await store.plan(args.plan_id)
-        if record is None:  # not loaded by a daemon yet: take it from the plans folder
-            loaded, _ = load_plans([settings.plans_dir])
-            match = [i for i in loaded if i.plan.id == args.plan_id]
-            if not match:
-                raise UsageError(
-                    f"no plan {args.plan_id!r} in the database or in {settings.plans_dir}/"
-                )
-            plan = match[0].plan
-            registration = await store.register_plan(
-                plan.id,
-                "relative" if plan.is_relative else "calendar",
-                content_hash(plan),
-                plan.model_dump(mode="json"),
-                str(match[0].path),
-            )
-            record = registration.record
-        plan = Plan.model_validate(record.definition)
-        missing = [v for v in plan.variables if v not in variables]
-        if missing:
-            raise UsageError(f"plan {plan.id} needs --var for: {', '.join(missing)}")
-        default_tz = plan.schedule.calendar.timezone if plan.schedule.calendar else "Asia/Shanghai"
-        tz = _zone(args.tz or default_tz)
-        start = _aware(args.start, "--start", tz) if args.start else datetime.now(UTC)
-        next_due = (
-            relative_due(plan.schedule.relative, start, tz, 0) if plan.schedule.relative else None
-        )
-        await store.enroll(plan.id, args.user, start, tz.key, variables, next_due)
-        when = f"; first step due {next_due.astimezone(tz).isoformat()}" if next_due else ""
-        return f"enrolled {args.user} in {plan.id}{when}"
-
-    print(asyncio.run(_with_store(settings, work)))
-    return 0
-
-
 def cmd_consent(args: argparse.Namespace) -> int:
     async def work(store) -> dict | None:  # noqa: ANN001
         await store.record_consent(args.user, args.template, args.kind, args.result, "cli")
@@ -321,14 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply the SQL migrations")
     up.set_defaults(func=cmd_db_upgrade)
 
-    p = sub.add_parser("enroll", help="enrol a user in a plan")
-    p.add_argument("plan_id")
-    p.add_argument("--user", required=True, help="the user's openid")
-    p.add_argument("--start", help="ISO date-time the user's timeline starts (default: now)")
-    p.add_argument("--tz", help="the user's IANA time zone")
-    p.add_argument("--var", action="append", help="a user variable, key=value")
-    p.add_argument("--plans", help="plans folder, for a plan no daemon has loaded yet")
-    p.set_defaults(func=cmd_enroll)
+    from scheduler.cli_ingest import add_commands  # enroll (one user or a CSV), runway
+
+    add_commands(sub)
 
     p = sub.add_parser("consent", help="record a user's consent popup result")
     p.add_argument("--user", required=True)
@@ -345,21 +296,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the plan file JSON Schema")
     p.set_defaults(func=cmd_schema)
+
+    from scheduler.cli_ops import add_commands as add_operating_commands
+
+    add_operating_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from scheduler.logging_setup import configure as configure_logging
+
     try:
-        level = Settings().log_level.upper()
+        settings = Settings()
+        level, json_lines = settings.log_level.upper(), settings.log_json
     except ValidationError:
-        level = "INFO"  # the command itself reports the bad setting
-    logging.basicConfig(
-        level=level if args.command in ("run", "fake-wechat") else "WARNING",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level, json_lines = "INFO", False  # the command itself reports the bad setting
+    configure_logging(
+        level if args.command in ("run", "fake-wechat") else "WARNING", json_lines=json_lines
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per send is noise
     try:
         return args.func(args)
     except PlanError as exc:

@@ -69,3 +69,12 @@ class Settings(BaseSettings):
         None, description="The EncodingAESKey of the message-push settings (safe mode)."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_json: bool = Field(
+        False, description="Log one JSON object a line (with plan_id, user, outcome...)."
+    )
+    watch_debounce_ms: int = Field(
+        300, description="Quiet time after a change in the plans folder before it is rescanned."
+    )
+    watch_force_polling: bool = Field(
+        False, description="Poll the plans folder instead of inotify (network file systems)."
+    )

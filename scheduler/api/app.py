@@ -180,5 +180,15 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
     async def whoami(caller: Annotated[Caller, Depends(require(None))]) -> dict[str, Any]:
         return {"name": caller.name, "scopes": sorted(caller.scopes)}
 
+    from scheduler.api import ingest, wechat_callback  # they import this module's helpers
+
+    app.include_router(ingest.router)
+    app.include_router(wechat_callback.router)
+
+    from scheduler.api import admin  # imports this module's helpers too
+
+    app.include_router(admin.router)
+    app.include_router(admin.metrics_router)
+
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

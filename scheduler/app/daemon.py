@@ -33,11 +33,13 @@ from apscheduler.serializers.json import JSONSerializer
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from scheduler.app import metrics
 from scheduler.app.dispatcher import Clock, Dispatcher, utc_now
+from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.channels.base import Channel
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relative_due
-from scheduler.planfiles import LoadedPlan, load_plans
+from scheduler.planfiles import LoadedPlan
 from scheduler.settings import Settings
 from scheduler.store.embedded import sqlalchemy_url, start_embedded
 from scheduler.store.postgres import SCHEDULER_SETUP_LOCK, PlanRecord, Store
@@ -112,6 +114,7 @@ class Daemon:
             batch_size=settings.batch_size,
             clock=clock,
         )
+        self.lifecycle = Lifecycle(store, clock=clock)
 
     async def sync_plans(self, loaded: list[LoadedPlan]) -> SyncResult:
         """Record each plan's version and (re)schedule the plans whose content changed."""
@@ -125,6 +128,10 @@ class Daemon:
                 plan.model_dump(mode="json"),
                 str(item.path),
             )
+            if registration.record.state in ("cancelled", "completed"):
+                await self._remove_schedule(plan.id)  # over: an edit does not revive it
+                result.unchanged.append(plan.id)
+                continue
             if not registration.changed and await self._has_schedule(plan.id):
                 result.unchanged.append(plan.id)
                 continue
@@ -134,6 +141,13 @@ class Daemon:
             if trigger is None:
                 result.finished.append(plan.id)
                 await self._remove_schedule(plan.id)
+                if registration.record.state == "active":  # its count or end date is reached
+                    try:
+                        await self.lifecycle.complete(
+                            plan.id, actor="daemon", reason="no occurrence left"
+                        )
+                    except LifecycleError as exc:  # another replica was first
+                        log.debug("plan %s: %s", plan.id, exc)
                 continue
             await self.scheduler.add_schedule(
                 TASK_ID,
@@ -244,6 +258,7 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
         retries=settings.wechat_retries,
         miniprogram_state=settings.miniprogram_state,
         lang=settings.lang,
+        on_errcode=metrics.count_errcode,
     )
     stack.push_async_callback(channel.aclose)
     return channel
@@ -277,6 +292,8 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from scheduler.app.control import ControlLoop
+    from scheduler.app.watcher import PlanWatcher
 
     replica_id = replica_identity(settings)
     async with AsyncExitStack() as stack:
@@ -296,12 +313,23 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         scheduler = await build_scheduler(store, url, replica_id, stack)
         daemon = Daemon(settings, store, channel, scheduler, replica_id=replica_id)
         _dispatcher = daemon.dispatcher
+        watcher = PlanWatcher(
+            daemon,
+            settings.plans_dir,
+            debounce_ms=settings.watch_debounce_ms,
+            force_polling=settings.watch_force_polling,
+        )
+        loop.add_signal_handler(signal.SIGHUP, watcher.request_rescan, "SIGHUP")
         if settings.api_port is not None:
             from scheduler.api.app import create_app
             from scheduler.api.server import ApiServer
 
             api = ApiServer(
-                create_app(settings, store, daemon=daemon), settings.api_host, settings.api_port
+                create_app(
+                    settings, store, daemon=daemon, lifecycle=daemon.lifecycle, watcher=watcher
+                ),
+                settings.api_host,
+                settings.api_port,
             )
             await api.start()
             stack.push_async_callback(api.stop)
@@ -309,14 +337,13 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
                 "HTTP API on http://%s:%d (OpenAPI: /v1/openapi.json)", settings.api_host, api.port
             )
 
-        loaded, problems = load_plans([settings.plans_dir])
-        for problem in problems:
-            log.error("plan not loaded: %s", problem)
         if demo:
             from scheduler import demo as demo_data
-
-            loaded.append(demo_data.demo_plan())
-        synced = await daemon.sync_plans(loaded)
+        # Registers and schedules the valid plans, records the invalid files' problems, pauses
+        # the plans whose file is gone.
+        scan = await watcher.rescan(extra=[demo_data.demo_plan()] if demo else [])
+        loaded, problems, synced = scan.loaded, scan.problems, scan.synced
+        assert synced is not None
         if demo:
             await demo_data.seed(store, loaded, daemon.clock())
         log.info(
@@ -330,12 +357,18 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         scheduler.subscribe(daemon.on_job_released, JobReleased)
         await scheduler.start_in_background()
         heartbeat = asyncio.create_task(daemon.heartbeat_forever())
+        watching = asyncio.create_task(watcher.run())
+        control = asyncio.create_task(ControlLoop(daemon, watcher).run())
         log.info("reminders daemon running as replica %s", replica_id)
         await stop.wait()
         log.info("stopping: finishing the sends in flight")
         if not await daemon.dispatcher.drain(within_s=10):
             log.warning("sends still in flight after 10 s: they will be recorded as 'unknown'")
         heartbeat.cancel()
+        watcher.stop()
+        control.cancel()
+        await asyncio.gather(watching, control, return_exceptions=True)
+        loop.remove_signal_handler(signal.SIGHUP)
         await scheduler.stop()
         await scheduler.wait_until_stopped()
         await store.retire(replica_id)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from scheduler.app import metrics
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome
@@ -23,9 +25,11 @@ from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import (
     calendar_anchor,
     calendar_step,
+    calendar_trigger,
     is_repeated_wall_time,
     relative_due,
 )
+from scheduler.domain.tracking import tracked_page
 from scheduler.store.postgres import Claim, Finished, PlanRecord, Recipient, Store
 
 log = logging.getLogger(__name__)
@@ -125,6 +129,10 @@ class Dispatcher:
                 extra={"plan_id": plan_id},
             )
             return FanOutReport(stopped=True)
+        metrics.observe_fire(
+            "sweep" if active.plan.is_relative else "calendar",
+            (self.clock() - fire_time).total_seconds(),
+        )
         if active.plan.is_relative:
             return await self.sweep(active)
         return await self.fan_out(active, fire_time)
@@ -162,12 +170,16 @@ class Dispatcher:
                 yield dues, claims
 
         await self._pipeline(active, batches(), report)
-        if cal.count is not None and step >= cal.count and not report.stopped:
+        # The last occurrence (by count or end date) completes the plan.
+        if (
+            not report.stopped
+            and calendar_trigger(cal, anchor, fire_time + timedelta(microseconds=1)) is None
+        ):
             await self.store.set_plan_state(
                 active.record.id,
                 "completed",
                 self.replica_id,
-                f"all {cal.count} occurrences are due",
+                f"all {step} occurrences are due",
             )
         log.info(
             "plan %s step %d fanned out: %s",
@@ -201,6 +213,7 @@ class Dispatcher:
                 reason="grace_exceeded",
             )
             missed += len(recipients)
+            metrics.count(plan_id, Outcome.MISSED, "grace_exceeded", len(recipients))
         log.warning(
             "plan %s step %d (%s) missed its grace window: %d recorded missed",
             plan_id,
@@ -244,6 +257,7 @@ class Dispatcher:
                         conn=conn,
                     )
                     report.missed += len(late)
+                    metrics.count(plan_id, Outcome.MISSED, "grace_exceeded", len(late))
                     dues = await self._render_all(
                         active,
                         [r for r in due if now - r.next_due_at <= grace],
@@ -300,6 +314,7 @@ class Dispatcher:
                 continue
             dues.append(Due(occurrence, recipient.user_id, step, due_at, data))
         report.unrenderable += len(broken)
+        metrics.count(active.record.id, Outcome.SKIPPED, "unrenderable", len(broken))
         await self.store.skip(
             plan_id=active.record.id,
             version=active.record.version,
@@ -339,7 +354,7 @@ class Dispatcher:
         report: FanOutReport,
     ) -> None:
         plan = active.plan
-        queue: asyncio.Queue[tuple[int, OutgoingMessage] | None] = asyncio.Queue(
+        queue: asyncio.Queue[tuple[int, str, OutgoingMessage] | None] = asyncio.Queue(
             maxsize=self.batch_size * 2
         )
         results: list[Finished] = []
@@ -351,8 +366,16 @@ class Dispatcher:
 
         async def worker() -> None:
             while (item := await queue.get()) is not None:
-                delivery_id, message = item
+                delivery_id, occurrence, message = item
+                started = time.perf_counter()
                 result = await self.channel.send(message)
+                metrics.observe_send(
+                    active.record.id,
+                    occurrence,
+                    message.touser,
+                    result,
+                    time.perf_counter() - started,
+                )
                 results.append(_finished(delivery_id, result))
                 if result.outcome == Outcome.SENT:
                     report.sent += 1
@@ -372,6 +395,9 @@ class Dispatcher:
                 by_user = {d.user_id: d for d in dues}
                 report.claimed += len(claims)
                 report.already_claimed += len(dues) - len(claims)
+                await metrics.observe_refusals(
+                    self.store, active.record.id, [c.delivery_id for c in claims if not c.allowed]
+                )
                 for c in claims:
                     if not c.allowed:
                         report.no_consent += 1
@@ -380,8 +406,12 @@ class Dispatcher:
                     await queue.put(
                         (
                             c.delivery_id,
+                            due.occurrence,
                             OutgoingMessage(
-                                c.user_id, plan.template.id, due.data, plan.template.page
+                                c.user_id,
+                                plan.template.id,
+                                due.data,
+                                tracked_page(plan.template.page, c.delivery_id),
                             ),
                         )
                     )

@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from http.cookiejar import CookieJar
 from typing import Any
 from urllib.parse import quote
@@ -132,11 +133,13 @@ class WeChatChannel:
         backoff_max: float = 8.0,
         max_connections: int = 256,
         client: httpx.AsyncClient | None = None,
+        on_errcode: Callable[[int], None] | None = None,
     ) -> None:
         """`retries` counts attempts for a transient failure (1: no retry). The backoff before
         attempt n+1 is base * 2**(n-1) capped at `backoff_max`, half fixed and half random.
         `client` is used as given (and not closed); by default the channel makes one on the
         aiohttp transport with `max_connections` pooled connections."""
+        self._on_errcode = on_errcode  # e.g. a metrics counter: sees every non-zero errcode
         self._base = base_url.rstrip("/")
         self._token_url = httpx.URL(f"{self._base}/cgi-bin/stable_token")
         self._appid = appid
@@ -227,12 +230,19 @@ class WeChatChannel:
     async def _send_once(self, content: bytes) -> SendResult:
         token, url = await self._token()
         answer = await self._post(url, content)
+        self._observe(answer)
         if _reason(answer) is Reason.TOKEN:
             # Expired, or replaced by a force_refresh elsewhere: one fresh token, one more try.
             self._drop_token(token)
             token, url = await self._token()
             answer = await self._post(url, content)
+            self._observe(answer)
         return _result(answer)
+
+    def _observe(self, answer: dict[str, Any]) -> None:
+        errcode = answer.get("errcode", 0)
+        if self._on_errcode is not None and isinstance(errcode, int) and errcode:
+            self._on_errcode(errcode)
 
     async def _post(self, url: httpx.URL, content: bytes) -> dict[str, Any]:
         """POST JSON; return the JSON object answered or raise _Failure (transient for network

@@ -83,6 +83,19 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+@asynccontextmanager
+async def _transaction(
+    conn: asyncpg.Connection | asyncpg.Pool,
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on the pool, or a savepoint inside the caller's open transaction."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as c, c.transaction():
+            yield c
+    else:
+        async with conn.transaction():
+            yield conn
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
@@ -368,35 +381,23 @@ class Store:
         source: str,
         event_id: str | None = None,
     ) -> None:
-        """Append a consent event and apply it to the user's current consent for the template."""
-        credit = 1 if kind == "one_time" and result == "accept" else 0
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO consent_events (user_id, template_id, kind, result, source, event_id)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
-                user_id,
-                template_id,
-                kind,
-                result,
-                source,
-                event_id,
-            )
-            if result == "filter":
-                return
-            await conn.execute(
-                "INSERT INTO consent AS c (user_id, template_id, credits, long_term, banned)"
-                " VALUES ($1, $2, $3, $4, $5)"
-                " ON CONFLICT (user_id, template_id) DO UPDATE SET"
-                "  credits = CASE WHEN $5 THEN c.credits ELSE c.credits + $3 END,"
-                "  long_term = CASE WHEN $6 = 'long_term' THEN $4 ELSE c.long_term END,"
-                "  banned = $5, updated_at = now()",
-                user_id,
-                template_id,
-                credit,
-                kind == "long_term" and result == "accept",
-                result == "ban",
-                kind,
-            )
+        """Record one popup result (the accounting lives in `scheduler.store.consent`)."""
+        from scheduler.domain.consent import Result
+        from scheduler.domain.plan import ConsentKind
+        from scheduler.store.consent import ConsentReport, ConsentStore
+
+        await ConsentStore(self.pool).record(
+            [
+                ConsentReport(
+                    user_id,
+                    template_id,
+                    Result(result),
+                    source,
+                    kind=ConsentKind(kind),
+                    event_id=event_id,
+                )
+            ]
+        )
 
     async def consent_of(self, user_id: str, template_id: str) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(
@@ -424,21 +425,30 @@ class Store:
         due: Sequence[datetime],
         messages: Sequence[dict[str, Any]],
     ) -> list[Claim]:
-        """Insert ledger rows and take consent for a batch (see claim_deliveries in the SQL)."""
-        rows = await conn.fetch(
-            "SELECT delivery_id, user_id, allowed FROM claim_deliveries("
-            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            plan_id,
-            version,
-            template_id,
-            consent_kind,
-            replica,
-            occurrences,
-            users,
-            steps,
-            due,
-            messages,
-        )
+        """Insert ledger rows and take consent for a batch (see claim_deliveries in the SQL).
+
+        The one-time credits taken are appended to the consent history in the same transaction.
+        """
+        from scheduler.store.consent import ConsentStore
+
+        async with _transaction(conn) as tx:
+            rows = await tx.fetch(
+                "SELECT delivery_id, user_id, allowed FROM claim_deliveries("
+                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                plan_id,
+                version,
+                template_id,
+                consent_kind,
+                replica,
+                occurrences,
+                users,
+                steps,
+                due,
+                messages,
+            )
+            if consent_kind == "one_time":
+                taken = [(r["delivery_id"], r["user_id"]) for r in rows if r["allowed"]]
+                await ConsentStore.log_consumed(tx, template_id, taken)
         return [Claim(r["delivery_id"], r["user_id"], r["allowed"]) for r in rows]
 
     async def finish(

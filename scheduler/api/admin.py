@@ -1,0 +1,174 @@
+"""The admin API: plan status, pause / resume / cancel, opt-outs, stopping an enrolment, the audit
+log, a rescan of the plans folder, and Prometheus metrics.
+
+Every /v1 route here needs a token with the `admin` scope; the token's name is the actor recorded
+in the audit log. `/metrics` is unauthenticated, as Prometheus scrapers expect: it carries counts,
+never message content or user ids, and the API should listen on a private address anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.api.app import API_VERSION, ApiError, Caller, require
+from scheduler.app import metrics
+from scheduler.app.control import notify
+from scheduler.app.lifecycle import ActionResult, Lifecycle, LifecycleError
+from scheduler.app.status import overview, plan_status, replicas
+from scheduler.store.postgres import Store
+
+router = APIRouter(prefix=f"/{API_VERSION}", tags=["admin"])
+metrics_router = APIRouter(tags=["health"])
+
+Admin = Annotated[Caller, Depends(require("admin"))]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReasonBody(Body):
+    reason: str = Field(min_length=1, max_length=500, description="Why: kept in the audit log.")
+
+
+class ResumeBody(Body):
+    mode: Literal["skip", "catch_up"] = Field(
+        "skip",
+        description="skip: what the pause held back is recorded skipped (paused); catch_up: "
+        "what is still within the plan's grace is sent now, the rest recorded missed.",
+    )
+    reason: str | None = Field(None, max_length=500)
+
+
+class OptBody(Body):
+    plan: str | None = Field(None, description="A plan id; leave out for every plan.")
+    reason: str | None = Field(None, max_length=500)
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _lifecycle(request: Request) -> Lifecycle:
+    found = getattr(request.app.state, "lifecycle", None)
+    return found if found is not None else Lifecycle(_store(request))
+
+
+def _now(request: Request):  # noqa: ANN202 - the lifecycle's clock (virtual in tests)
+    return _lifecycle(request).clock()
+
+
+def actor(caller: Caller) -> str:
+    return f"token:{caller.name}"
+
+
+async def _act(coro: Any) -> dict[str, Any]:
+    try:
+        result: ActionResult = await coro
+    except LifecycleError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    return result.as_dict()
+
+
+@router.get("/plans", summary="Every plan: state, version, next fire, outcome counts")
+async def list_plans(request: Request, caller: Admin) -> dict[str, Any]:
+    return await overview(_store(request), now=_now(request))
+
+
+@router.get("/plans/{plan_id}", summary="One plan's status")
+async def get_plan(
+    request: Request,
+    plan_id: str,
+    caller: Admin,
+    next: Annotated[int, Query(ge=1, le=100, description="How many next fire times")] = 5,
+) -> dict[str, Any]:
+    report = await plan_status(_store(request), plan_id, now=_now(request), next_n=next)
+    if report is None:
+        raise ApiError(404, "unknown_plan", f"no plan {plan_id!r} is loaded")
+    report["replicas"] = await replicas(_store(request))
+    return report
+
+
+@router.post("/plans/{plan_id}/pause", summary="Pause: nothing new starts; a fan-out stops")
+async def pause(request: Request, plan_id: str, body: ReasonBody, caller: Admin) -> dict:
+    return await _act(_lifecycle(request).pause(plan_id, actor=actor(caller), reason=body.reason))
+
+
+@router.post("/plans/{plan_id}/resume", summary="Resume, skipping or catching up what was held")
+async def resume(
+    request: Request, plan_id: str, caller: Admin, body: ResumeBody | None = None
+) -> dict:
+    body = body or ResumeBody()
+    return await _act(
+        _lifecycle(request).resume(
+            plan_id, actor=actor(caller), reason=body.reason, catch_up=body.mode == "catch_up"
+        )
+    )
+
+
+@router.post("/plans/{plan_id}/cancel", summary="Cancel for good (history is kept)")
+async def cancel(request: Request, plan_id: str, body: ReasonBody, caller: Admin) -> dict:
+    return await _act(_lifecycle(request).cancel(plan_id, actor=actor(caller), reason=body.reason))
+
+
+@router.post("/users/{user_id}/opt-out", summary="Stop sends to a user from a plan or all")
+async def opt_out(request: Request, user_id: str, body: OptBody, caller: Admin) -> dict:
+    return await _act(
+        _lifecycle(request).opt_out(
+            user_id, plan_id=body.plan, actor=actor(caller), reason=body.reason
+        )
+    )
+
+
+@router.post("/users/{user_id}/opt-in", summary="Undo an opt-out")
+async def opt_in(
+    request: Request, user_id: str, caller: Admin, body: OptBody | None = None
+) -> dict:
+    body = body or OptBody()
+    return await _act(
+        _lifecycle(request).opt_in(
+            user_id, plan_id=body.plan, actor=actor(caller), reason=body.reason
+        )
+    )
+
+
+@router.get("/users/{user_id}/opt-outs", summary="The plans a user is opted out of")
+async def user_opt_outs(request: Request, user_id: str, caller: Admin) -> dict[str, Any]:
+    return {"user_id": user_id, "opt_outs": await _lifecycle(request).opt_outs(user_id)}
+
+
+@router.post("/enrollments/{plan_id}/{user_id}/stop", summary="End one user's timeline in a plan")
+async def stop_enrollment(
+    request: Request, plan_id: str, user_id: str, body: ReasonBody, caller: Admin
+) -> dict:
+    return await _act(
+        _lifecycle(request).stop_enrollment(
+            plan_id, user_id, actor=actor(caller), reason=body.reason
+        )
+    )
+
+
+@router.get("/audit", summary="Admin actions and plan-file changes, newest first")
+async def audit(
+    request: Request,
+    caller: Admin,
+    plan: str | None = None,
+    user: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> dict[str, Any]:
+    events = await _lifecycle(request).audit(plan_id=plan, user_id=user, limit=limit)
+    return {"events": events}
+
+
+@router.post("/reload", summary="Rescan the plans folder on every replica")
+async def reload(request: Request, caller: Admin) -> dict[str, str]:
+    await notify(_store(request).pool, "reload")
+    return {"status": "requested"}
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def prometheus(request: Request) -> Response:
+    return Response(await metrics.render(_store(request)), media_type=metrics.CONTENT_TYPE_LATEST)

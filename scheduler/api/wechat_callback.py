@@ -1,0 +1,168 @@
+"""WeChat's message push (wechat-api.md §6): the URL check and the subscribe events.
+
+Authenticated by its signature alone (no API token). A valid push is answered `success` as plain
+text, so WeChat does not retry; WeChat's retries of an event carry the same stable event id and
+are applied once. A request too old (its signed `timestamp` more than `MAX_AGE_S` away from now)
+is refused as a replay, even when its signature is right.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import PlainTextResponse
+
+from scheduler.api.app import ApiError
+from scheduler.domain import wechat_push as push
+from scheduler.domain.consent import Result, Via
+from scheduler.domain.enrolment import OPENID
+from scheduler.domain.plan import ConsentKind
+from scheduler.settings import Settings
+from scheduler.store.consent import ConsentReport, ConsentStore, SentResult
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["wechat"])
+
+MAX_AGE_S = 300
+SOURCE = "wechat:callback"
+
+
+def _token(settings: Settings) -> str:
+    if settings.wechat_callback_token is None:
+        raise ApiError(
+            503,
+            "callback_not_configured",
+            "set REMINDERS_WECHAT_CALLBACK_TOKEN to the Token of the message-push settings",
+        )
+    return settings.wechat_callback_token.get_secret_value()
+
+
+def _check(settings: Settings, signature: str | None, timestamp: str, nonce: str) -> str:
+    token = _token(settings)
+    if not signature or not timestamp or not nonce:
+        raise ApiError(401, "unauthenticated", "signature, timestamp and nonce are required")
+    if not push.signature_ok(signature, token, timestamp, nonce):
+        raise ApiError(403, "bad_signature", "the signature does not match the configured Token")
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > MAX_AGE_S:
+        raise ApiError(
+            403,
+            "stale_request",
+            f"timestamp is more than {MAX_AGE_S} s from now: a replay, or a clock is wrong",
+        )
+    return token
+
+
+Signed = Annotated[str | None, Query()]
+
+
+@router.get(
+    "/wechat/callback",
+    summary="URL verification: answers echostr when the signature is right",
+    response_class=PlainTextResponse,
+)
+async def verify(
+    request: Request,
+    echostr: Annotated[str, Query()],
+    signature: Signed = None,
+    timestamp: Signed = None,
+    nonce: Signed = None,
+) -> PlainTextResponse:
+    _check(request.app.state.settings, signature, timestamp or "", nonce or "")
+    return PlainTextResponse(echostr)
+
+
+@router.post(
+    "/wechat/callback",
+    summary="Subscribe-message events pushed by WeChat (plaintext or safe mode, XML or JSON)",
+    response_class=PlainTextResponse,
+)
+async def receive(
+    request: Request,
+    signature: Signed = None,
+    timestamp: Signed = None,
+    nonce: Signed = None,
+    encrypt_type: Signed = None,
+    msg_signature: Signed = None,
+) -> PlainTextResponse:
+    settings: Settings = request.app.state.settings
+    token = _check(settings, signature, timestamp or "", nonce or "")
+    body = await request.body()
+    try:
+        fmt, doc = push.parse_document(body)
+        sealed = push.envelope(doc, fmt)
+        if encrypt_type == "aes" or (sealed is not None and msg_signature):
+            if sealed is None:
+                raise push.PushError(400, "malformed_body", "safe mode needs an Encrypt field")
+            if not push.signature_ok(
+                msg_signature, token, timestamp or "", nonce or "", sealed.encrypt
+            ):
+                raise push.PushError(
+                    403, "bad_signature", "msg_signature does not match the Token and Encrypt"
+                )
+            if settings.wechat_encoding_aes_key is None:
+                raise push.PushError(
+                    503,
+                    "callback_not_configured",
+                    "set REMINDERS_WECHAT_ENCODING_AES_KEY for safe-mode pushes",
+                )
+            key = push.aes_key(settings.wechat_encoding_aes_key.get_secret_value())
+            inner = push.decrypt(key, sealed.encrypt, settings.wechat_appid)
+            fmt, doc = push.parse_document(inner, push.detect_format(inner))
+        event = push.parse_event(doc)
+        if event.event in (push.POPUP, push.CHANGE, push.SENT) and not OPENID.match(
+            event.from_user
+        ):
+            raise push.PushError(400, "malformed_event", "FromUserName is not an openid")
+    except push.PushError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    except ValueError as exc:  # a misconfigured EncodingAESKey
+        raise ApiError(503, "callback_not_configured", str(exc)) from None
+
+    store = ConsentStore(request.app.state.store.pool)
+    if event.event in (push.POPUP, push.CHANGE):
+        await _consent(store, event, doc)
+    elif event.event == push.SENT:
+        matched = await store.apply_sent_results(
+            [SentResult(s.msgid, s.error_code, s.error_status) for s in event.sent]
+        )
+        if matched < len(event.sent):
+            log.info("sent event: %d of %d msgids matched", matched, len(event.sent))
+    else:
+        log.debug("ignored pushed event %r", event.event)
+    return PlainTextResponse("success")
+
+
+async def _consent(store: ConsentStore, event: push.PushEvent, doc: dict) -> None:
+    kinds = await store.template_kinds()
+    via = Via.SETTINGS if event.event == push.CHANGE else Via.POPUP
+    reports = []
+    for choice in event.choices:
+        declared = kinds.get(choice.template_id, set())
+        kind: ConsentKind | None = next(iter(declared)) if len(declared) == 1 else None
+        reports.append(
+            ConsentReport(
+                user_id=event.from_user,
+                template_id=choice.template_id,
+                result=Result(choice.status),
+                source=SOURCE,
+                kind=kind,
+                via=via,
+                occurred_at=datetime.fromtimestamp(event.create_time, UTC),
+                event_id=event.event_id(choice.template_id),
+                raw=doc,
+            )
+        )
+    recorded = await store.record(reports)
+    log.info(
+        "%s from %s: %d recorded, %d duplicate(s)",
+        event.event,
+        event.from_user,
+        recorded.appended,
+        recorded.duplicates,
+        extra={"user": event.from_user},
+    )

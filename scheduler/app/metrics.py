@@ -1,0 +1,164 @@
+"""Prometheus metrics (prometheus_client, default registry) and the structured send log.
+
+Counters and histograms are this process's own: the dispatcher and the channel call the
+`observe_*` hooks below as things happen. Gauges that describe shared state (the due backlog,
+plans by state, live replicas, broken plan files) are read from PostgreSQL when /metrics is
+scraped, so every replica reports the same cluster-wide values for them.
+
+    reminders_sends_total{plan,outcome,reason}   final outcomes this replica wrote to the ledger
+    reminders_send_latency_seconds               one WeChat send, retries included
+    reminders_wechat_errcodes_total{errcode}     every non-zero errcode WeChat answered
+    reminders_fire_lag_seconds{kind}             start of a fire minus its scheduled time
+    reminders_due_backlog{plan,kind}             due work not yet done (see `refresh_gauges`)
+    reminders_plans{state}, reminders_replicas_alive, reminders_plan_file_problems
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["CONTENT_TYPE_LATEST", "render"]
+
+send_log = logging.getLogger("scheduler.sends")
+
+SENDS = Counter(
+    "reminders_sends",
+    "Final delivery outcomes written to the ledger by this replica, by plan, outcome and reason.",
+    ["plan", "outcome", "reason"],
+)
+SEND_LATENCY = Histogram(
+    "reminders_send_latency_seconds",
+    "Time of one WeChat send (token fetch and retries included).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+WECHAT_ERRCODES = Counter(
+    "reminders_wechat_errcodes",
+    "Non-zero errcodes answered by WeChat (each attempt, retried ones included).",
+    ["errcode"],
+)
+FIRE_LAG = Histogram(
+    "reminders_fire_lag_seconds",
+    "How late a plan's fire started after its scheduled time.",
+    ["kind"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+DUE_BACKLOG = Gauge(
+    "reminders_due_backlog",
+    "Due work not done yet: steps = enrolment steps past due, catch_up = occurrences queued by "
+    "a resume, in_flight = sends claimed and not yet answered.",
+    ["plan", "kind"],
+)
+PLANS = Gauge("reminders_plans", "Plans by state.", ["state"])
+REPLICAS_ALIVE = Gauge("reminders_replicas_alive", "Daemon replicas with a recent heartbeat.")
+PLAN_FILE_PROBLEMS = Gauge(
+    "reminders_plan_file_problems",
+    "Plan files that do not validate (their plan's last good version keeps running).",
+)
+
+
+def count(plan_id: str, outcome: str, reason: str | None, n: int = 1) -> None:
+    if n:
+        SENDS.labels(plan_id, str(outcome), str(reason or "")).inc(n)
+
+
+def observe_send(plan_id: str, occurrence: str, user_id: str, result: Any, seconds: float) -> None:
+    """One send finished (`result` is a channel SendResult): count it, time it, log it."""
+    outcome = result.outcome.value
+    reason = result.reason.value if result.reason else None
+    count(plan_id, outcome, reason)
+    SEND_LATENCY.observe(seconds)
+    fields = {
+        "plan_id": plan_id,
+        "user": user_id,
+        "occurrence": occurrence,
+        "outcome": outcome,
+        "reason": reason,
+        "errcode": result.errcode,
+        "latency_ms": round(seconds * 1000, 1),
+    }
+    if outcome == "sent":
+        send_log.debug("sent %s %s to %s", plan_id, occurrence, user_id, extra=fields)
+    else:
+        send_log.info(
+            "%s %s %s to %s: %s (%s)",
+            outcome,
+            plan_id,
+            occurrence,
+            user_id,
+            reason,
+            result.detail,
+            extra=fields,
+        )
+
+
+def count_errcode(errcode: int) -> None:
+    """The channel's hook: WeChat answered this (non-zero) errcode."""
+    WECHAT_ERRCODES.labels(str(errcode)).inc()
+
+
+def observe_fire(kind: str, lag_seconds: float) -> None:
+    FIRE_LAG.labels(kind).observe(max(lag_seconds, 0.0))
+
+
+async def observe_refusals(store: Any, plan_id: str, delivery_ids: Sequence[int]) -> None:
+    """Claims the gate refused (opted out, no consent): count them by the reason recorded."""
+    if not delivery_ids:
+        return
+    rows = await store.pool.fetch(
+        "SELECT status, reason, count(*) AS n FROM deliveries WHERE id = ANY ($1::bigint[])"
+        " GROUP BY status, reason",
+        list(delivery_ids),
+    )
+    for r in rows:
+        count(plan_id, r["status"], r["reason"], r["n"])
+
+
+async def refresh_gauges(store: Any) -> None:
+    """Read the cluster-wide gauges from PostgreSQL (indexed, cheap queries)."""
+    async with store.pool.acquire() as conn:
+        steps = await conn.fetch(
+            "SELECT plan_id, count(*) AS n FROM enrollments"
+            " WHERE status = 'active' AND next_due_at <= now() GROUP BY plan_id"
+        )
+        catch_up = await conn.fetch("SELECT plan_id, count(*) AS n FROM catch_up GROUP BY plan_id")
+        in_flight = await conn.fetch(
+            "SELECT plan_id, count(*) AS n FROM deliveries WHERE status = 'pending'"
+            " GROUP BY plan_id"
+        )
+        states = await conn.fetch("SELECT state, count(*) AS n FROM plans GROUP BY state")
+        alive = await conn.fetchval(
+            "SELECT count(*) FROM replicas WHERE last_seen > now() - interval '30 seconds'"
+        )
+        problems = await conn.fetchval("SELECT count(*) FROM plan_problems")
+    DUE_BACKLOG.clear()
+    for kind, rows in (("steps", steps), ("catch_up", catch_up), ("in_flight", in_flight)):
+        for r in rows:
+            DUE_BACKLOG.labels(r["plan_id"], kind).set(r["n"])
+    PLANS.clear()
+    for state in ("active", "paused", "cancelled", "completed"):
+        PLANS.labels(state).set(0)
+    for r in states:
+        PLANS.labels(r["state"]).set(r["n"])
+    REPLICAS_ALIVE.set(alive)
+    PLAN_FILE_PROBLEMS.set(problems)
+
+
+async def render(store: Any | None) -> bytes:
+    """The /metrics page: database gauges refreshed first (when the database answers)."""
+    if store is not None:
+        try:
+            await refresh_gauges(store)
+        except Exception as exc:  # a scrape must answer even when the database does not
+            logging.getLogger(__name__).warning("metrics: database gauges not refreshed: %s", exc)
+    return generate_latest(REGISTRY)

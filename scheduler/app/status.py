@@ -1,0 +1,446 @@
+"""What each plan is doing, from the database: the reports behind `reminders status` and the API.
+
+Everything comes from PostgreSQL (plans, versions, the ledger, enrolments, replicas), so any
+replica, the CLI or the API sees the same picture. Next fire times come from the plan's own
+schedule maths (the triggers APScheduler fires), so they need no scheduler connection. Outcome
+counts are by due time: "last 24 h" is what was due in the last 24 hours and how it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from scheduler.domain.plan import Plan
+from scheduler.domain.schedule import (
+    calendar_anchor,
+    calendar_occurrences,
+    calendar_trigger,
+    is_repeated_wall_time,
+)
+from scheduler.store.postgres import Store
+
+log = logging.getLogger(__name__)
+
+WINDOWS = (("24h", timedelta(hours=24)), ("7d", timedelta(days=7)))
+REPLICA_ALIVE_S = 30
+STATE_ACTIONS = ("pause", "resume", "cancel", "complete", "completed", "paused", "cancelled")
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def next_fire_times(plan: Plan, registered_at: datetime, now: datetime, n: int) -> list[datetime]:
+    """The next `n` fire times of a calendar plan after `now` (UTC)."""
+    cal = plan.schedule.calendar
+    assert cal is not None
+    trigger = calendar_trigger(cal, calendar_anchor(cal, registered_at), now)
+    times: list[datetime] = []
+    while trigger is not None and len(times) < n and (t := trigger.next()) is not None:
+        if cal.every is None and is_repeated_wall_time(t, cal.timezone):
+            continue
+        if t > now:
+            times.append(t.astimezone(UTC))
+    return times
+
+
+def remaining_occurrences(plan: Plan, registered_at: datetime, now: datetime) -> int | None:
+    """How many occurrences are still to come (None: no count and no end, it runs forever)."""
+    cal = plan.schedule.calendar
+    if cal is None or (cal.count is None and cal.end is None):
+        return None
+    anchor = calendar_anchor(cal, registered_at)
+    if cal.count is not None:
+        return sum(1 for o in calendar_occurrences(cal, anchor) if o.due_at > now)
+    return len(next_fire_times(plan, registered_at, now, 10_000))
+
+
+async def plan_status(
+    store: Store, plan_id: str, *, now: datetime, next_n: int = 5, errors_n: int = 5
+) -> dict[str, Any] | None:
+    """One plan's full status, or None when no such plan is loaded."""
+    pool = store.pool
+    row = await pool.fetchrow(
+        "SELECT p.id, p.state, p.state_reason, p.kind, p.current_version, p.registered_at,"
+        " p.paused_at, p.updated_at, v.definition, v.source_file, v.loaded_at,"
+        " (SELECT count(*) FROM plan_versions w WHERE w.plan_id = p.id) AS versions"
+        " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+        " WHERE p.id = $1",
+        plan_id,
+    )
+    if row is None:
+        return None
+    plan = Plan.model_validate(row["definition"])
+    changed = await pool.fetchrow(
+        "SELECT action, actor, reason, recorded_at FROM plan_events"
+        " WHERE plan_id = $1 AND action = ANY ($2::text[]) ORDER BY id DESC LIMIT 1",
+        plan_id,
+        list(STATE_ACTIONS),
+    )
+    report: dict[str, Any] = {
+        "id": plan_id,
+        "name": plan.name,
+        "kind": row["kind"],
+        "category": plan.category.value,
+        "consent": plan.consent.value,
+        "grace": str(plan.schedule.grace),
+        "state": row["state"],
+        "state_reason": row["state_reason"],
+        "state_changed": {
+            "at": _iso(changed["recorded_at"]),
+            "by": changed["actor"],
+            "action": changed["action"],
+        }
+        if changed
+        else None,
+        "paused_at": _iso(row["paused_at"]),
+        "version": row["current_version"],
+        "versions": row["versions"],
+        "source_file": row["source_file"],
+        "loaded_at": _iso(row["loaded_at"]),
+        "as_of": now.isoformat(),
+    }
+    ended = row["state"] in ("cancelled", "completed")
+    if plan.schedule.calendar is not None:
+        cal = plan.schedule.calendar
+        tz = ZoneInfo(cal.timezone)
+        times = [] if ended else next_fire_times(plan, row["registered_at"], now, next_n)
+        report["timezone"] = cal.timezone
+        report["next_fires"] = [
+            {"utc": t.isoformat(), "local": t.astimezone(tz).isoformat()} for t in times
+        ]
+        report["remaining"] = 0 if ended else remaining_occurrences(plan, row["registered_at"], now)
+    else:
+        due = await pool.fetch(
+            "SELECT next_due_at, count(*) AS users FROM enrollments"
+            " WHERE plan_id = $1 AND status = 'active' AND next_due_at > $2"
+            " GROUP BY next_due_at ORDER BY next_due_at LIMIT $3",
+            plan_id,
+            now,
+            next_n,
+        )
+        report["next_fires"] = [
+            {"utc": r["next_due_at"].isoformat(), "users": r["users"]} for r in due
+        ]
+        report["overdue_steps"] = await pool.fetchval(
+            "SELECT count(*) FROM enrollments"
+            " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2",
+            plan_id,
+            now,
+        )
+    report["held"] = row["state"] == "paused"
+    report["catch_up_queued"] = await pool.fetchval(
+        "SELECT count(*) FROM catch_up WHERE plan_id = $1", plan_id
+    )
+    report["enrollments"] = {
+        r["status"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT status, count(*) AS n FROM enrollments WHERE plan_id = $1 GROUP BY status",
+            plan_id,
+        )
+    }
+    report["outcomes"] = await outcome_counts(store, plan_id, now)
+    report["last_errors"] = [
+        {
+            "at": _iso(r["at"]),
+            "user": r["user_id"],
+            "occurrence": r["occurrence"],
+            "status": r["status"],
+            "reason": r["reason"],
+            "errcode": r["errcode"],
+            "detail": r["detail"],
+            "version": r["plan_version"],
+        }
+        for r in await pool.fetch(
+            "SELECT coalesce(finished_at, claimed_at) AS at, user_id, occurrence, status, reason,"
+            " errcode, detail, plan_version FROM deliveries"
+            " WHERE plan_id = $1 AND status IN ('failed', 'unknown') ORDER BY id DESC LIMIT $2",
+            plan_id,
+            errors_n,
+        )
+    ]
+    report["file_problems"] = await _problems(store, plan_id, row["source_file"])
+    report["runway"] = await _runway(store, plan_id, now)
+    return report
+
+
+async def outcome_counts(store: Store, plan_id: str | None, now: datetime) -> list[dict[str, Any]]:
+    """Rows of {outcome, reason, 24h, 7d, all}, by due time, for one plan or all of them."""
+    rows = await store.pool.fetch(
+        "SELECT status, reason,"
+        " count(*) FILTER (WHERE due_at > $2::timestamptz - interval '24 hours') AS d1,"
+        " count(*) FILTER (WHERE due_at > $2::timestamptz - interval '7 days') AS d7,"
+        " count(*) AS total"
+        " FROM deliveries WHERE ($1::text IS NULL OR plan_id = $1) AND due_at <= $2"
+        " GROUP BY status, reason ORDER BY status, reason NULLS FIRST",
+        plan_id,
+        now,
+    )
+    return [
+        {
+            "outcome": r["status"],
+            "reason": r["reason"],
+            "24h": r["d1"],
+            "7d": r["d7"],
+            "all": r["total"],
+        }
+        for r in rows
+    ]
+
+
+async def _problems(store: Store, plan_id: str, source: str | None) -> list[dict[str, Any]]:
+    rows = await store.pool.fetch(
+        "SELECT source_file, problems, first_seen, last_seen FROM plan_problems"
+        " WHERE plan_id = $1 OR source_file = $2 ORDER BY source_file",
+        plan_id,
+        source,
+    )
+    return [
+        {
+            "file": r["source_file"],
+            "problems": r["problems"],
+            "since": _iso(r["first_seen"]),
+            "last_seen": _iso(r["last_seen"]),
+        }
+        for r in rows
+    ]
+
+
+async def _runway(store: Store, plan_id: str, now: datetime) -> dict[str, Any] | None:
+    """The consent runway (scheduler.store.consent.runway), when that module provides it."""
+    try:
+        from scheduler.store.consent import runway
+    except ImportError:  # pragma: no cover - the consent module ships with the package
+        return None
+    try:
+        report = await runway(store.pool, plan_id, now=now, limit=5)
+    except Exception as exc:  # status must show the rest even if this part fails
+        log.warning("consent runway of %s not available: %s", plan_id, exc)
+        return {"error": str(exc)}
+    return report.as_json() if report is not None else None
+
+
+async def replicas(store: Store) -> list[dict[str, Any]]:
+    """Replicas seen in the last day, alive (heartbeat within 30 s) or not."""
+    rows = await store.pool.fetch(
+        "SELECT id, host, pid, started_at,"
+        " CASE WHEN last_seen = '-infinity' THEN NULL ELSE last_seen END AS last_seen,"
+        " last_seen > now() - make_interval(secs => $1) AS alive"
+        " FROM replicas WHERE last_seen > now() - interval '1 day' OR last_seen = '-infinity'"
+        " ORDER BY alive DESC, id",
+        REPLICA_ALIVE_S,
+    )
+    return [
+        {
+            "id": r["id"],
+            "host": r["host"],
+            "pid": r["pid"],
+            "alive": r["alive"],
+            "started_at": _iso(r["started_at"]),
+            "last_seen": _iso(r["last_seen"]),
+        }
+        for r in rows
+    ]
+
+
+async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
+    """Every plan in one line each, the unattached file problems, and the replicas."""
+    pool = store.pool
+    plans = await pool.fetch(
+        "SELECT p.id, p.state, p.state_reason, p.current_version, p.registered_at, v.definition"
+        " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+        " ORDER BY p.id"
+    )
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for r in await pool.fetch(
+        "SELECT plan_id, status,"
+        " count(*) FILTER (WHERE due_at > $1::timestamptz - interval '24 hours') AS d1,"
+        " count(*) FILTER (WHERE due_at > $1::timestamptz - interval '7 days') AS d7,"
+        " count(*) AS total FROM deliveries WHERE due_at <= $1 GROUP BY plan_id, status",
+        now,
+    ):
+        per = counts.setdefault(r["plan_id"], {})
+        per[r["status"]] = {"24h": r["d1"], "7d": r["d7"], "all": r["total"]}
+    enrolled = {
+        r["plan_id"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT plan_id, count(*) AS n FROM enrollments WHERE status = 'active'"
+            " GROUP BY plan_id"
+        )
+    }
+    problem_rows = await pool.fetch(
+        "SELECT source_file, plan_id, problems, first_seen FROM plan_problems ORDER BY 1"
+    )
+    lines = []
+    for p in plans:
+        plan = Plan.model_validate(p["definition"])
+        nxt: str | None = None
+        if p["state"] in ("active", "paused"):
+            if plan.schedule.calendar is not None:
+                times = next_fire_times(plan, p["registered_at"], now, 1)
+                nxt = times[0].isoformat() if times else None
+            else:
+                first = await pool.fetchval(
+                    "SELECT min(next_due_at) FROM enrollments"
+                    " WHERE plan_id = $1 AND status = 'active'",
+                    p["id"],
+                )
+                nxt = _iso(first)
+        lines.append(
+            {
+                "id": p["id"],
+                "name": plan.name,
+                "state": p["state"],
+                "state_reason": p["state_reason"],
+                "version": p["current_version"],
+                "kind": "relative" if plan.is_relative else "calendar",
+                "next_fire": nxt,
+                "enrolled": enrolled.get(p["id"], 0),
+                "outcomes": counts.get(p["id"], {}),
+                "file_problem": any(r["plan_id"] == p["id"] for r in problem_rows),
+            }
+        )
+    return {
+        "as_of": now.isoformat(),
+        "plans": lines,
+        "file_problems": [
+            {
+                "file": r["source_file"],
+                "plan_id": r["plan_id"],
+                "problems": r["problems"],
+                "since": _iso(r["first_seen"]),
+            }
+            for r in problem_rows
+        ],
+        "replicas": await replicas(store),
+    }
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+
+def _when(iso: str | None, tz: str | None = None) -> str:
+    if not iso:
+        return "-"
+    moment = datetime.fromisoformat(iso)
+    if tz:
+        moment = moment.astimezone(ZoneInfo(tz))
+        return moment.strftime("%Y-%m-%d %H:%M %Z")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render_overview(report: dict[str, Any]) -> str:
+    out = [f"reminders status as of {_when(report['as_of'])}", ""]
+    head = (
+        f"{'PLAN':<18} {'STATE':<10} {'VER':>3} {'ENROLLED':>8}  {'NEXT':<21}"
+        f" {'SENT 24h/7d/all':>16} {'FAILED':>6} {'SKIPPED':>7} {'MISSED':>6}"
+    )
+    out.append(head)
+    for p in report["plans"]:
+        o = p["outcomes"]
+        sent = o.get("sent", {})
+        state = p["state"] + ("!" if p["file_problem"] else "")
+        out.append(
+            f"{p['id']:<18} {state:<10} {p['version']:>3} {p['enrolled']:>8}  "
+            f"{_when(p['next_fire']):<21}"
+            f" {'/'.join(str(sent.get(k, 0)) for k in ('24h', '7d', 'all')):>16}"
+            f" {o.get('failed', {}).get('all', 0):>6} {o.get('skipped', {}).get('all', 0):>7}"
+            f" {o.get('missed', {}).get('all', 0):>6}"
+        )
+        if p["state"] != "active" and p["state_reason"]:
+            out.append(f"{'':<18} ({p['state_reason']})")
+    if not report["plans"]:
+        out.append("(no plans loaded)")
+    if report["file_problems"]:
+        out += ["", "Plan files rejected (the last good version keeps running):"]
+        for f in report["file_problems"]:
+            for pr in f["problems"]:
+                field = f"{pr['field']}: " if pr["field"] else ""
+                out.append(f"  {f['file']}: {field}{pr['reason']}")
+    out += ["", *render_replicas(report["replicas"])]
+    return "\n".join(out)
+
+
+def render_replicas(rows: list[dict[str, Any]]) -> list[str]:
+    alive = [r for r in rows if r["alive"]]
+    out = [f"Replicas: {len(alive)} alive"]
+    for r in rows:
+        seen = _when(r["last_seen"]) if r["last_seen"] else "stopped cleanly"
+        state = "alive" if r["alive"] else "gone "
+        out.append(f"  {state} {r['id']:<16} {r['host']} pid {r['pid']}  last seen {seen}")
+    return out
+
+
+def render_plan(report: dict[str, Any], replica_rows: list[dict[str, Any]] | None = None) -> str:
+    tz = report.get("timezone")
+    out = [f"{report['id']}: {report['name']}"]
+    state = report["state"]
+    if report["state_reason"]:
+        state += f" - {report['state_reason']}"
+    changed = report["state_changed"]
+    if changed:
+        state += f" (since {_when(changed['at'])}, by {changed['by']})"
+    out.append(f"  state       {state}")
+    out.append(
+        f"  version     {report['version']} of {report['versions']}, loaded "
+        f"{_when(report['loaded_at'])} from {report['source_file']}"
+    )
+    out.append(
+        f"  plan        {report['kind']}, {report['category']}, {report['consent']} consent, "
+        f"grace {report['grace']}"
+    )
+    held = " (held while paused)" if report["held"] else ""
+    if report["kind"] == "calendar":
+        remaining = report.get("remaining")
+        left = "runs until cancelled" if remaining is None else f"{remaining} occurrence(s) left"
+        out.append(f"  next fires{held}  {left}")
+        for t in report["next_fires"]:
+            out.append(f"              {_when(t['utc'], tz)}")
+    else:
+        out.append(f"  next steps{held}  overdue now: {report['overdue_steps']}")
+        for t in report["next_fires"]:
+            out.append(f"              {_when(t['utc'])}  {t['users']} user(s)")
+    if not report["next_fires"]:
+        out.append("              (none)")
+    if report["catch_up_queued"]:
+        out.append(f"  catch-up    {report['catch_up_queued']} occurrence(s) queued")
+    enrol = ", ".join(f"{k} {v}" for k, v in sorted(report["enrollments"].items())) or "none"
+    out.append(f"  enrolments  {enrol}")
+    out.append(f"  outcomes    {'(by due time)':<28} {'24h':>6} {'7d':>6} {'all':>7}")
+    for o in report["outcomes"]:
+        label = o["outcome"] + (f" ({o['reason']})" if o["reason"] else "")
+        out.append(f"              {label:<28} {o['24h']:>6} {o['7d']:>6} {o['all']:>7}")
+    if not report["outcomes"]:
+        out.append("              (nothing due yet)")
+    runway = report.get("runway")
+    if runway and "error" not in runway:
+        out.append(
+            f"  runway      {runway['enrolled']} enrolled: {runway['covered_to_end']} covered to "
+            f"the end, {runway['runs_dry_total']} run dry, "
+            f"{runway['dry_next']} dry at the next step"
+        )
+        for u in runway["runs_dry"][:5]:
+            out.append(
+                f"              {u['openid']}: {u['steps_covered']} step(s) covered, dry at step "
+                f"{u['dry_step']} ({_when(u['dry_at'])})"
+            )
+    elif runway:
+        out.append(f"  runway      unavailable: {runway['error']}")
+    if report["last_errors"]:
+        out.append("  last errors")
+        for e in report["last_errors"]:
+            code = f" errcode {e['errcode']}" if e["errcode"] is not None else ""
+            out.append(
+                f"              {_when(e['at'])} {e['user']} {e['occurrence']}: {e['status']} "
+                f"{e['reason']}{code} {e['detail'] or ''}".rstrip()
+            )
+    for f in report["file_problems"]:
+        out.append(f"  FILE ERROR  {f['file']} (since {_when(f['since'])}; last good version runs)")
+        for pr in f["problems"]:
+            out.append(f"              {pr['field'] + ': ' if pr['field'] else ''}{pr['reason']}")
+    if replica_rows is not None:
+        out += ["", *render_replicas(replica_rows)]
+    return "\n".join(out)

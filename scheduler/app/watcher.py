@@ -1,0 +1,270 @@
+"""The plans folder, kept live: adds, edits, broken edits and deletions while the daemon runs.
+
+`watchfiles` (inotify on Linux, a Rust watcher; `force_polling` for network mounts) reports
+changes; after a quiet period and once the changed files stop growing, the whole folder is
+rescanned (a handful of small files, and it makes renames, editors' atomic saves and Kubernetes
+ConfigMap symlink swaps just work). A rescan:
+
+- registers every valid plan through `Daemon.sync_plans`: a new plan is scheduled, an edit becomes
+  a new version for future occurrences, a changed schedule is re-added from now (no past fire);
+- records each invalid file's problems in `plan_problems` (status shows them) and logs them once
+  per change; the plan's last good version keeps running. A half-written file is simply invalid
+  until the write completes and the next change event rescans it;
+- pauses a plan whose file is gone (reason "file removed"; an admin cancels it explicitly) and
+  resumes it, skipping what it missed, when the file comes back.
+
+SIGHUP and `reminders reload` (a NOTIFY every replica hears) force a rescan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from watchfiles import awatch
+
+from scheduler.app.lifecycle import FILE_REMOVED, FILE_RESTORED, LifecycleError
+from scheduler.errors import PlanProblem
+from scheduler.planfiles import LoadedPlan, load_plans
+
+if TYPE_CHECKING:
+    from scheduler.app.daemon import Daemon, SyncResult
+
+log = logging.getLogger(__name__)
+
+ACTOR = "plan-file"
+
+
+@dataclass
+class ScanReport:
+    loaded: list[LoadedPlan]
+    problems: list[PlanProblem]
+    synced: SyncResult | None = None
+    paused: list[str] = field(default_factory=list)  # file removed
+    resumed: list[str] = field(default_factory=list)  # file restored
+
+
+def _in_folder(source: str | None, folder: Path) -> bool:
+    return bool(source) and Path(str(source)).parent == folder
+
+
+class PlanWatcher:
+    def __init__(
+        self,
+        daemon: Daemon,
+        plans_dir: Path,
+        *,
+        debounce_ms: int = 300,
+        settle_s: float = 0.2,
+        force_polling: bool = False,
+    ):
+        self.daemon = daemon
+        self.plans_dir = Path(plans_dir)
+        self.debounce_ms = debounce_ms
+        self.settle_s = settle_s
+        self.force_polling = force_polling
+        self._wanted = asyncio.Event()
+        self._why: set[str] = set()
+        self._stop = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._extra: list[LoadedPlan] = []  # plans not from files (the demo plan)
+        self._logged: dict[str, list[str]] = {}  # file -> problems already logged
+        self.scans = 0
+
+    # --- running --------------------------------------------------------------------------------
+
+    def request_rescan(self, why: str = "requested") -> None:
+        """Ask for a rescan soon (file changes, SIGHUP and `reminders reload` call this)."""
+        self._why.add(why)
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Watch the folder and rescan on changes and requests, until `stop()`."""
+        watching = asyncio.create_task(self._watch())
+        try:
+            while not self._stop.is_set():
+                wanted = asyncio.create_task(self._wanted.wait())
+                stopping = asyncio.create_task(self._stop.wait())
+                await asyncio.wait({wanted, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                wanted.cancel()
+                stopping.cancel()
+                if self._stop.is_set():
+                    break
+                self._wanted.clear()
+                why, self._why = ", ".join(sorted(self._why)), set()
+                try:
+                    await self.rescan(why=why)
+                except Exception:  # a rescan must never take the daemon down
+                    log.exception("rescanning %s failed; the next change retries", self.plans_dir)
+        finally:
+            self._stop.set()
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _watch(self) -> None:
+        if not self.plans_dir.is_dir():
+            log.warning("plans folder %s does not exist: not watching it", self.plans_dir)
+            return
+        # A file written between the start-up scan and the watch being set up would go unseen
+        # until its next change: rescan once the watch is surely in place.
+        asyncio.get_running_loop().call_later(1.0, self.request_rescan, "watch started")
+        async for changes in awatch(
+            self.plans_dir,
+            debounce=max(self.debounce_ms * 4, 400),
+            step=self.debounce_ms,
+            stop_event=self._stop,
+            force_polling=self.force_polling or None,
+            recursive=False,
+        ):
+            log.debug("plans folder changed: %s", sorted(p for _, p in changes))
+            await self._settle([Path(p) for _, p in changes])
+            self.request_rescan("file change")
+
+    async def _settle(self, paths: Sequence[Path], limit_s: float = 3.0) -> None:
+        """Wait until the changed files stop changing (a writer still at work), up to limit_s."""
+
+        def snapshot() -> list[tuple[int, int] | None]:
+            out: list[tuple[int, int] | None] = []
+            for p in paths:
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    out.append(None)
+                else:
+                    out.append((st.st_size, st.st_mtime_ns))
+            return out
+
+        before = snapshot()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while loop.time() < deadline:
+            await asyncio.sleep(self.settle_s)
+            now = snapshot()
+            if now == before:
+                return
+            before = now
+
+    # --- one rescan -----------------------------------------------------------------------------
+
+    async def rescan(
+        self, extra: Sequence[LoadedPlan] | None = None, *, why: str = "start-up"
+    ) -> ScanReport:
+        """Load the folder and bring the database and the schedules in line with it."""
+        async with self._lock:
+            if extra is not None:
+                self._extra = list(extra)
+            loaded, problems = await asyncio.to_thread(load_plans, [self.plans_dir])
+            loaded += self._extra
+            report = ScanReport(loaded, problems)
+            report.synced = await self.daemon.sync_plans(loaded)
+            await self._record_problems(problems)
+            await self._reconcile(loaded, report)
+            self.scans += 1
+            if self.scans > 1:
+                log.info(
+                    "plans folder rescanned (%s): %d (re)scheduled, %d paused (file removed), "
+                    "%d resumed (file restored), %d invalid file(s)",
+                    why,
+                    len(report.synced.added),
+                    len(report.paused),
+                    len(report.resumed),
+                    len({p.file for p in problems}),
+                )
+            return report
+
+    async def _record_problems(self, problems: list[PlanProblem]) -> None:
+        pool = self.daemon.store.pool
+        by_file: dict[str, list[PlanProblem]] = {}
+        for problem in problems:
+            by_file.setdefault(problem.file, []).append(problem)
+        for file, found in by_file.items():
+            body = [{"field": p.field, "reason": p.reason} for p in found]
+            plan_id = await pool.fetchval(
+                "SELECT plan_id FROM plan_versions WHERE source_file = $1"
+                " ORDER BY loaded_at DESC LIMIT 1",
+                file,
+            )
+            previous = await pool.fetchval(
+                "SELECT problems FROM plan_problems WHERE source_file = $1", file
+            )
+            await pool.execute(
+                "INSERT INTO plan_problems (source_file, plan_id, problems) VALUES ($1, $2, $3)"
+                " ON CONFLICT (source_file) DO UPDATE SET plan_id = $2, problems = $3,"
+                " last_seen = now(),"
+                " first_seen = CASE WHEN plan_problems.problems = $3"
+                "  THEN plan_problems.first_seen ELSE now() END",
+                file,
+                plan_id,
+                body,
+            )
+            text = [str(p) for p in found]
+            if previous != body:
+                keeps = f"; plan {plan_id}'s last good version keeps running" if plan_id else ""
+                log.error(
+                    "plan file rejected: %s%s",
+                    "; ".join(text),
+                    keeps,
+                    extra={"plan_id": plan_id, "file": file},
+                )
+                await self.daemon.lifecycle.record(
+                    "file_rejected",
+                    actor=ACTOR,
+                    plan_id=plan_id,
+                    reason=text[0] if len(text) == 1 else f"{text[0]} (+{len(text) - 1} more)",
+                    details={"file": file, "problems": body},
+                )
+            elif self._logged.get(file) != text:
+                log.error("plan file rejected: %s", "; ".join(text), extra={"file": file})
+            self._logged[file] = text
+        # Files that validate again, or are gone, have no problem left.
+        for row in await pool.fetch("SELECT source_file FROM plan_problems"):
+            file = row["source_file"]
+            if file not in by_file and _in_folder(file, self.plans_dir):
+                await pool.execute("DELETE FROM plan_problems WHERE source_file = $1", file)
+                self._logged.pop(file, None)
+
+    async def _reconcile(self, loaded: list[LoadedPlan], report: ScanReport) -> None:
+        present = {item.plan.id for item in loaded}
+        rows = await self.daemon.store.pool.fetch(
+            "SELECT p.id, p.state, p.state_reason, v.source_file FROM plans p"
+            " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+        )
+        lifecycle = self.daemon.lifecycle
+        for row in rows:
+            plan_id, source = row["id"], row["source_file"]
+            try:
+                if (
+                    row["state"] == "active"
+                    and plan_id not in present
+                    and _in_folder(source, self.plans_dir)
+                    and not os.path.exists(source)  # noqa: ASYNC240 - one stat, local disk
+                ):
+                    await lifecycle.pause(plan_id, actor=ACTOR, reason=FILE_REMOVED)
+                    log.warning(
+                        "plan %s paused: its file %s was removed (resume or cancel it; "
+                        "restoring the file resumes it)",
+                        plan_id,
+                        source,
+                        extra={"plan_id": plan_id},
+                    )
+                    report.paused.append(plan_id)
+                elif (
+                    row["state"] == "paused"
+                    and row["state_reason"] == FILE_REMOVED
+                    and plan_id in present
+                ):
+                    await lifecycle.resume(plan_id, actor=ACTOR, reason=FILE_RESTORED)
+                    log.warning(
+                        "plan %s resumed: its file is back", plan_id, extra={"plan_id": plan_id}
+                    )
+                    report.resumed.append(plan_id)
+            except LifecycleError as exc:  # another replica acted first
+                log.debug("plan %s: %s", plan_id, exc)

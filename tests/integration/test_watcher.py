@@ -1,0 +1,108 @@
+"""The live plans folder: a Daemon on a real APScheduler and PostgreSQL, files written for real."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from scheduler.app.watcher import PlanWatcher
+from tests.integration.test_plan_sync import DAILY, daemon_on, next_fire
+from tests.ops_helpers import eventually
+
+
+async def plan_state(store, plan_id: str) -> tuple[str, int, str | None]:
+    record = await store.pool.fetchrow(
+        "SELECT state, current_version, state_reason FROM plans WHERE id = $1", plan_id
+    )
+    return (record["state"], record["current_version"], record["state_reason"])
+
+
+async def test_add_edit_invalid_edit_delete_and_restore(store, db_url, tmp_path: Path):
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder)
+        file = folder / "daily.yaml"
+        file.write_text(DAILY.format(at="09:00", count=30))
+        report = await watcher.rescan()
+        assert report.synced.added == ["daily"]
+        assert await plan_state(store, "daily") == ("active", 1, None)
+
+        # An edit is a new version; a changed time recomputes the next fire from now.
+        daemon.clock.now = daemon.clock.now.replace(day=20)
+        file.write_text(DAILY.format(at="08:00", count=30))
+        await watcher.rescan()
+        assert await plan_state(store, "daily") == ("active", 2, None)
+        assert (await next_fire(daemon.scheduler, "daily")).isoformat() == (
+            "2026-03-21T00:00:00+00:00"
+        )
+
+        # A half-written / invalid edit: rejected, visible, and version 2 keeps running.
+        file.write_text(DAILY.format(at="08:00", count=30).replace("transport", "spaceflight"))
+        report = await watcher.rescan()
+        assert report.problems and await plan_state(store, "daily") == ("active", 2, None)
+        problem = await store.pool.fetchrow("SELECT plan_id, problems FROM plan_problems")
+        assert problem["plan_id"] == "daily"
+        assert any(p["field"] == "category" for p in problem["problems"])
+        await watcher.rescan()  # the same problem again is not a new audit event
+        trail = await daemon.lifecycle.audit(plan_id="daily")
+        assert [e["action"] for e in trail].count("file_rejected") == 1
+
+        file.write_text(DAILY.format(at="08:00", count=30))
+        await watcher.rescan()
+        assert await store.pool.fetchval("SELECT count(*) FROM plan_problems") == 0
+
+        # Deleting the file pauses the plan; nothing is lost; restoring it resumes it.
+        file.unlink()
+        report = await watcher.rescan()
+        assert report.paused == ["daily"]
+        assert await plan_state(store, "daily") == ("paused", 2, "file removed")
+        file.write_text(DAILY.format(at="08:00", count=30))
+        report = await watcher.rescan()
+        assert report.resumed == ["daily"]
+        assert await plan_state(store, "daily") == ("active", 2, "file restored")
+        actions = [e["action"] for e in reversed(await daemon.lifecycle.audit(plan_id="daily"))]
+        assert actions == ["loaded", "loaded", "file_rejected", "pause", "resume"]
+
+
+async def test_an_admin_pause_is_not_undone_by_the_file(store, db_url, tmp_path: Path):
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder)
+        (folder / "daily.yaml").write_text(DAILY.format(at="09:00", count=30))
+        await watcher.rescan()
+        await daemon.lifecycle.pause("daily", actor="token:ops", reason="complaints")
+        await watcher.rescan()
+        assert await plan_state(store, "daily") == ("paused", 1, "complaints")
+
+
+async def test_the_watcher_picks_up_a_new_file_within_seconds(store, db_url, tmp_path: Path):
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder, debounce_ms=100, settle_s=0.05)
+        task = asyncio.create_task(watcher.run())
+        try:
+            await asyncio.sleep(0.3)  # the watch is set up
+            # Written in two parts, like a slow copy: the first part alone is invalid.
+            text = DAILY.format(at="09:00", count=30)
+            with (folder / "daily.yaml").open("w") as f:
+                f.write(text[: len(text) // 2])
+                f.flush()
+                await asyncio.sleep(0.05)
+                f.write(text[len(text) // 2 :])
+
+            async def loaded() -> bool:
+                return await store.plan("daily") is not None
+
+            async def paused() -> bool:
+                return (await plan_state(store, "daily"))[0] == "paused"
+
+            await eventually(loaded, what="the new file scheduled")
+            (folder / "daily.yaml").unlink()
+            await eventually(paused, what="the plan paused after its file was removed")
+            watcher.request_rescan()  # SIGHUP / reload path
+        finally:
+            watcher.stop()
+            await asyncio.wait_for(task, 10)

@@ -1,0 +1,59 @@
+"""Shared by the operations tests: a fake WeChat and a channel to it (fixtures), sample plans."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from scheduler.channels.wechat import WeChatChannel
+from scheduler.fake_wechat import FakeWeChat
+
+
+@pytest.fixture(name="fake")
+async def fake_fixture() -> AsyncIterator[FakeWeChat]:
+    fake = FakeWeChat()
+    await fake.start("127.0.0.1", 0)
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(name="channel")
+async def channel_fixture(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
+    channel = WeChatChannel(
+        base_url=fake.base_url, appid="app", secret="secret", retries=1, backoff_base=0.01
+    )
+    yield channel
+    await channel.aclose()
+
+
+async def eventually(check, within_s: float = 10.0, what: str = "condition") -> None:  # noqa: ANN001
+    """Poll the async predicate `check` until it is true; fail after `within_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        if await check():
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(name="fake_url")
+def fake_url_fixture() -> Iterator[str]:
+    """A fake WeChat in its own process on loopback; yields its base URL."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "scheduler.fake_wechat", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            url = proc.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:"), url
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
