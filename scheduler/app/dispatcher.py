@@ -29,7 +29,7 @@ from scheduler.domain.schedule import (
     is_repeated_wall_time,
     relative_due,
 )
-from scheduler.domain.tracking import tracked_page
+from scheduler.domain.tracking import page_tracker
 from scheduler.store.postgres import Claim, Finished, PlanRecord, Recipient, Store
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,7 @@ class Dispatcher:
         report: FanOutReport,
     ) -> None:
         plan = active.plan
+        tracked_page = page_tracker(plan.template.page)
         queue: asyncio.Queue[tuple[int, str, OutgoingMessage] | None] = asyncio.Queue(
             maxsize=self.batch_size * 2
         )
@@ -411,7 +412,7 @@ class Dispatcher:
                                 c.user_id,
                                 plan.template.id,
                                 due.data,
-                                tracked_page(plan.template.page, c.delivery_id),
+                                tracked_page(c.delivery_id),
                             ),
                         )
                     )

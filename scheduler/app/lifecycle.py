@@ -340,7 +340,7 @@ class Lifecycle:
                 reason=Reason.PAUSED,
                 conn=conn,
             )
-            _count(plan.id, Outcome.SKIPPED, Reason.PAUSED, len(skipped))
+            metrics.count(plan.id, Outcome.SKIPPED, Reason.PAUSED, len(skipped))
         return len(skipped)
 
     # --- users ----------------------------------------------------------------------------------
@@ -617,13 +617,8 @@ async def _record_for_audience(
         str(reason),
     )
     n = int(done.split()[-1])
-    _count(plan_id, status, reason, n)
+    metrics.count(plan_id, status, reason, n)
     return n
-
-
-def _count(plan_id: str, status: str, reason: str, n: int) -> None:
-    if n:
-        metrics.SENDS.labels(plan_id, str(status), str(reason)).inc(n)
 
 
 async def process_catch_up(store: Store, dispatcher: Any, *, clock: Callable[[], datetime]) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 from prometheus_client import (
@@ -69,7 +70,13 @@ PLAN_FILE_PROBLEMS = Gauge(
 
 def count(plan_id: str, outcome: str, reason: str | None, n: int = 1) -> None:
     if n:
-        SENDS.labels(plan_id, str(outcome), str(reason or "")).inc(n)
+        _sends(plan_id, str(outcome), str(reason or "")).inc(n)
+
+
+@lru_cache(maxsize=1024)
+def _sends(plan_id: str, outcome: str, reason: str) -> Any:
+    """The counter child per label set, looked up once (`labels()` costs as much as a render)."""
+    return SENDS.labels(plan_id, outcome, reason)
 
 
 def observe_send(plan_id: str, occurrence: str, user_id: str, result: Any, seconds: float) -> None:
@@ -78,6 +85,8 @@ def observe_send(plan_id: str, occurrence: str, user_id: str, result: Any, secon
     reason = result.reason.value if result.reason else None
     count(plan_id, outcome, reason)
     SEND_LATENCY.observe(seconds)
+    if outcome == "sent" and not send_log.isEnabledFor(logging.DEBUG):
+        return  # the common case: nothing to log, so build nothing
     fields = {
         "plan_id": plan_id,
         "user": user_id,

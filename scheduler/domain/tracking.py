@@ -6,6 +6,7 @@ its launch options (scene 1014/1107) and reports it with POST /v1/opens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode
 
 TRACKING_PARAM = "rmd"
@@ -15,9 +16,14 @@ NOTIFICATION_SCENES = frozenset({1014, 1107})  # opened from a subscribe message
 def tracked_page(page: str | None, delivery_id: int) -> str | None:
     """`page` with the tracking parameter (replacing one already there); None stays None: a card
     without a page does not open the mini program, so there is nothing to track."""
+    return page_tracker(page)(delivery_id)
+
+
+def page_tracker(page: str | None) -> Callable[[int], str | None]:
+    """`tracked_page` for one page and many deliveries: the page is parsed once per fan-out."""
     if not page:
-        return page
+        return lambda _delivery_id: page
     path, _, query = page.partition("?")
     pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != TRACKING_PARAM]
-    pairs.append((TRACKING_PARAM, str(delivery_id)))
-    return f"{path}?{urlencode(pairs)}"
+    prefix = f"{path}?{urlencode(pairs)}&" if pairs else f"{path}?"
+    return lambda delivery_id: f"{prefix}{TRACKING_PARAM}={delivery_id}"

@@ -268,28 +268,6 @@ class ConsentStore:
             [s.banned for _, s in items],
         )
 
-    @staticmethod
-    async def log_consumed(
-        conn: asyncpg.Connection, template_id: str, taken: Sequence[tuple[int, str]]
-    ) -> None:
-        """History rows for the one-time credits a claim took: (delivery id, user) pairs.
-
-        Called by the claim, in its transaction, while it holds the consent rows' locks.
-        """
-        if not taken:
-            return
-        await conn.execute(
-            "INSERT INTO consent_events"
-            " (user_id, template_id, kind, result, via, source, delivery_id, event_id)"
-            " SELECT u.uid, $1, 'one_time', 'consume', 'send', 'dispatcher', u.id,"
-            "  'delivery:' || u.id || ':consume'"
-            " FROM unnest($2::bigint[], $3::text[]) AS u (id, uid)"
-            " ON CONFLICT DO NOTHING",
-            template_id,
-            [t[0] for t in taken],
-            [t[1] for t in taken],
-        )
-
     # --- reading --------------------------------------------------------------------------------
 
     async def state(self, user_id: str, template_id: str) -> ConsentState:

@@ -425,12 +425,8 @@ class Store:
         due: Sequence[datetime],
         messages: Sequence[dict[str, Any]],
     ) -> list[Claim]:
-        """Insert ledger rows and take consent for a batch (see claim_deliveries in the SQL).
-
-        The one-time credits taken are appended to the consent history in the same transaction.
-        """
-        from scheduler.store.consent import ConsentStore
-
+        """Insert ledger rows and take consent for a batch in one round trip (see
+        claim_deliveries in the SQL: the credits taken are logged in the consent history)."""
         async with _transaction(conn) as tx:
             rows = await tx.fetch(
                 "SELECT delivery_id, user_id, allowed FROM claim_deliveries("
@@ -446,9 +442,6 @@ class Store:
                 due,
                 messages,
             )
-            if consent_kind == "one_time":
-                taken = [(r["delivery_id"], r["user_id"]) for r in rows if r["allowed"]]
-                await ConsentStore.log_consumed(tx, template_id, taken)
         return [Claim(r["delivery_id"], r["user_id"], r["allowed"]) for r in rows]
 
     async def finish(
