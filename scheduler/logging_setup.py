@@ -47,3 +47,4 @@ def configure(level: str = "INFO", *, json_lines: bool = False) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per send is noise
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # initdb's whole transcript is noise

@@ -1,7 +1,7 @@
 """A month of the example plans in virtual time, then `reminders status` as of the month's end.
 
-    .venv/bin/python scripts/simulate_month.py            # a throwaway embedded PostgreSQL
-    DATABASE_URL=postgresql://... .venv/bin/python scripts/simulate_month.py
+    .venv/bin/python bench/simulate_month.py            # a throwaway embedded PostgreSQL
+    DATABASE_URL=postgresql://... .venv/bin/python bench/simulate_month.py
 
 The real dispatcher and the real store run against a fake WeChat on loopback; only the clock is
 virtual (December 2026). Along the way an admin pauses and resumes plans (skip and catch-up), opts a
