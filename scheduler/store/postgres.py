@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -57,6 +57,26 @@ class Claim:
     delivery_id: int
     user_id: str
     allowed: bool
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A gate rule before the caps (category, content, fields, quiet hours) stopped a send."""
+
+    status: str  # 'skipped' or 'deferred'
+    reason: str
+    detail: str
+    defer_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CapUse:
+    """One frequency-cap counter the send at `row` (its position in the batch) would count."""
+
+    row: int
+    key: str
+    limit: int
+    resets_at: datetime
 
 
 @dataclass(frozen=True)
@@ -424,13 +444,21 @@ class Store:
         steps: Sequence[int],
         due: Sequence[datetime],
         messages: Sequence[dict[str, Any]],
+        stops: Sequence[Stop | None] = (),
+        caps: Sequence[CapUse] = (),
+        on_capped: str = "skip",
+        max_delay: timedelta = timedelta(0),
     ) -> list[Claim]:
-        """Insert ledger rows and take consent for a batch in one round trip (see
-        claim_deliveries in the SQL: the credits taken are logged in the consent history)."""
+        """Run a batch through the gate and claim its ledger rows in one round trip (see
+        claim_deliveries in the SQL). `stops` (one per row, or empty) are the rules the
+        dispatcher already decided; `caps` are counted atomically; a capped send is deferred to
+        its counter's reset when `on_capped` is 'defer' and that is within `max_delay`."""
+        stops = list(stops) or [None] * len(users)
         async with _transaction(conn) as tx:
             rows = await tx.fetch(
                 "SELECT delivery_id, user_id, allowed FROM claim_deliveries("
-                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+                " $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
                 plan_id,
                 version,
                 template_id,
@@ -441,6 +469,16 @@ class Store:
                 steps,
                 due,
                 messages,
+                [s and s.status for s in stops],
+                [s and s.reason for s in stops],
+                [s and s.detail for s in stops],
+                [s and s.defer_until for s in stops],
+                [c.row + 1 for c in caps],  # SQL arrays count from 1
+                [c.key for c in caps],
+                [c.limit for c in caps],
+                [c.resets_at for c in caps],
+                on_capped,
+                max_delay,
             )
         return [Claim(r["delivery_id"], r["user_id"], r["allowed"]) for r in rows]
 

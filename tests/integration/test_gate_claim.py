@@ -1,0 +1,193 @@
+"""The gate's claim on a real PostgreSQL: rule stops, atomic frequency caps, deferrals."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from scheduler.store.postgres import CapUse, Stop, Store
+from tests.integration.test_dispatch import calendar_plan, register, relative_plan
+
+DUE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
+MIDNIGHT = datetime(2026, 3, 2, 16, 0, tzinfo=UTC)  # the next local day in Shanghai
+
+
+async def claim(store: Store, plan, occurrence: str, users: list[str], **gate):  # noqa: ANN001
+    return await store.claim(
+        store.pool,
+        plan_id=plan.id,
+        version=1,
+        template_id=plan.template.id,
+        consent_kind=plan.consent.value,
+        replica="r1",
+        occurrences=[occurrence] * len(users),
+        users=users,
+        steps=[1] * len(users),
+        due=[DUE] * len(users),
+        messages=[{"thing1": "x"}] * len(users),
+        **gate,
+    )
+
+
+def day_cap(users: list[str], limit: int) -> list[CapUse]:
+    return [CapUse(i, f"user-day:{u}:2026-03-02", limit, MIDNIGHT) for i, u in enumerate(users)]
+
+
+async def rows(store: Store) -> dict[tuple[str, str], tuple]:
+    found = await store.pool.fetch(
+        "SELECT occurrence, user_id, status, reason, detail, defer_until FROM deliveries"
+    )
+    return {
+        (r["occurrence"], r["user_id"]): (r["status"], r["reason"], r["detail"], r["defer_until"])
+        for r in found
+    }
+
+
+async def credits(store: Store, user: str, template: str) -> int:
+    return await store.pool.fetchval(
+        "SELECT credits FROM consent WHERE user_id = $1 AND template_id = $2", user, template
+    )
+
+
+async def long_term_plan_with(store: Store, users: list[str]):  # noqa: ANN201
+    plan = calendar_plan()
+    await register(store, plan)
+    for user in users:
+        await store.record_consent(user, plan.template.id, "long_term", "accept", "test")
+    return plan
+
+
+async def test_a_full_cap_skips_the_send_and_says_until_when(store: Store):
+    plan = await long_term_plan_with(store, ["o-a", "o-b"])
+    for occurrence in ("occ-1", "occ-2"):
+        claims = await claim(store, plan, occurrence, ["o-a"], caps=day_cap(["o-a"], 2))
+        assert [c.allowed for c in claims] == [True]
+    claims = await claim(store, plan, "occ-3", ["o-a", "o-b"], caps=day_cap(["o-a", "o-b"], 2))
+
+    assert [(c.user_id, c.allowed) for c in claims] == [("o-a", False), ("o-b", True)]
+    status, reason, detail, _ = (await rows(store))[("occ-3", "o-a")]
+    assert (status, reason) == ("skipped", "capped")
+    assert "2026-03-02 16:00 UTC" in detail
+    used = await store.pool.fetch("SELECT key, used FROM cap_counters ORDER BY key")
+    assert [(r["key"], r["used"]) for r in used] == [
+        ("user-day:o-a:2026-03-02", 2),
+        ("user-day:o-b:2026-03-02", 1),
+    ]
+
+
+async def test_a_send_goes_only_if_every_counter_has_room(store: Store):
+    plan = await long_term_plan_with(store, ["o-a"])
+    week = CapUse(0, "user-category-week:o-a:transport:2026-W10", 1, MIDNIGHT + timedelta(days=6))
+    assert [c.allowed for c in await claim(store, plan, "occ-1", ["o-a"], caps=[week])] == [True]
+
+    claims = await claim(store, plan, "occ-2", ["o-a"], caps=[*day_cap(["o-a"], 5), week])
+
+    assert [c.allowed for c in claims] == [False]
+    # The day counter a refused send would have used is not counted.
+    day_used = "SELECT used FROM cap_counters WHERE key LIKE 'user-day%'"
+    assert await store.pool.fetchval(day_used) == 0
+
+
+async def test_concurrent_claims_of_different_plans_never_exceed_a_shared_cap(store: Store):
+    """Twelve plans with their own templates (so no consent row is shared) send to the same
+    users at once; the user-day counter is the only thing they share."""
+    users = [f"o-{i:03d}" for i in range(100)]
+    base = calendar_plan()
+    plans = []
+    for n in range(12):
+        template = base.template.model_copy(update={"id": f"tmpl-{n}"})
+        plan = base.model_copy(update={"id": f"alerts-{n}", "template": template})
+        await register(store, plan)
+        for user in users:
+            await store.record_consent(user, template.id, "long_term", "accept", "test")
+        plans.append(plan)
+
+    results = await asyncio.gather(
+        *(claim(store, plan, "occ", users, caps=day_cap(users, 3)) for plan in plans)
+    )
+
+    allowed = [c.user_id for claims in results for c in claims if c.allowed]
+    assert {u: allowed.count(u) for u in users} == {u: 3 for u in users}
+    statuses = await store.pool.fetch(
+        "SELECT status, reason, count(*) AS n FROM deliveries GROUP BY 1, 2 ORDER BY 1"
+    )
+    assert [(r["status"], r["reason"], r["n"]) for r in statuses] == [
+        ("pending", None, 300),
+        ("skipped", "capped", 900),
+    ]
+
+
+async def test_a_capped_send_defers_to_the_reset_within_max_delay_then_goes(store: Store):
+    plan = await long_term_plan_with(store, ["o-a"])
+    await claim(store, plan, "occ-1", ["o-a"], caps=day_cap(["o-a"], 1))
+    gate = {"on_capped": "defer", "max_delay": timedelta(hours=16)}
+
+    [held] = await claim(store, plan, "occ-2", ["o-a"], caps=day_cap(["o-a"], 1), **gate)
+    assert not held.allowed
+    assert (await rows(store))[("occ-2", "o-a")][::3] == ("deferred", MIDNIGHT)
+
+    # At the reset the same row is claimed again, against the next day's counter.
+    next_day = [CapUse(0, "user-day:o-a:2026-03-03", 1, MIDNIGHT + timedelta(days=1))]
+    [again] = await claim(store, plan, "occ-2", ["o-a"], caps=next_day, **gate)
+    assert (again.delivery_id, again.allowed) == (held.delivery_id, True)
+    assert (await rows(store))[("occ-2", "o-a")][:2] == ("pending", None)
+
+    # A reset beyond max_delay is a skip.
+    [late] = await claim(
+        store, plan, "occ-3", ["o-a"], caps=next_day, on_capped="defer", max_delay=timedelta(0)
+    )
+    assert not late.allowed
+    assert (await rows(store))[("occ-3", "o-a")][:2] == ("skipped", "capped")
+
+
+async def test_a_row_already_sent_is_never_claimed_again(store: Store):
+    plan = await long_term_plan_with(store, ["o-a"])
+    [first] = await claim(store, plan, "occ-1", ["o-a"])
+    assert first.allowed
+    assert await claim(store, plan, "occ-1", ["o-a"]) == []
+
+
+async def test_rule_stops_are_recorded_and_take_no_one_time_credit(store: Store):
+    plan = relative_plan()
+    await register(store, plan)
+    users = ["o-content", "o-quiet", "o-go"]
+    for user in users:
+        await store.record_consent(user, plan.template.id, "one_time", "accept", "test")
+    quiet_until = DUE + timedelta(hours=3)
+    stops = [
+        Stop("skipped", "content", "thing1 contains the promotional word '优惠'"),
+        Stop("deferred", "quiet_hours", "inside quiet hours 22:00-08:00", quiet_until),
+        None,
+    ]
+
+    claims = await claim(store, plan, "step-1", users, stops=stops)
+
+    assert [(c.user_id, c.allowed) for c in claims] == [
+        ("o-content", False),
+        ("o-quiet", False),
+        ("o-go", True),
+    ]
+    ledger = await rows(store)
+    assert ledger[("step-1", "o-content")][:3] == (
+        "skipped",
+        "content",
+        "thing1 contains the promotional word '优惠'",
+    )
+    assert ledger[("step-1", "o-quiet")][::3] == ("deferred", quiet_until)
+    assert [await credits(store, u, plan.template.id) for u in users] == [1, 1, 0]
+
+    # The deferred send goes at the window's opening and only then takes its credit.
+    [later] = await claim(store, plan, "step-1", ["o-quiet"])
+    assert later.allowed and await credits(store, "o-quiet", plan.template.id) == 0
+
+
+async def test_no_consent_comes_before_the_rules(store: Store):
+    plan = relative_plan()
+    await register(store, plan)
+    stop = Stop("deferred", "quiet_hours", "quiet", DUE + timedelta(hours=1))
+
+    [c] = await claim(store, plan, "step-1", ["o-none"], stops=[stop], caps=day_cap(["o-none"], 1))
+
+    assert not c.allowed
+    assert (await rows(store))[("step-1", "o-none")][:2] == ("skipped", "no_consent")
+    assert await store.pool.fetchval("SELECT count(*) FROM cap_counters") == 0
