@@ -63,42 +63,63 @@ def _zone(name: str) -> ZoneInfo:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from scheduler.planfiles import load_plans
+    from scheduler.planfiles import check_plans
 
-    loaded, problems = load_plans(Path(p) for p in args.paths)
+    policy = Path(args.policy) if args.policy else None
+    checked = check_plans((Path(p) for p in args.paths), datetime.now(UTC), policy)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "valid": [{"file": str(i.path), "id": i.plan.id} for i in loaded],
-                    "errors": [
-                        {"file": p.file, "field": p.field, "reason": p.reason} for p in problems
-                    ],
-                },
-                ensure_ascii=False,
-                indent=2,
-            )
-        )
+        report: dict[str, object] = {
+            "valid": [{"file": str(i.path), "id": i.plan.id} for i in checked.plans],
+            "errors": [
+                {"file": p.file, "field": p.field, "reason": p.reason} for p in checked.problems
+            ],
+        }
+        if checked.policies:
+            report["policies"] = [str(p) for p in checked.policies]
+        print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
-        for item in loaded:
+        for path in checked.policies:
+            print(f"ok     {path} (policy)")
+        for item in checked.plans:
             print(f"ok     {item.path} ({item.plan.id})")
-        for problem in problems:
+        for problem in checked.problems:
             print(f"error  {problem}")
-        if not loaded and not problems:
+        if not checked.plans and not checked.policies and not checked.problems:
             print("no plan files found")
-    return 1 if problems or not loaded else 0
+    found = checked.plans or checked.policies
+    return 1 if checked.problems or not found else 0
+
+
+def _mark(run) -> dict[str, str] | None:  # noqa: ANN001 (a rules.DryRun)
+    """What a rule does to one previewed step: None when it goes out on time."""
+    decision = run.decision
+    if decision.violation is not None:
+        v = decision.violation
+        return {"outcome": "skipped", "reason": v.reason.value, "rule": v.rule, "detail": v.detail}
+    if run.deferred is not None:
+        v = run.deferred
+        return {
+            "outcome": "deferred",
+            "reason": v.reason.value,
+            "rule": v.rule,
+            "detail": v.detail,
+            "until": run.sent_at.isoformat(),
+        }
+    return None
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from scheduler.domain.messages import RenderError, render
+    from scheduler.domain.rules import dry_run
     from scheduler.domain.schedule import (
         calendar_anchor,
         calendar_occurrences,
         relative_occurrences,
     )
-    from scheduler.planfiles import load_plan_file
+    from scheduler.planfiles import load_plan_file, load_policy, policy_file_for
 
-    plan = load_plan_file(Path(args.plan_file)).plan
+    plan_path = Path(args.plan_file)
+    plan = load_plan_file(plan_path).plan
+    policy = load_policy(Path(args.policy) if args.policy else policy_file_for(plan_path))
     now = datetime.now(UTC)
     if plan.schedule.calendar is not None:
         cal = plan.schedule.calendar
@@ -112,17 +133,21 @@ def cmd_preview(args: argparse.Namespace) -> int:
         occurrences = relative_occurrences(plan, start, tz)
     variables = dict(_pairs(args.var))
     rows = []
-    for occurrence, _ in zip(occurrences, range(args.count), strict=False):
-        try:
-            data = render(plan, occurrence.step, occurrence.due_at, tz, "preview-user", variables)
-        except RenderError as exc:
-            data = {"error": f"{exc} (pass it with --var)"}
+    limited = zip(occurrences, range(args.count), strict=False)
+    for run in dry_run(plan, policy, (o for o, _ in limited), tz, variables):
+        occurrence = run.occurrence
+        data = (
+            run.message
+            if run.message is not None
+            else {"error": f"{run.error} (pass it with --var)"}
+        )
         rows.append(
             {
                 "step": occurrence.step,
                 "local": occurrence.due_at.astimezone(tz).isoformat(),
                 "utc": occurrence.due_at.isoformat(),
                 "message": data,
+                "rule": _mark(run),
             }
         )
     if args.json:
@@ -135,6 +160,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
     for row in rows:
         text = "; ".join(f"{k}={v}" for k, v in row["message"].items())
         print(f"  step {row['step']:>3}  {row['local']}  (UTC {row['utc'][:16]})  {text}")
+        if (mark := row["rule"]) is not None:
+            until = f" until {mark['until'][:16]}" if "until" in mark else ""
+            print(f"             {mark['outcome']}{until}: {mark['reason']}: {mark['detail']}")
     if not rows:
         print("  no occurrences left")
     return 0
@@ -261,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check plan files and folders")
     p.add_argument("paths", nargs="+")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--policy", help="policy file (default: policy.yaml in each plans folder)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("preview", help="list a plan's next occurrences and messages")
@@ -270,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tz", default="Asia/Shanghai", help="user's time zone (relative plans)")
     p.add_argument("--var", action="append", help="a user variable, key=value")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--policy", help="policy file (default: policy.yaml next to the plan)")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("db", help="database maintenance")

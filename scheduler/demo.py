@@ -8,10 +8,11 @@ waiting for the example plans' real dates.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from scheduler.domain.policy import PlanException, QuietWindow
 from scheduler.domain.schedule import relative_due
 from scheduler.planfiles import LoadedPlan, content_hash, parse_plan
 from scheduler.store.postgres import Store
@@ -38,6 +39,18 @@ message:
     thing1: "演示提醒 {user}"
     number2: "{step}"
 """
+
+
+# A message every 10 seconds breaks every cap and quiet hour there is: the demo plan alone is
+# exempt, so the quick start shows messages at any hour (the example plans keep the real rules).
+DEMO_EXCEPTIONS = {
+    "demo-ticker": PlanException(
+        reason="demo: a message every 10 seconds",
+        user_day=1_000_000,
+        category_week=1_000_000,
+        quiet_hours=QuietWindow(start=time(0), end=time(0)),
+    )
+}
 
 
 def demo_plan() -> LoadedPlan:

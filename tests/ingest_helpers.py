@@ -44,7 +44,7 @@ def rehab_plan(count: int = 4) -> Plan:
                 "fields": {"thing1": "thing"},
                 "page": "pages/rehab/index?from=notice",
             },
-            "message": {"default": {"thing1": "Week {step} for {patient}"}},
+            "message": {"default": {"thing1": "Week {step} {patient} 仅供参考"}},
             "variables": ["patient"],
         }
     )

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,21 @@ def fake_url_fixture() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+# Plans that fire every few seconds break every cap and quiet hour of the default policy: a test
+# folder that runs one holds this policy (the rules themselves are tested in their own files).
+PERMISSIVE_POLICY = """
+caps:
+  user_day: 1000000
+  category_week: {medical: 1000000, education: 1000000}
+  category_week_default: 1000000
+quiet_hours:
+  default: {start: "00:00", end: "00:00"}
+  categories: {transport: {start: "00:00", end: "00:00"}}
+"""
+
+
+def permissive_policy_in(folder: Path) -> Path:
+    (folder / "policy.yaml").write_text(PERMISSIVE_POLICY)
+    return folder

@@ -341,7 +341,10 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
             from scheduler import demo as demo_data
         # Registers and schedules the valid plans, records the invalid files' problems, pauses
         # the plans whose file is gone.
-        scan = await watcher.rescan(extra=[demo_data.demo_plan()] if demo else [])
+        scan = await watcher.rescan(
+            extra=[demo_data.demo_plan()] if demo else [],
+            extra_exceptions=demo_data.DEMO_EXCEPTIONS if demo else {},
+        )
         loaded, problems, synced = scan.loaded, scan.problems, scan.synced
         assert synced is not None
         if demo:

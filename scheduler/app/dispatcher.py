@@ -22,6 +22,8 @@ from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome
 from scheduler.domain.plan import Plan
+from scheduler.domain.policy import DEFAULT_POLICY, Policy
+from scheduler.domain.rules import CapCounter, check_send
 from scheduler.domain.schedule import (
     calendar_anchor,
     calendar_step,
@@ -30,7 +32,15 @@ from scheduler.domain.schedule import (
     relative_due,
 )
 from scheduler.domain.tracking import page_tracker
-from scheduler.store.postgres import Claim, Finished, PlanRecord, Recipient, Store
+from scheduler.store.postgres import (
+    CapUse,
+    Claim,
+    Finished,
+    PlanRecord,
+    Recipient,
+    Stop,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +53,16 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True)
 class Due:
-    """One (occurrence, user) that is due, with its rendered message."""
+    """One (occurrence, user) that is due, with its rendered message and what the rules before
+    the caps said about it (`stop`), or the cap counters it would count."""
 
     occurrence: str
     user_id: str
     step: int
     due_at: datetime
     data: dict[str, str]
+    stop: Stop | None = None
+    counters: tuple[CapCounter, ...] = ()
 
 
 @dataclass
@@ -58,11 +71,18 @@ class FanOutReport:
     sent: int = 0
     failed: int = 0
     no_consent: int = 0
+    gate: dict[str, int] = field(default_factory=dict)  # "skipped:capped" -> n, every stop
     already_claimed: int = 0
     missed: int = 0
     unrenderable: int = 0
     stopped: bool = False  # the plan stopped being active, or the daemon is stopping
     outcomes: dict[str, int] = field(default_factory=dict)
+
+    def stopped_by_gate(self, status: str, reason: str | None) -> None:
+        if reason == "no_consent":
+            self.no_consent += 1
+        key = f"{status}:{reason}"
+        self.gate[key] = self.gate.get(key, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,7 @@ class Dispatcher:
         concurrency: int = 64,
         batch_size: int = 500,
         clock: Clock = utc_now,
+        policy: Policy = DEFAULT_POLICY,
     ):
         self.store = store
         self.channel = channel
@@ -88,6 +109,7 @@ class Dispatcher:
         self.concurrency = concurrency
         self.batch_size = batch_size
         self.clock = clock
+        self.policy = policy  # the plans folder's policy.yaml, replaced when it changes
         self.stopping = asyncio.Event()  # set on shutdown: no new batch is claimed
         self._running = 0
         self._idle = asyncio.Event()
@@ -312,7 +334,7 @@ class Dispatcher:
                 )
                 broken.append((occurrence, recipient.user_id, step, due_at))
                 continue
-            dues.append(Due(occurrence, recipient.user_id, step, due_at, data))
+            dues.append(self._gate(active.plan, occurrence, recipient, step, due_at, data))
         report.unrenderable += len(broken)
         metrics.count(active.record.id, Outcome.SKIPPED, "unrenderable", len(broken))
         await self.store.skip(
@@ -326,9 +348,42 @@ class Dispatcher:
         )
         return dues
 
+    def _gate(
+        self,
+        plan: Plan,
+        occurrence: str,
+        recipient: Recipient,
+        step: int,
+        due_at: datetime,
+        data: dict[str, str],
+    ) -> Due:
+        """Gate steps 4-6 on the rendered message, now, in the user's own time zone; step 7's
+        counters are counted by the claim, atomically."""
+        decision = check_send(
+            plan,
+            self.policy,
+            user=recipient.user_id,
+            rendered=data,
+            variables=recipient.vars,
+            due_at=due_at,
+            now=self.clock(),
+            tz=ZoneInfo(recipient.tz),
+        )
+        if decision.violation is None:
+            return Due(occurrence, recipient.user_id, step, due_at, data, None, decision.counters)
+        assert decision.outcome is not None
+        stop = Stop(
+            decision.outcome.value,
+            decision.violation.reason.value,
+            decision.violation.detail,
+            decision.defer_until,
+        )
+        return Due(occurrence, recipient.user_id, step, due_at, data, stop)
+
     async def _claim(self, conn: Any, active: ActivePlan, dues: list[Due]) -> list[Claim]:
         if not dues:
             return []
+        delivery = active.plan.delivery
         return await self.store.claim(
             conn,
             plan_id=active.record.id,
@@ -341,6 +396,14 @@ class Dispatcher:
             steps=[d.step for d in dues],
             due=[d.due_at for d in dues],
             messages=[d.data for d in dues],
+            stops=[d.stop for d in dues],
+            caps=[
+                CapUse(row, c.key, c.limit, c.resets_at)
+                for row, d in enumerate(dues)
+                for c in d.counters
+            ],
+            on_capped=delivery.on_capped,
+            max_delay=delivery.max_delay.as_timedelta(),
         )
 
     async def _inactive(self, plan_id: str) -> bool:
@@ -396,12 +459,10 @@ class Dispatcher:
                 by_user = {d.user_id: d for d in dues}
                 report.claimed += len(claims)
                 report.already_claimed += len(dues) - len(claims)
-                await metrics.observe_refusals(
-                    self.store, active.record.id, [c.delivery_id for c in claims if not c.allowed]
-                )
                 for c in claims:
                     if not c.allowed:
-                        report.no_consent += 1
+                        report.stopped_by_gate(c.status, c.reason)
+                        metrics.count(active.record.id, c.status, c.reason)
                         continue
                     due = by_user[c.user_id]
                     await queue.put(
@@ -436,6 +497,7 @@ class Dispatcher:
             "no_consent": report.no_consent,
             "already_claimed": report.already_claimed,
             "missed": report.missed,
+            **report.gate,
         }
 
 

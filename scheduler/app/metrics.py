@@ -16,7 +16,6 @@ scraped, so every replica reports the same cluster-wide values for them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -118,19 +117,6 @@ def count_errcode(errcode: int) -> None:
 
 def observe_fire(kind: str, lag_seconds: float) -> None:
     FIRE_LAG.labels(kind).observe(max(lag_seconds, 0.0))
-
-
-async def observe_refusals(store: Any, plan_id: str, delivery_ids: Sequence[int]) -> None:
-    """Claims the gate refused (opted out, no consent): count them by the reason recorded."""
-    if not delivery_ids:
-        return
-    rows = await store.pool.fetch(
-        "SELECT status, reason, count(*) AS n FROM deliveries WHERE id = ANY ($1::bigint[])"
-        " GROUP BY status, reason",
-        list(delivery_ids),
-    )
-    for r in rows:
-        count(plan_id, r["status"], r["reason"], r["n"])
 
 
 async def refresh_gauges(store: Any) -> None:

@@ -7,6 +7,8 @@ ConfigMap symlink swaps just work). A rescan:
 
 - registers every valid plan through `Daemon.sync_plans`: a new plan is scheduled, an edit becomes
   a new version for future occurrences, a changed schedule is re-added from now (no past fire);
+- loads the folder's `policy.yaml` for the gate (an invalid one is reported and the last good
+  policy stays in force) and rejects plans that break it statically, as `reminders validate` does;
 - records each invalid file's problems in `plan_problems` (status shows them) and logs them once
   per change; the plan's last good version keeps running. A half-written file is simply invalid
   until the write completes and the next change event rescans it;
@@ -29,8 +31,9 @@ from typing import TYPE_CHECKING
 from watchfiles import awatch
 
 from scheduler.app.lifecycle import FILE_REMOVED, FILE_RESTORED, LifecycleError
-from scheduler.errors import PlanProblem
-from scheduler.planfiles import LoadedPlan, load_plans
+from scheduler.domain.policy import PlanException, Policy
+from scheduler.errors import PlanError, PlanProblem
+from scheduler.planfiles import LoadedPlan, check_plans, load_policy
 
 if TYPE_CHECKING:
     from scheduler.app.daemon import Daemon, SyncResult
@@ -73,6 +76,7 @@ class PlanWatcher:
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._extra: list[LoadedPlan] = []  # plans not from files (the demo plan)
+        self._extra_exceptions: dict[str, PlanException] = {}  # the demo plan's limits
         self._logged: dict[str, list[str]] = {}  # file -> problems already logged
         self.scans = 0
 
@@ -155,13 +159,21 @@ class PlanWatcher:
     # --- one rescan -----------------------------------------------------------------------------
 
     async def rescan(
-        self, extra: Sequence[LoadedPlan] | None = None, *, why: str = "start-up"
+        self,
+        extra: Sequence[LoadedPlan] | None = None,
+        *,
+        why: str = "start-up",
+        extra_exceptions: dict[str, PlanException] | None = None,
     ) -> ScanReport:
         """Load the folder and bring the database and the schedules in line with it."""
         async with self._lock:
             if extra is not None:
                 self._extra = list(extra)
-            loaded, problems = await asyncio.to_thread(load_plans, [self.plans_dir])
+            if extra_exceptions is not None:
+                self._extra_exceptions = dict(extra_exceptions)
+            checked = await asyncio.to_thread(check_plans, [self.plans_dir], self.daemon.clock())
+            loaded, problems = checked.plans, checked.problems
+            await asyncio.to_thread(self._load_policy)
             loaded += self._extra
             report = ScanReport(loaded, problems)
             report.synced = await self.daemon.sync_plans(loaded)
@@ -179,6 +191,18 @@ class PlanWatcher:
                     len({p.file for p in problems}),
                 )
             return report
+
+    def _load_policy(self) -> None:
+        """The gate's policy from the folder (its problems are among the scan's problems)."""
+        try:
+            policy = load_policy(self.plans_dir)
+        except PlanError:
+            log.error("the policy file is invalid: the last good policy stays in force")
+            return
+        if self._extra_exceptions:
+            exceptions = {**policy.exceptions, **self._extra_exceptions}
+            policy = Policy.model_validate({**policy.model_dump(), "exceptions": exceptions})
+        self.daemon.dispatcher.policy = policy
 
     async def _record_problems(self, problems: list[PlanProblem]) -> None:
         pool = self.daemon.store.pool

@@ -21,6 +21,12 @@ class Reason(StrEnum):
     CANCELLED = "cancelled"
     OPTED_OUT = "opted_out"
     NO_CONSENT = "no_consent"
+    # skipped or deferred by the policy rules (scheduler/domain/rules.py), in the gate's order
+    CATEGORY = "category"  # the template kind is not allowed for the plan's category
+    CONTENT = "content"  # promotional wording, a missing disclaimer, a forbidden claim
+    FIELD = "field"  # a template field value WeChat would refuse (47003)
+    QUIET_HOURS = "quiet_hours"  # inside the user's quiet hours
+    CAPPED = "capped"  # a frequency cap is reached
     # failed (from the channel)
     CONSENT_GONE = "consent_gone"  # 43101
     TRANSIENT = "transient"  # -1, 43108, 5xx, timeouts after every retry

@@ -344,6 +344,53 @@ class Message(Model):
     )
 
 
+# --- delivery: what the policy rules do with this plan's messages (docs/rules.md) ---------------
+
+
+class PlanCaps(Model):
+    """This plan's own frequency caps: stricter than the policy's, never looser (unless the
+    policy grants the plan an exception)."""
+
+    user_day: int | None = Field(
+        None, ge=1, description="Messages a user may get per local day, all plans together."
+    )
+    category_week: int | None = Field(
+        None, ge=1, description="Messages a user may get per local ISO week in this category."
+    )
+    plan_day: int | None = Field(None, ge=1, description="This plan's messages per user per day.")
+    plan_week: int | None = Field(
+        None, ge=1, description="This plan's messages per user per local ISO week."
+    )
+
+
+class Delivery(Model):
+    on_quiet_hours: Literal["defer", "skip"] = Field(
+        "defer", description="A message due in quiet hours: defer it to their end, or skip it."
+    )
+    on_capped: Literal["skip", "defer"] = Field(
+        "skip", description="A message over a frequency cap: skip it, or defer it to the reset."
+    )
+    max_delay: DurationText = Field(
+        default_factory=lambda: Duration(amount=12, unit="hour"),
+        description="How long after its due time a deferred message may still be sent.",
+    )
+    caps: PlanCaps = Field(default_factory=PlanCaps)
+    limit_key: str | None = Field(
+        None,
+        description="A variable or template field whose value a frequency-limited long-term "
+        "kind counts per (finance: e.g. the policy number).",
+    )
+
+    @field_validator("max_delay")
+    @classmethod
+    def _fixed_delay(cls, delay: Duration) -> Duration:
+        if delay.unit == "month":
+            raise ValueError("a month has no fixed length: write the delay in days, e.g. '3 days'")
+        if delay.amount < 1:
+            raise ValueError("max_delay must be at least 1 of its unit")
+        return delay
+
+
 def _id_optional_in_files(schema: dict[str, Any]) -> None:
     # The loader fills a missing id from the file name, so a plan file may leave it out.
     schema["required"] = [name for name in schema.get("required", []) if name != "id"]
@@ -365,6 +412,10 @@ class Plan(Model):
     message: Message
     variables: list[str] = Field(
         default_factory=list, description="Per-user variables every enrolment must supply."
+    )
+    delivery: Delivery = Field(
+        default_factory=Delivery,
+        description="Quiet hours and caps: skip or defer, the plan's own caps (docs/rules.md).",
     )
 
     @field_validator("id")
@@ -404,6 +455,12 @@ class Plan(Model):
             if step < 1 or (count is not None and step > count):
                 runs = f"steps run 1..{count}" if count is not None else "steps start at 1"
                 raise ValueError(f"message.steps.{step}: no such step ({runs})")
+        key = self.delivery.limit_key
+        if key is not None and key not in self.variables and key not in keys:
+            raise ValueError(
+                f"delivery.limit_key: {key!r} is neither one of the plan's variables "
+                "nor a template field"
+            )
         return self
 
     @property

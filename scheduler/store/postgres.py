@@ -54,9 +54,17 @@ class Recipient:
 
 @dataclass(frozen=True)
 class Claim:
+    """A ledger row a claim took: `pending` (send it now), or the gate's `skipped`/`deferred`
+    outcome with its reason."""
+
     delivery_id: int
     user_id: str
-    allowed: bool
+    status: str
+    reason: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == "pending"
 
 
 @dataclass(frozen=True)
@@ -456,7 +464,7 @@ class Store:
         stops = list(stops) or [None] * len(users)
         async with _transaction(conn) as tx:
             rows = await tx.fetch(
-                "SELECT delivery_id, user_id, allowed FROM claim_deliveries("
+                "SELECT delivery_id, user_id, status, reason FROM claim_deliveries("
                 "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
                 " $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
                 plan_id,
@@ -480,7 +488,7 @@ class Store:
                 on_capped,
                 max_delay,
             )
-        return [Claim(r["delivery_id"], r["user_id"], r["allowed"]) for r in rows]
+        return [Claim(*r) for r in rows]
 
     async def finish(
         self, template_id: str, consent_kind: str, results: Sequence[Finished]

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from scheduler.store.postgres import Store
+from tests.ops_helpers import permissive_policy_in
 
 PLAN = """
 id: ticker
@@ -61,6 +62,7 @@ def fake_url() -> Iterator[str]:
 def plans_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "plans"
     folder.mkdir()
+    permissive_policy_in(folder)
     (folder / "ticker.yaml").write_text(PLAN)
     return folder
 

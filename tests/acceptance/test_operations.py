@@ -20,7 +20,11 @@ import httpx
 import pytest
 
 from scheduler.store.postgres import Store
-from tests.ops_helpers import eventually, fake_url_fixture  # noqa: F401 - a fixture
+from tests.ops_helpers import (  # noqa: F401 - a fixture
+    eventually,
+    fake_url_fixture,
+    permissive_policy_in,
+)
 
 TICKER = """
 id: ticker
@@ -116,6 +120,7 @@ async def running(db_url: str, fake_url: str, tmp_path: Path) -> AsyncIterator:
     started: list[Running] = []
     folder = tmp_path / "plans"
     folder.mkdir()
+    permissive_policy_in(folder)
 
     def start() -> Running:
         daemon = Running(db_url, folder, fake_url, tmp_path / "daemon.log")

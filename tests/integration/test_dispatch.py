@@ -52,7 +52,7 @@ def relative_plan() -> Plan:
                 "grace": "2 hours",
             },
             "template": {"id": "tmpl_rehab", "fields": {"thing1": "thing"}},
-            "message": {"default": {"thing1": "Week {step}"}},
+            "message": {"default": {"thing1": "Week {step} 仅供参考"}},
         }
     )
 
@@ -247,7 +247,7 @@ async def test_relative_plan_sweeps_each_users_due_steps_in_virtual_time(store, 
         ("o-late", 1): ("sent", None),
         ("o-late", 2): ("missed", "grace_exceeded"),  # due on day 16, the sweep came on day 21
     }
-    assert fake.messages[-1]["data"] == {"thing1": "Week 3"}
+    assert fake.messages[-1]["data"] == {"thing1": "Week 3 仅供参考"}
     enrolment = await store.pool.fetchrow(
         "SELECT status, next_step, next_due_at FROM enrollments WHERE user_id = 'o-early'"
     )

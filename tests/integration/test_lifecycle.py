@@ -55,7 +55,7 @@ def weekly_relative(grace: str = "2 hours") -> Plan:
                 "grace": grace,
             },
             "template": {"id": "tmpl_rehab", "fields": {"thing1": "thing"}},
-            "message": {"default": {"thing1": "Week {step}"}},
+            "message": {"default": {"thing1": "Week {step} 仅供参考"}},
         }
     )
 
@@ -220,7 +220,7 @@ async def test_resume_of_a_relative_plan_skip_advances_and_catch_up_sends(store,
     await lifecycle.resume(plan.id, actor="test", catch_up=True)
     report = await d.fire(plan.id, clock.now)
     assert report.sent == 1
-    assert fake.messages[0]["data"]["thing1"] == "Week 2"
+    assert fake.messages[0]["data"]["thing1"] == "Week 2 仅供参考"
 
 
 async def test_cancel_is_final_and_keeps_history(store, fake, channel):

@@ -41,7 +41,7 @@ consent: one_time
 schedule:
   relative: {{every: 1 week, count: 4, at: "{at}"}}
 template: {{id: tmpl, fields: {{thing1: thing}}}}
-message: {{default: {{thing1: "Week {{step}}"}}}}
+message: {{default: {{thing1: "Week {{step}} 仅供参考"}}}}
 """
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from scheduler.app.watcher import PlanWatcher
 from tests.integration.test_plan_sync import DAILY, daemon_on, next_fire
-from tests.ops_helpers import eventually
+from tests.ops_helpers import eventually, permissive_policy_in
 
 
 async def plan_state(store, plan_id: str) -> tuple[str, int, str | None]:
@@ -20,6 +20,7 @@ async def plan_state(store, plan_id: str) -> tuple[str, int, str | None]:
 async def test_add_edit_invalid_edit_delete_and_restore(store, db_url, tmp_path: Path):
     folder = tmp_path / "plans"
     folder.mkdir()
+    permissive_policy_in(folder)
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder)
         file = folder / "daily.yaml"
@@ -68,6 +69,7 @@ async def test_add_edit_invalid_edit_delete_and_restore(store, db_url, tmp_path:
 async def test_an_admin_pause_is_not_undone_by_the_file(store, db_url, tmp_path: Path):
     folder = tmp_path / "plans"
     folder.mkdir()
+    permissive_policy_in(folder)
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder)
         (folder / "daily.yaml").write_text(DAILY.format(at="09:00", count=30))
@@ -80,6 +82,7 @@ async def test_an_admin_pause_is_not_undone_by_the_file(store, db_url, tmp_path:
 async def test_the_watcher_picks_up_a_new_file_within_seconds(store, db_url, tmp_path: Path):
     folder = tmp_path / "plans"
     folder.mkdir()
+    permissive_policy_in(folder)
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder, debounce_ms=100, settle_s=0.05)
         task = asyncio.create_task(watcher.run())

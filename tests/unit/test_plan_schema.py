@@ -15,7 +15,7 @@ from scheduler.planfiles import parse_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "docs" / "plan.schema.json"
-EXAMPLES = sorted((ROOT / "plans").glob("*.yaml"))
+EXAMPLES = sorted(p for p in (ROOT / "plans").glob("*.yaml") if p.name != "policy.yaml")
 REGENERATE = ".venv/bin/python -m scheduler.cli schema > docs/plan.schema.json"
 
 

@@ -31,7 +31,7 @@ CREATE FUNCTION claim_deliveries(
     p_stop_status text[], p_stop_reason text[], p_stop_detail text[], p_defer_until timestamptz[],
     p_cap_rows int[], p_cap_keys text[], p_cap_limits int[], p_cap_resets timestamptz[],
     p_on_capped text, p_max_delay interval
-) RETURNS TABLE (delivery_id bigint, user_id text, allowed boolean)
+) RETURNS TABLE (delivery_id bigint, user_id text, status text, reason text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 -- Every v_* array below has one entry per position of the batch (the p_* arrays' index), so
@@ -44,6 +44,10 @@ DECLARE
     v_candidate boolean[];      -- claimed, consented, not stopped by rules 4-6: faces the caps
     v_capped_until timestamptz[];  -- a full counter's reset, else NULL
     v_allowed boolean[];
+    v_refused_ids bigint[];     -- the rows the gate stopped, with the outcome they got
+    v_refused_users text[];
+    v_refused_status text[];
+    v_refused_reason text[];
 BEGIN
     -- 1. FOR SHARE: a pause waits for this claim to commit, so no batch starts after a pause.
     SELECT state INTO v_state FROM plans WHERE id = p_plan FOR SHARE;
@@ -142,11 +146,8 @@ BEGIN
 
     -- Every claimed row not allowed gets its outcome now: skipped, or deferred to a moment
     -- within the plan's max_delay of its due time.
-    UPDATE deliveries d
-    SET status = o.status, reason = o.reason, detail = o.detail, defer_until = o.until,
-        finished_at = CASE WHEN o.status = 'deferred' THEN NULL ELSE now() END
-    FROM (
-        SELECT v_id[i] AS id,
+    WITH outcome AS (
+        SELECT v_id[i] AS id, p_users[i] AS uid,
                CASE WHEN v_out[i] OR NOT v_consented[i] THEN 'skipped'
                     WHEN p_stop_status[i] IS NOT NULL THEN p_stop_status[i]
                     WHEN capped_defer THEN 'deferred'
@@ -167,11 +168,22 @@ BEGIN
              LATERAL (SELECT p_on_capped = 'defer'
                              AND v_capped_until[i] - p_due[i] <= p_max_delay AS capped_defer) AS x
         WHERE v_id[i] IS NOT NULL AND NOT v_allowed[i]
-    ) AS o
-    WHERE d.id = o.id;
+    ), recorded AS (
+        UPDATE deliveries d
+        SET status = o.status, reason = o.reason, detail = o.detail, defer_until = o.until,
+            finished_at = CASE WHEN o.status = 'deferred' THEN NULL ELSE now() END
+        FROM outcome o
+        WHERE d.id = o.id
+    )
+    SELECT coalesce(array_agg(o.id), '{}'), coalesce(array_agg(o.uid), '{}'),
+           coalesce(array_agg(o.status), '{}'), coalesce(array_agg(o.reason), '{}')
+    INTO v_refused_ids, v_refused_users, v_refused_status, v_refused_reason
+    FROM outcome o;
 
     RETURN QUERY
-        SELECT v_id[i], p_users[i], v_allowed[i]
-        FROM generate_subscripts(p_users, 1) AS i WHERE v_id[i] IS NOT NULL;
+        SELECT v_id[i], p_users[i], 'pending', NULL::text
+        FROM generate_subscripts(p_users, 1) AS i WHERE v_allowed[i]
+        UNION ALL
+        SELECT * FROM unnest(v_refused_ids, v_refused_users, v_refused_status, v_refused_reason);
 END;
 $$;
