@@ -201,6 +201,17 @@ class Daemon:
             except Exception:  # an event callback must not take the scheduler down
                 log.exception("could not record the missed occurrence of plan %s", plan_id)
 
+    async def retry_deferred_forever(self) -> None:
+        """Every sweep period, the deferred sends whose moment has come go through the gate
+        again (any replica may take them: their rows are locked with SKIP LOCKED)."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_seconds)
+            try:
+                for plan_id in await self.store.plans_with_due_deferrals(self.clock()):
+                    await self.dispatcher.retry_deferred(plan_id)
+            except Exception:  # the database may be briefly away: try again next period
+                log.exception("retrying deferred sends failed")
+
     async def heartbeat_forever(self) -> None:
         host, pid = socket.gethostname(), os.getpid()
         while True:
@@ -360,6 +371,7 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         scheduler.subscribe(daemon.on_job_released, JobReleased)
         await scheduler.start_in_background()
         heartbeat = asyncio.create_task(daemon.heartbeat_forever())
+        deferred = asyncio.create_task(daemon.retry_deferred_forever())
         watching = asyncio.create_task(watcher.run())
         control = asyncio.create_task(ControlLoop(daemon, watcher).run())
         log.info("reminders daemon running as replica %s", replica_id)
@@ -368,9 +380,10 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         if not await daemon.dispatcher.drain(within_s=10):
             log.warning("sends still in flight after 10 s: they will be recorded as 'unknown'")
         heartbeat.cancel()
+        deferred.cancel()
         watcher.stop()
         control.cancel()
-        await asyncio.gather(watching, control, return_exceptions=True)
+        await asyncio.gather(watching, control, deferred, return_exceptions=True)
         loop.remove_signal_handler(signal.SIGHUP)
         await scheduler.stop()
         await scheduler.wait_until_stopped()

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 from scheduler.app import metrics
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
-from scheduler.domain.outcomes import Outcome
+from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import DEFAULT_POLICY, Policy
 from scheduler.domain.rules import CapCounter, check_send
@@ -35,6 +35,7 @@ from scheduler.domain.tracking import page_tracker
 from scheduler.store.postgres import (
     CapUse,
     Claim,
+    DeferredDelivery,
     Finished,
     PlanRecord,
     Recipient,
@@ -307,6 +308,47 @@ class Dispatcher:
 
         await self._pipeline(active, batches(), report)
         return report
+
+    # --- deferred sends ---------------------------------------------------------------------------
+
+    async def retry_deferred(self, plan_id: str) -> FanOutReport:
+        """Take the plan's deferred sends whose moment has come through the gate again: they go,
+        are deferred again, or are skipped (their max_delay ran out, e.g. during a pause)."""
+        report = FanOutReport()
+        active = await self.load(plan_id)
+        if active is None or active.record.state != "active" or self.stopping.is_set():
+            report.stopped = True
+            return report
+        max_delay = active.plan.delivery.max_delay.as_timedelta()
+
+        async def batches() -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
+            while not self.stopping.is_set():
+                now = self.clock()
+                async with self.store.due_deferrals(plan_id, now, self.batch_size) as (conn, rows):
+                    if not rows:
+                        return
+                    dues = [self._retry(active.plan, row, now, max_delay) for row in rows]
+                    claims = await self._claim(conn, active, dues)
+                # Every row was locked by us and still deferred: no claim means the plan stopped.
+                yield dues, claims or None
+
+        await self._pipeline(active, batches(), report)
+        return report
+
+    def _retry(self, plan: Plan, row: DeferredDelivery, now: datetime, max_delay: timedelta) -> Due:
+        message = {k: str(v) for k, v in row.message.items()}
+        if not row.enrolled:
+            why = Stop(Outcome.SKIPPED, Reason.ENROLLMENT_STOPPED, "the user's timeline stopped")
+        elif now - row.due_at > max_delay:
+            why = Stop(
+                Outcome.SKIPPED,
+                Reason.DEFER_EXPIRED,
+                f"still held {now - row.due_at} after its due time, past max_delay "
+                f"{plan.delivery.max_delay}",
+            )
+        else:
+            return self._gate(plan, row.occurrence, row.recipient, row.step, row.due_at, message)
+        return Due(row.occurrence, row.recipient.user_id, row.step, row.due_at, message, why)
 
     # --- shared machinery -----------------------------------------------------------------------
 

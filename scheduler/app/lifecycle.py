@@ -180,6 +180,15 @@ class Lifecycle:
                 dropped = await conn.execute("DELETE FROM catch_up WHERE plan_id = $1", plan_id)
                 if int(dropped.split()[-1]):
                     details["catch_up_dropped"] = int(dropped.split()[-1])
+                # Deferred sends were waiting for a moment the rules allow: they end here.
+                ended = await conn.execute(
+                    "UPDATE deliveries SET status = 'skipped', reason = 'cancelled',"
+                    " defer_until = NULL, finished_at = now()"
+                    " WHERE plan_id = $1 AND status = 'deferred'",
+                    plan_id,
+                )
+                if int(ended.split()[-1]):
+                    details["deferred_skipped"] = int(ended.split()[-1])
             await conn.execute(
                 "UPDATE plans SET state = $2, state_reason = $3, updated_at = now(),"
                 " paused_at = CASE WHEN $2 = 'paused' THEN $4::timestamptz END WHERE id = $1",

@@ -27,6 +27,8 @@ class Reason(StrEnum):
     FIELD = "field"  # a template field value WeChat would refuse (47003)
     QUIET_HOURS = "quiet_hours"  # inside the user's quiet hours
     CAPPED = "capped"  # a frequency cap is reached
+    DEFER_EXPIRED = "defer_expired"  # deferred, and its max_delay ran out (e.g. while paused)
+    ENROLLMENT_STOPPED = "enrollment_stopped"  # deferred, and the user's timeline was stopped
     # failed (from the channel)
     CONSENT_GONE = "consent_gone"  # 43101
     TRANSIENT = "transient"  # -1, 43108, 5xx, timeouts after every retry

@@ -53,6 +53,18 @@ class Recipient:
 
 
 @dataclass(frozen=True)
+class DeferredDelivery:
+    """A deferred ledger row whose moment has come, with what the gate needs to judge it again."""
+
+    occurrence: str
+    step: int
+    due_at: datetime
+    message: dict[str, Any]
+    recipient: Recipient
+    enrolled: bool  # False: the user's timeline was stopped meanwhile
+
+
+@dataclass(frozen=True)
 class Claim:
     """A ledger row a claim took: `pending` (send it now), or the gate's `skipped`/`deferred`
     outcome with its reason."""
@@ -437,6 +449,49 @@ class Store:
         return dict(row) if row else None
 
     # --- the ledger -----------------------------------------------------------------------------
+
+    async def plans_with_due_deferrals(self, now: datetime) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT plan_id FROM deliveries"
+            " WHERE status = 'deferred' AND defer_until <= $1",
+            now,
+        )
+        return [r["plan_id"] for r in rows]
+
+    @asynccontextmanager
+    async def due_deferrals(
+        self, plan_id: str, now: datetime, batch_size: int
+    ) -> AsyncIterator[tuple[asyncpg.Connection, list[DeferredDelivery]]]:
+        """Lock up to `batch_size` deferred rows of a plan whose moment has come (SKIP LOCKED:
+        replicas share them); the caller claims them again on the same connection."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT d.occurrence, d.user_id, d.step, d.due_at, d.message,"
+                " coalesce(e.tz, 'UTC') AS tz, coalesce(e.vars, '{}') AS vars,"
+                " coalesce(e.start_at, d.due_at) AS start_at,"
+                " e.status IS DISTINCT FROM 'stopped' AS enrolled"
+                " FROM deliveries d LEFT JOIN enrollments e"
+                "  ON e.plan_id = d.plan_id AND e.user_id = d.user_id"
+                " WHERE d.plan_id = $1 AND d.status = 'deferred' AND d.defer_until <= $2"
+                " ORDER BY d.defer_until LIMIT $3 FOR UPDATE OF d SKIP LOCKED",
+                plan_id,
+                now,
+                batch_size,
+            )
+            yield (
+                conn,
+                [
+                    DeferredDelivery(
+                        r["occurrence"],
+                        r["step"],
+                        r["due_at"],
+                        r["message"],
+                        Recipient(r["user_id"], r["tz"], r["vars"], r["start_at"]),
+                        r["enrolled"],
+                    )
+                    for r in rows
+                ],
+            )
 
     async def claim(
         self,
