@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -23,7 +24,14 @@ from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import DEFAULT_POLICY, Policy
-from scheduler.domain.rules import CapCounter, check_send
+from scheduler.domain.rules import (
+    CapCounter,
+    Limits,
+    Violation,
+    message_violation,
+    moment_decision,
+    plan_limits,
+)
 from scheduler.domain.schedule import (
     calendar_anchor,
     calendar_step,
@@ -116,6 +124,9 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._plans: dict[tuple[str, int], Plan] = {}
+        # (plan, policy, message) -> steps 4-5's verdict, (plan, policy, ("limits",)) -> limits;
+        # an entry holds the plan and policy, so their ids cannot be reused while it exists.
+        self._verdicts: dict[tuple[int, int, tuple], tuple[Plan, Policy, Any]] = {}
 
     async def drain(self, within_s: float) -> bool:
         """Stop claiming and wait for the fan-outs in progress to finish their sends."""
@@ -401,7 +412,12 @@ class Dispatcher:
     ) -> Due:
         """Gate steps 4-6 on the rendered message, now, in the user's own time zone; step 7's
         counters are counted by the claim, atomically."""
-        decision = check_send(
+        stop = self._message_violation(plan, data)
+        if stop is not None:
+            return Due(
+                occurrence, recipient.user_id, step, due_at, data, _stop(Outcome.SKIPPED, stop)
+            )
+        decision = moment_decision(
             plan,
             self.policy,
             user=recipient.user_id,
@@ -409,18 +425,36 @@ class Dispatcher:
             variables=recipient.vars,
             due_at=due_at,
             now=self.clock(),
-            tz=ZoneInfo(recipient.tz),
+            tz=_zone(recipient.tz),
+            limits=self._limits(plan),
         )
         if decision.violation is None:
             return Due(occurrence, recipient.user_id, step, due_at, data, None, decision.counters)
         assert decision.outcome is not None
-        stop = Stop(
-            decision.outcome.value,
-            decision.violation.reason.value,
-            decision.violation.detail,
-            decision.defer_until,
+        return Due(
+            occurrence,
+            recipient.user_id,
+            step,
+            due_at,
+            data,
+            _stop(decision.outcome, decision.violation, decision.defer_until),
         )
-        return Due(occurrence, recipient.user_id, step, due_at, data, stop)
+
+    def _limits(self, plan: Plan) -> Limits:
+        key = (id(plan), id(self.policy), ("limits",))
+        if key not in self._verdicts:
+            self._verdicts[key] = (plan, self.policy, plan_limits(plan, self.policy))
+        return self._verdicts[key][2]
+
+    def _message_violation(self, plan: Plan, data: dict[str, str]) -> Violation | None:
+        """Steps 4-5 for a rendered message, remembered per (plan, policy, text): a fan-out to
+        a million users mostly sends a handful of distinct texts."""
+        key = (id(plan), id(self.policy), tuple(data.items()))
+        if key not in self._verdicts:
+            if len(self._verdicts) >= 10_000:
+                self._verdicts.clear()
+            self._verdicts[key] = (plan, self.policy, message_violation(plan, self.policy, data))
+        return self._verdicts[key][2]
 
     async def _claim(self, conn: Any, active: ActivePlan, dues: list[Due]) -> list[Claim]:
         if not dues:
@@ -541,6 +575,15 @@ class Dispatcher:
             "missed": report.missed,
             **report.gate,
         }
+
+
+@lru_cache(maxsize=1024)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None = None) -> Stop:
+    return Stop(outcome.value, violation.reason.value, violation.detail, defer_until)
 
 
 def _step_key(recipient: Recipient) -> str:

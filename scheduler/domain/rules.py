@@ -22,7 +22,7 @@ import functools
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from itertools import islice
@@ -173,17 +173,30 @@ def _normal(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
-@functools.lru_cache(maxsize=1024)
-def _matcher(phrase: str) -> re.Pattern[str]:
+def _phrase_pattern(phrase: str) -> str:
     words = _normal(phrase)
     if words.isascii():
         # Latin words match whole (and plural): "sale" is in "sales", not in "wholesale".
-        return re.compile(rf"(?<![a-z0-9]){re.escape(words)}(?:s|es)?(?![a-z0-9])")
-    return re.compile(re.escape(words))
+        return rf"(?<![a-z0-9]){re.escape(words)}(?:s|es)?(?![a-z0-9])"
+    return re.escape(words)
 
 
-def _contains(text: str, phrase: str) -> bool:
-    return _matcher(phrase).search(_normal(text)) is not None
+@functools.lru_cache(maxsize=256)
+def _matcher(phrases: tuple[str, ...]) -> re.Pattern[str]:
+    """One pattern for a whole phrase list (a message is checked against every phrase): group
+    `p<i>` is phrase i."""
+    if not phrases:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile("|".join(f"(?P<p{i}>{_phrase_pattern(p)})" for i, p in enumerate(phrases)))
+
+
+def _first_phrase(text: str, phrases: Sequence[str]) -> str | None:
+    """The first phrase (by position in the text) that `text` contains, or None."""
+    phrases = tuple(phrases)
+    match = _matcher(phrases).search(_normal(text))
+    if match is None or match.lastgroup is None:
+        return None
+    return phrases[int(match.lastgroup[1:])]
 
 
 def content_violations(plan: Plan, rendered: Mapping[str, str], policy: Policy) -> list[Violation]:
@@ -193,7 +206,7 @@ def content_violations(plan: Plan, rendered: Mapping[str, str], policy: Policy) 
     found = []
     if rules.promotional_scope == "all" or plan.consent == ConsentKind.LONG_TERM:
         for key, text in rendered.items():
-            word = next((w for w in rules.all_promotional_words if _contains(text, w)), None)
+            word = _first_phrase(text, rules.all_promotional_words)
             if word is not None:
                 found.append(
                     Violation(
@@ -205,7 +218,7 @@ def content_violations(plan: Plan, rendered: Mapping[str, str], policy: Policy) 
                     )
                 )
     disclaimers = rules.disclaimers.get(plan.category)
-    if disclaimers and not any(_contains(t, p) for t in rendered.values() for p in disclaimers):
+    if disclaimers and not any(_first_phrase(t, disclaimers) for t in rendered.values()):
         phrases = ", ".join(repr(p) for p in disclaimers)
         found.append(
             Violation(
@@ -215,9 +228,7 @@ def content_violations(plan: Plan, rendered: Mapping[str, str], policy: Policy) 
             )
         )
     for key, text in rendered.items():
-        claim = next(
-            (c for c in rules.forbidden_claims.get(plan.category, ()) if _contains(text, c)), None
-        )
+        claim = _first_phrase(text, rules.forbidden_claims.get(plan.category, ()))
         if claim is not None:
             found.append(
                 Violation(
@@ -305,15 +316,13 @@ class CapCounter:
         return f"at most {self.limit} {self.what} ({self.window}) reached"
 
 
+# A fan-out computes the same windows for every user of a zone: each is worked out once.
 def _day_window(local: datetime) -> tuple[str, datetime]:
-    day = local.date()
-    return day.isoformat(), local_moment(day + timedelta(days=1), time(), _zone(local))
+    return _day_window_of(local.date(), _zone(local))
 
 
 def _week_window(local: datetime) -> tuple[str, datetime]:
-    year, week, weekday = local.isocalendar()
-    monday = local.date() + timedelta(days=8 - weekday)
-    return f"{year}-W{week:02d}", local_moment(monday, time(), _zone(local))
+    return _week_window_of(local.date(), _zone(local))
 
 
 def _month_window(local: datetime) -> tuple[str, datetime]:
@@ -323,6 +332,18 @@ def _month_window(local: datetime) -> tuple[str, datetime]:
 
 def _year_window(local: datetime) -> tuple[str, datetime]:
     return str(local.year), local_moment(date(local.year + 1, 1, 1), time(), _zone(local))
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_window_of(day: date, tz: ZoneInfo) -> tuple[str, datetime]:
+    return day.isoformat(), local_moment(day + timedelta(days=1), time(), tz)
+
+
+@functools.lru_cache(maxsize=4096)
+def _week_window_of(day: date, tz: ZoneInfo) -> tuple[str, datetime]:
+    year, week, weekday = day.isocalendar()
+    monday = day + timedelta(days=8 - weekday)
+    return f"{year}-W{week:02d}", local_moment(monday, time(), tz)
 
 
 _WINDOWS = {"day": _day_window, "week": _week_window, "month": _month_window, "year": _year_window}
@@ -351,11 +372,12 @@ def cap_counters(
     at: datetime,
     tz: ZoneInfo,
     key_value: str | None = None,
+    limits: Limits | None = None,
 ) -> tuple[CapCounter, ...]:
     """The counters one send of `plan` to `user` at `at` increments, windows in the user's
     local calendar (`tz`): the day, the ISO week (Monday to Sunday), the month."""
     local = require_aware(at, "send time").astimezone(tz)
-    limits = plan_limits(plan, policy)
+    limits = limits or plan_limits(plan, policy)
     day, day_end = _day_window(local)
     week, week_end = _week_window(local)
     category = plan.category.value
@@ -459,13 +481,46 @@ def check_send(
 ) -> Decision:
     """Steps 4-6 on one rendered message about to be sent `now` (aware) to `user` in `tz`; when
     they pass, the counters of step 7 (the gate counts them atomically, see `on_capped`)."""
-    require_aware(due_at, "due time")
-    stop = category_rule(plan, policy) or content_rules(plan, rendered, policy)
-    stop = stop or field_rules(plan, rendered)
+    stop = message_violation(plan, policy, rendered)
     if stop is not None:
         return Decision(stop)
+    return moment_decision(
+        plan,
+        policy,
+        user=user,
+        rendered=rendered,
+        variables=variables,
+        due_at=due_at,
+        now=now,
+        tz=tz,
+    )
+
+
+def message_violation(plan: Plan, policy: Policy, rendered: Mapping[str, str]) -> Violation | None:
+    """Steps 4-5, which depend on the rendered message only (a fan-out may reuse the answer
+    for every user who gets the same text)."""
+    stop = category_rule(plan, policy) or content_rules(plan, rendered, policy)
+    return stop or field_rules(plan, rendered)
+
+
+def moment_decision(
+    plan: Plan,
+    policy: Policy,
+    *,
+    user: str,
+    rendered: Mapping[str, str],
+    variables: Mapping[str, object],
+    due_at: datetime,
+    now: datetime,
+    tz: ZoneInfo,
+    limits: Limits | None = None,
+) -> Decision:
+    """Step 6 (quiet hours) at `now` in the user's zone, then the counters of step 7.
+    `limits` is `plan_limits(plan, policy)`, when the caller has it at hand."""
+    require_aware(due_at, "due time")
     local = require_aware(now, "now").astimezone(tz)
-    window = plan_limits(plan, policy).quiet
+    limits = limits or plan_limits(plan, policy)
+    window = limits.quiet
     opening = quiet_hours(local, window)
     if opening is not None:
         violation = Violation(
@@ -478,7 +533,7 @@ def check_send(
             plan, violation, plan.delivery.on_quiet_hours == "defer", opening, due_at
         )
     key_value = limit_key_value(plan, variables, rendered)
-    return Decision(counters=cap_counters(plan, policy, user, now, tz, key_value))
+    return Decision(counters=cap_counters(plan, policy, user, now, tz, key_value, limits))
 
 
 def on_capped(plan: Plan, counter: CapCounter, due_at: datetime) -> Decision:

@@ -1,15 +1,16 @@
 -- The rules before every send (docs/rules.md): frequency-cap counters, deferred deliveries, and
 -- claim_deliveries running the whole gate in DESIGN.md's order in one round trip per batch.
 
--- One counter per cap and window, e.g. 'user-day:oABC:2026-03-08'. The gate locks the counters
--- of a batch (in key order, so concurrent dispatchers cannot deadlock), allows a send only if
--- every counter it touches has room, and counts it in the same transaction as its claim: any
--- number of dispatchers and replicas together never exceed a cap.
+-- One counter per cap and window, e.g. 'user-day:oABC:2026-03-08'. The gate counts a batch's
+-- sends on their counters in the transaction of its claim, with the counter rows locked (in key
+-- order, so concurrent dispatchers cannot deadlock) until commit, and allows a send only if every
+-- counter it touches had room: any number of dispatchers and replicas never exceed a cap.
 CREATE TABLE cap_counters (
-    key       text PRIMARY KEY,
-    used      int NOT NULL DEFAULT 0 CHECK (used >= 0),
-    resets_at timestamptz NOT NULL  -- when its window ends; past rows are only history
-);
+    key        text PRIMARY KEY,
+    used       int NOT NULL DEFAULT 0 CHECK (used >= 0),
+    last_limit int NOT NULL,  -- the limit of the latest send counted (each send brings its own)
+    resets_at  timestamptz NOT NULL  -- when its window ends; past rows are only history
+) WITH (fillfactor = 80);  -- room on the page: a count goes up as a HOT update
 CREATE INDEX cap_counters_resets ON cap_counters (resets_at);
 
 -- A deferred delivery waits for `defer_until`, then goes through the gate again (its row is
@@ -42,6 +43,7 @@ DECLARE
     v_out boolean[];            -- opted out
     v_consented boolean[];
     v_candidate boolean[];      -- claimed, consented, not stopped by rules 4-6: faces the caps
+    v_counted text[];           -- the counters that had room for all their candidates
     v_capped_until timestamptz[];  -- a full counter's reset, else NULL
     v_allowed boolean[];
     v_refused_ids bigint[];     -- the rows the gate stopped, with the outcome they got
@@ -95,40 +97,47 @@ BEGIN
                AND p_stop_status[i] IS NULL ORDER BY i), '{}')
     INTO v_candidate FROM generate_subscripts(p_users, 1) AS i;
 
-    -- 7. Caps: lock the candidates' counters in key order; a row goes only if each of its
-    -- counters has room, counting the batch's earlier rows on the same counter.
-    INSERT INTO cap_counters (key, resets_at)
-    SELECT k.key, max(k.resets)
-    FROM unnest(p_cap_rows, p_cap_keys, p_cap_resets) AS k (pos, key, resets)
-    WHERE v_candidate[k.pos] GROUP BY k.key ORDER BY k.key
-    ON CONFLICT (key) DO NOTHING;
-    PERFORM 1 FROM cap_counters c
-    WHERE c.key IN (SELECT k.key FROM unnest(p_cap_rows, p_cap_keys) AS k (pos, key)
-                    WHERE v_candidate[k.pos])
-    ORDER BY c.key FOR UPDATE;
+    -- 7. Caps, counted optimistically: every counter the candidates use goes up by their number,
+    -- unless that passes its limit. The upsert locks each counter row (in key order) until
+    -- commit, refused or not, so a concurrent claim waits and then sees the new count.
+    WITH needed AS (
+        SELECT k.key, count(*)::int AS n, min(k.lim) AS lim, max(k.resets) AS resets
+        FROM unnest(p_cap_rows, p_cap_keys, p_cap_limits, p_cap_resets)
+             AS k (pos, key, lim, resets)
+        WHERE v_candidate[k.pos]
+        GROUP BY k.key
+    ), counted AS (
+        INSERT INTO cap_counters AS c (key, used, last_limit, resets_at)
+        SELECT key, n, lim, resets FROM needed WHERE n <= lim ORDER BY key
+        ON CONFLICT (key) DO UPDATE SET used = c.used + excluded.used
+            WHERE c.used + excluded.used <= excluded.last_limit
+        RETURNING c.key  -- a counter that would pass its limit is not updated, not returned
+    )
+    SELECT coalesce(array_agg(key), '{}') INTO v_counted FROM counted;
 
+    -- A candidate goes only if all its counters went up; it waits for the latest reset among
+    -- those that did not.
     SELECT coalesce(array_agg(f.until ORDER BY i), '{}') INTO v_capped_until
     FROM generate_subscripts(p_users, 1) AS i
     LEFT JOIN (
-        SELECT r.pos, max(r.resets) AS until FROM (
-            SELECT k.pos, k.lim, k.resets, c.used,
-                   row_number() OVER (PARTITION BY k.key ORDER BY k.pos) AS nth
-            FROM unnest(p_cap_rows, p_cap_keys, p_cap_limits, p_cap_resets)
-                 AS k (pos, key, lim, resets)
-            JOIN cap_counters c ON c.key = k.key
-            WHERE v_candidate[k.pos]
-        ) AS r
-        WHERE r.used + r.nth > r.lim
-        GROUP BY r.pos
+        SELECT k.pos, max(k.resets) AS until
+        FROM unnest(p_cap_rows, p_cap_keys, p_cap_resets) AS k (pos, key, resets)
+        LEFT JOIN unnest(v_counted) AS ok (key) ON ok.key = k.key
+        WHERE v_candidate[k.pos] AND ok.key IS NULL
+        GROUP BY k.pos
     ) AS f ON f.pos = i;
+
+    -- The counts of candidates that did not go are taken back (rare: a cap was reached).
+    UPDATE cap_counters c SET used = c.used - n.n
+    FROM (SELECT k.key, count(*)::int AS n
+          FROM unnest(p_cap_rows, p_cap_keys) AS k (pos, key)
+          JOIN unnest(v_counted) AS ok (key) ON ok.key = k.key
+          WHERE v_candidate[k.pos] AND v_capped_until[k.pos] IS NOT NULL
+          GROUP BY k.key) AS n
+    WHERE c.key = n.key;
 
     SELECT coalesce(array_agg(v_candidate[i] AND v_capped_until[i] IS NULL ORDER BY i), '{}')
     INTO v_allowed FROM generate_subscripts(p_users, 1) AS i;
-
-    UPDATE cap_counters c SET used = c.used + n.n
-    FROM (SELECT k.key, count(*)::int AS n FROM unnest(p_cap_rows, p_cap_keys) AS k (pos, key)
-          WHERE v_allowed[k.pos] GROUP BY k.key) AS n
-    WHERE c.key = n.key;
 
     -- The credit of every allowed one-time send is taken now, and logged in the history.
     IF p_consent_kind = 'one_time' THEN
