@@ -327,7 +327,11 @@ class Dispatcher:
         are deferred again, or are skipped (their max_delay ran out, e.g. during a pause)."""
         report = FanOutReport()
         active = await self.load(plan_id)
-        if active is None or active.record.state != "active" or self.stopping.is_set():
+        # A completed plan's last occurrence may have sends deferred past its completion.
+        if active is None or active.record.state not in ("active", "completed"):
+            report.stopped = True
+            return report
+        if self.stopping.is_set():
             report.stopped = True
             return report
         max_delay = active.plan.delivery.max_delay.as_timedelta()

@@ -52,8 +52,9 @@ DECLARE
     v_refused_reason text[];
 BEGIN
     -- 1. FOR SHARE: a pause waits for this claim to commit, so no batch starts after a pause.
+    -- A completed plan fires no more, but the deferred sends of its last occurrence still go.
     SELECT state INTO v_state FROM plans WHERE id = p_plan FOR SHARE;
-    IF v_state IS DISTINCT FROM 'active' THEN
+    IF v_state IS NULL OR v_state NOT IN ('active', 'completed') THEN
         RETURN;
     END IF;
 
