@@ -52,11 +52,11 @@ CREATE TABLE opens (
 CREATE UNIQUE INDEX opens_once ON opens (user_id, coalesce(delivery_id, 0), opened_at);
 CREATE INDEX opens_plan ON opens (plan_id, opened_at);
 
--- finish_deliveries as in 001, now also appending to the consent history what each result says
--- about consent, under the lock of the consent row (so the history's order is the cache's):
--- 43101 'exhausted' (source 'wechat:43101'), and the credit given back by any other failure of a
--- one-time send ('refund').
-CREATE OR REPLACE FUNCTION finish_deliveries(
+-- Record the channel's results for a batch, and what they say about consent, appended to the
+-- consent history under the lock of the consent row (so the history's order is the cache's):
+-- 43101 means the user has none left ('exhausted', source 'wechat:43101'); any other failure of
+-- a one-time send gives its credit back, since WeChat did not use it ('refund').
+CREATE FUNCTION finish_deliveries(
     p_template text, p_consent_kind text,
     p_ids bigint[], p_statuses text[], p_reasons text[], p_errcodes int[], p_msgids bigint[],
     p_details text[]

@@ -18,10 +18,6 @@ CREATE INDEX cap_counters_resets ON cap_counters (resets_at);
 ALTER TABLE deliveries ADD COLUMN defer_until timestamptz;
 CREATE INDEX deliveries_deferred ON deliveries (defer_until) WHERE status = 'deferred';
 
-DROP FUNCTION claim_deliveries(
-    text, int, text, text, text, text[], text[], int[], timestamptz[], jsonb[]
-);
-
 -- Gate order (DESIGN.md): 1 plan active, 2 not opted out, 3 consent, 4-6 category, content,
 -- field and quiet-hours rules (decided by the dispatcher on the rendered message and passed in
 -- p_stop_*), 7 caps, 8 the ledger claim. The claim is taken first, so that only rows this call
