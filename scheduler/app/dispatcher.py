@@ -342,6 +342,10 @@ class Dispatcher:
                 async with self.store.due_deferrals(plan_id, now, self.batch_size) as (conn, rows):
                     if not rows:
                         return
+                    # One row per user a batch: every cap counter is per user, and a counter
+                    # with room for one of two rows of one batch would refuse both. The others
+                    # stay deferred and due, for the next batch.
+                    rows = list({row.recipient.user_id: row for row in reversed(rows)}.values())
                     dues = [self._retry(active.plan, row, now, max_delay) for row in rows]
                     claims = await self._claim(conn, active, dues)
                 # Every row was locked by us and still deferred: no claim means the plan stopped.

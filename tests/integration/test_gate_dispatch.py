@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.domain.plan import Plan
+from scheduler.domain.policy import Policy
 from scheduler.store.postgres import Store
 from tests.integration.test_dispatch import Clock, dispatcher, ledger, register
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
@@ -189,3 +190,34 @@ async def test_content_rules_stop_a_rendered_message_with_the_rule_and_detail(st
     )
     assert (row["status"], row["reason"]) == ("skipped", "content")
     assert "优惠" in row["detail"]
+
+
+async def test_two_deferred_sends_of_one_user_share_a_cap_with_room_for_one(store, fake, channel):
+    """Both of a day's late messages wait for the morning; with room for one, one goes."""
+    plan = Plan.model_validate(
+        {
+            **notice_plan().model_dump(mode="json"),
+            "schedule": {
+                "calendar": {
+                    "timezone": "Asia/Shanghai",
+                    "daily": {"at": ["22:30", "23:00"]},
+                    "start": "2026-03-01",
+                }
+            },
+        }
+    )
+    await register(store, plan)
+    await enrol(store, plan, "o-a")
+    policy = Policy.model_validate({"caps": {"user_day": 1}})
+    clock = Clock(LATE - timedelta(minutes=30))
+    d = dispatcher(store, channel, clock, policy=policy)
+    await d.fire(plan.id, clock.now)
+    clock.now = LATE
+    await d.fire(plan.id, LATE)
+
+    clock.now = NEXT_MORNING
+    await d.retry_deferred(plan.id)
+
+    assert len(fake.messages) == 1
+    rows = await store.pool.fetch("SELECT status, reason FROM deliveries ORDER BY due_at")
+    assert [(r["status"], r["reason"]) for r in rows] == [("sent", None), ("skipped", "capped")]
