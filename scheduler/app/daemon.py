@@ -39,7 +39,7 @@ from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.channels.base import Channel
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relative_due
-from scheduler.planfiles import LoadedPlan
+from scheduler.planfiles import LoadedPlan, load_policy
 from scheduler.settings import Settings
 from scheduler.store.embedded import sqlalchemy_url, start_embedded
 from scheduler.store.postgres import SCHEDULER_SETUP_LOCK, PlanRecord, Store
@@ -299,6 +299,10 @@ async def build_scheduler(
 async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or `stop` is set); `demo` seeds demo users."""
     global _dispatcher
+    # The rules every send is checked against: a running daemon keeps its last good policy when
+    # the file breaks, but a starting one has none to keep, so it refuses to start (PlanError:
+    # the file, the field, why).
+    load_policy(settings.plans_dir)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

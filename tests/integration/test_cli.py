@@ -126,3 +126,14 @@ def test_unreachable_database_is_reported_plainly(monkeypatch, capsys):
     assert main(["db", "upgrade"]) == 1
     err = capsys.readouterr().err
     assert "cannot connect to PostgreSQL" in err and "Traceback" not in err
+
+
+def test_run_refuses_to_start_on_an_invalid_policy(tmp_path, monkeypatch, capsys):
+    (tmp_path / "policy.yaml").write_text("caps:\n  user_day: 0\n")
+    monkeypatch.setenv("REMINDERS_PLANS_DIR", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:9/none")  # never reached
+
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert "policy.yaml" in err and "caps.user_day" in err
+    assert "Traceback" not in err
