@@ -251,8 +251,15 @@ async def main(args: argparse.Namespace) -> str:
             created = True
             fake, base_url = await _start_fake()
             cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-            if len(cpus) >= 2:  # the fake on a core of its own; PostgreSQL floats
+            if len(cpus) >= 2:
+                # This process on a core of its own, as the daemon would be beside a database
+                # server and WeChat elsewhere: the fake and an embedded PostgreSQL (its server
+                # processes are forked from the postmaster, so they follow it) share the other.
                 _pin(fake.pid, cpus[1])
+                if temp_dir is not None:
+                    import pgserver
+
+                    _pin(pgserver.get_server(temp_dir / "pgdata").get_pid(), cpus[1])
                 _pin(0, cpus[0])
             print(f"database {database}, fake WeChat at {base_url} (pid {fake.pid})")
             return await bench(args, server_url, with_database(server_url, database), base_url)

@@ -28,7 +28,7 @@ from scheduler.app.status import overview, plan_status, render_overview, render_
 from scheduler.channels.wechat import WeChatChannel  # noqa: E402
 from scheduler.domain.schedule import calendar_anchor, calendar_occurrences, relative_due  # noqa: E402
 from scheduler.fake_wechat import FakeWeChat  # noqa: E402
-from scheduler.planfiles import load_plans  # noqa: E402
+from scheduler.planfiles import load_plans, load_policy  # noqa: E402
 from scheduler.store.postgres import Store  # noqa: E402
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -57,7 +57,9 @@ async def simulate(url: str) -> None:
         await fake.start()
         channel = WeChatChannel(base_url=fake.base_url, appid="sim", secret="sim", retries=1)
         clock = Clock(START)
-        dispatcher = Dispatcher(store, channel, replica_id="sim-replica", clock=clock)
+        dispatcher = Dispatcher(
+            store, channel, replica_id="sim-replica", clock=clock, policy=load_policy(PLANS_DIR)
+        )
         lifecycle = Lifecycle(store, clock=clock)
         loaded, _ = load_plans([PLANS_DIR])
         plans = {item.plan.id: item.plan for item in loaded}
@@ -89,7 +91,12 @@ async def simulate(url: str) -> None:
                             user, plan.template.id, "one_time", "accept", "sim"
                         )
 
-        # Every calendar fire in December, and an hourly sweep for the relative plan.
+        # The store stamps registration with the real clock, and a calendar plan without a start
+        # date counts from it: the simulated month starts at registration.
+        await store.pool.execute("UPDATE plans SET registered_at = $1", START)
+
+        # Every calendar fire in December, and an hourly sweep for the relative plan (and for the
+        # deferred sends whose moment has come, as the daemon does every sweep period).
         events: list[tuple[datetime, str]] = []
         for plan in plans.values():
             if plan.schedule.calendar is None:
@@ -136,6 +143,8 @@ async def simulate(url: str) -> None:
                     fake.inject(errcodes=[43101, 40003], times=1)
             clock.now = when + timedelta(seconds=2)
             await dispatcher.fire(plan_id, when)
+            for deferred in await store.plans_with_due_deferrals(clock.now):
+                await dispatcher.retry_deferred(deferred)
 
         await store.heartbeat("sim-replica", socket.gethostname(), os.getpid())
         as_of = END + timedelta(minutes=30)
