@@ -25,9 +25,11 @@ from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import DEFAULT_POLICY, Policy
 from scheduler.domain.rules import (
-    CapCounter,
+    USER_SLOT,
+    Decision,
     Limits,
     Violation,
+    limit_key_value,
     message_violation,
     moment_decision,
     plan_limits,
@@ -71,7 +73,7 @@ class Due:
     due_at: datetime
     data: dict[str, str]
     stop: Stop | None = None
-    counters: tuple[CapCounter, ...] = ()
+    counters: tuple[CapUse, ...] = ()  # their `row` is set by the claim
 
 
 @dataclass
@@ -366,7 +368,9 @@ class Dispatcher:
                 f"{plan.delivery.max_delay}",
             )
         else:
-            return self._gate(plan, row.occurrence, row.recipient, row.step, row.due_at, message)
+            return self._gate(
+                plan, row.occurrence, row.recipient, row.step, row.due_at, message, now, {}
+            )
         return Due(row.occurrence, row.recipient.user_id, row.step, row.due_at, message, why)
 
     # --- shared machinery -----------------------------------------------------------------------
@@ -381,6 +385,7 @@ class Dispatcher:
     ) -> list[Due]:
         """Render each recipient's message; one that cannot be rendered is recorded as skipped."""
         dues, broken = [], []
+        now, moments = self.clock(), {}  # a batch is judged at one moment
         for recipient in recipients:
             occurrence, step, due_at, tz = when(recipient)
             try:
@@ -395,7 +400,9 @@ class Dispatcher:
                 )
                 broken.append((occurrence, recipient.user_id, step, due_at))
                 continue
-            dues.append(self._gate(active.plan, occurrence, recipient, step, due_at, data))
+            dues.append(
+                self._gate(active.plan, occurrence, recipient, step, due_at, data, now, moments)
+            )
         report.unrenderable += len(broken)
         metrics.count(active.record.id, Outcome.SKIPPED, "unrenderable", len(broken))
         await self.store.skip(
@@ -417,31 +424,40 @@ class Dispatcher:
         step: int,
         due_at: datetime,
         data: dict[str, str],
+        now: datetime,
+        moments: dict[tuple, Decision],
     ) -> Due:
-        """Gate steps 4-6 on the rendered message, now, in the user's own time zone; step 7's
-        counters are counted by the claim, atomically."""
+        """Gate steps 4-6 on the rendered message, at `now`, in the user's own time zone; step
+        7's counters are counted by the claim, atomically. Step 6 and the counters depend on the
+        user only through the zone (and a limit key's value): `moments` keeps them per batch."""
+        user = recipient.user_id
         stop = self._message_violation(plan, data)
         if stop is not None:
-            return Due(
-                occurrence, recipient.user_id, step, due_at, data, _stop(Outcome.SKIPPED, stop)
+            return Due(occurrence, user, step, due_at, data, _stop(Outcome.SKIPPED, stop))
+        key_value = limit_key_value(plan, recipient.vars, data)
+        moment = (recipient.tz, due_at, key_value)
+        decision = moments.get(moment)
+        if decision is None:
+            decision = moments[moment] = moment_decision(
+                plan,
+                self.policy,
+                user=USER_SLOT,
+                rendered=data,
+                variables=recipient.vars,
+                due_at=due_at,
+                now=now,
+                tz=_zone(recipient.tz),
+                limits=self._limits(plan),
             )
-        decision = moment_decision(
-            plan,
-            self.policy,
-            user=recipient.user_id,
-            rendered=data,
-            variables=recipient.vars,
-            due_at=due_at,
-            now=self.clock(),
-            tz=_zone(recipient.tz),
-            limits=self._limits(plan),
-        )
         if decision.violation is None:
-            return Due(occurrence, recipient.user_id, step, due_at, data, None, decision.counters)
+            counters = tuple(
+                CapUse(-1, c.key_for(user), c.limit, c.resets_at) for c in decision.counters
+            )
+            return Due(occurrence, user, step, due_at, data, None, counters)
         assert decision.outcome is not None
         return Due(
             occurrence,
-            recipient.user_id,
+            user,
             step,
             due_at,
             data,

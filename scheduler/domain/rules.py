@@ -301,6 +301,11 @@ def quiet_hours(local: datetime, window: QuietWindow) -> datetime | None:
 # --- 7. frequency caps --------------------------------------------------------------------------
 
 
+# Stands for the user in the keys of counters worked out once for many users (an openid never
+# holds it): `CapCounter.for_user` puts the user in.
+USER_SLOT = "\x00"
+
+
 @dataclass(frozen=True)
 class CapCounter:
     """One counter a send increments. The gate allows the send only if every counter of it is
@@ -314,6 +319,10 @@ class CapCounter:
 
     def detail(self) -> str:
         return f"at most {self.limit} {self.what} ({self.window}) reached"
+
+    def key_for(self, user: str) -> str:
+        """This counter's key for `user`, when it was worked out for `USER_SLOT`."""
+        return self.key.replace(USER_SLOT, user)
 
 
 # A fan-out computes the same windows for every user of a zone: each is worked out once.
