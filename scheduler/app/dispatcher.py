@@ -56,6 +56,7 @@ from scheduler.store.postgres import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+QUOTA_ZONE = ZoneInfo("Asia/Shanghai")  # WeChat's daily quotas reset at midnight China time
 
 
 def utc_now() -> datetime:
@@ -121,6 +122,7 @@ class Dispatcher:
         self.batch_size = batch_size
         self.clock = clock
         self.policy = policy  # the plans folder's policy.yaml, replaced when it changes
+        self.quota_held_until: datetime | None = None  # WeChat answered 45009: no sends till then
         self.stopping = asyncio.Event()  # set on shutdown: no new batch is claimed
         self._running = 0
         self._idle = asyncio.Event()
@@ -434,6 +436,9 @@ class Dispatcher:
         stop = self._message_violation(plan, data)
         if stop is not None:
             return Due(occurrence, user, step, due_at, data, _stop(Outcome.SKIPPED, stop))
+        held = self._quota_stop(plan, due_at)
+        if held is not None:
+            return Due(occurrence, user, step, due_at, data, held)
         key_value = limit_key_value(plan, recipient.vars, data)
         moment = (recipient.tz, due_at, key_value)
         decision = moments.get(moment)
@@ -463,6 +468,37 @@ class Dispatcher:
             data,
             _stop(decision.outcome, decision.violation, decision.defer_until),
         )
+
+    # --- WeChat's daily quota (errcode 45009) ----------------------------------------------------
+
+    def _hold_for_quota(self, plan: Plan, due_at: datetime, detail: str | None) -> Stop:
+        """WeChat says the day's quota is spent: stop sending until its reset (midnight in
+        China) and put this send back for then (wechat-api.md §3)."""
+        now = self.clock()
+        if self.quota_held_until is None or self.quota_held_until <= now:
+            local = now.astimezone(QUOTA_ZONE)
+            self.quota_held_until = datetime.combine(
+                local.date() + timedelta(days=1), datetime.min.time(), QUOTA_ZONE
+            )
+            log.warning(
+                "WeChat's daily send quota is spent (45009: %s): no sends until %s",
+                detail,
+                self.quota_held_until.isoformat(),
+            )
+        stop = self._quota_stop(plan, due_at)
+        assert stop is not None
+        return stop
+
+    def _quota_stop(self, plan: Plan, due_at: datetime) -> Stop | None:
+        """While the quota is spent, a send is deferred to its reset, or skipped if that is past
+        the plan's max_delay (nothing is dropped silently)."""
+        until = self.quota_held_until
+        if until is None or self.clock() >= until:
+            return None
+        detail = f"WeChat's daily quota is spent until {until.isoformat()}"
+        if until - due_at <= plan.delivery.max_delay.as_timedelta():
+            return Stop(Outcome.DEFERRED.value, Reason.QUOTA.value, detail, until)
+        return Stop(Outcome.SKIPPED.value, Reason.QUOTA.value, f"{detail}, past max_delay")
 
     def _limits(self, plan: Plan) -> Limits:
         key = (id(plan), id(self.policy), ("limits",))
@@ -518,7 +554,7 @@ class Dispatcher:
     ) -> None:
         plan = active.plan
         tracked_page = page_tracker(plan.template.page)
-        queue: asyncio.Queue[tuple[int, str, OutgoingMessage] | None] = asyncio.Queue(
+        queue: asyncio.Queue[tuple[int, Due, OutgoingMessage] | None] = asyncio.Queue(
             maxsize=self.batch_size * 2
         )
         results: list[Finished] = []
@@ -530,16 +566,26 @@ class Dispatcher:
 
         async def worker() -> None:
             while (item := await queue.get()) is not None:
-                delivery_id, occurrence, message = item
+                delivery_id, due, message = item
+                held = self._quota_stop(plan, due.due_at)
+                if held is not None:  # the quota ran out while this send waited in the queue
+                    results.append(_held(delivery_id, held))
+                    report.stopped_by_gate(held.status, held.reason)
+                    continue
                 started = time.perf_counter()
                 result = await self.channel.send(message)
                 metrics.observe_send(
                     active.record.id,
-                    occurrence,
+                    due.occurrence,
                     message.touser,
                     result,
                     time.perf_counter() - started,
                 )
+                if result.reason == Reason.QUOTA:
+                    held = self._hold_for_quota(plan, due.due_at, result.detail)
+                    results.append(_held(delivery_id, held, result.errcode))
+                    report.stopped_by_gate(held.status, held.reason)
+                    continue
                 results.append(_finished(delivery_id, result))
                 if result.outcome == Outcome.SENT:
                     report.sent += 1
@@ -568,7 +614,7 @@ class Dispatcher:
                     await queue.put(
                         (
                             c.delivery_id,
-                            due.occurrence,
+                            due,
                             OutgoingMessage(
                                 c.user_id,
                                 plan.template.id,
@@ -612,6 +658,12 @@ def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None =
 
 def _step_key(recipient: Recipient) -> str:
     return f"step-{recipient.next_step + 1}"
+
+
+def _held(delivery_id: int, stop: Stop, errcode: int | None = None) -> Finished:
+    return Finished(
+        delivery_id, stop.status, stop.reason, errcode, None, stop.detail, stop.defer_until
+    )
 
 
 def _finished(delivery_id: int, result: SendResult) -> Finished:

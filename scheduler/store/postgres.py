@@ -107,6 +107,7 @@ class Finished:
     errcode: int | None
     msgid: int | None
     detail: str | None
+    defer_until: datetime | None = None  # status 'deferred': put back until then
 
 
 def _pid_alive(pid: int) -> bool:
@@ -551,7 +552,7 @@ class Store:
         if not results:
             return
         await self.pool.execute(
-            "SELECT finish_deliveries($1, $2, $3, $4, $5, $6, $7, $8)",
+            "SELECT finish_deliveries($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             template_id,
             consent_kind,
             [r.delivery_id for r in results],
@@ -560,6 +561,7 @@ class Store:
             [r.errcode for r in results],
             [r.msgid for r in results],
             [r.detail for r in results],
+            [r.defer_until for r in results],
         )
 
     async def skip(

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import Policy
+from scheduler.store.consent import ConsentStore
 from scheduler.store.postgres import Store
 from tests.integration.test_dispatch import Clock, dispatcher, ledger, register
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
@@ -221,3 +222,57 @@ async def test_two_deferred_sends_of_one_user_share_a_cap_with_room_for_one(stor
     assert len(fake.messages) == 1
     rows = await store.pool.fetch("SELECT status, reason FROM deliveries ORDER BY due_at")
     assert [(r["status"], r["reason"]) for r in rows] == [("sent", None), ("skipped", "capped")]
+
+
+async def test_a_spent_daily_quota_holds_every_send_until_midnight_china_time(store, fake, channel):
+    """45009: stop sending for the day and put the sends back for after midnight (CST); a
+    one-time credit taken by a send put back is returned, and taken again when it goes."""
+    plan = Plan.model_validate(
+        {
+            **notice_plan(at="10:00", max_delay="1 day").model_dump(mode="json"),
+            "consent": "one_time",
+        }
+    )
+    await register(store, plan)
+    users = [f"o-{i}" for i in range(5)]
+    for user in users:
+        await store.enroll(plan.id, user, LATE - timedelta(days=3), "Asia/Shanghai", {}, None)
+        await store.record_consent(user, plan.template.id, "one_time", "accept", "test")
+    morning = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
+    clock = Clock(morning)
+    d = dispatcher(store, channel, clock, batch_size=2, concurrency=1)
+    fake.inject(errcodes=[45009], times=1)
+
+    report = await d.fire(plan.id, morning)
+
+    assert fake.messages == [] and report.gate == {"deferred:quota": 5}
+    midnight = datetime(2026, 3, 2, 16, 0, tzinfo=UTC)
+    rows = await store.pool.fetch("SELECT status, reason, defer_until FROM deliveries")
+    assert {(r["status"], r["reason"], r["defer_until"]) for r in rows} == {
+        ("deferred", "quota", midnight)
+    }
+    credits = await store.pool.fetch("SELECT credits FROM consent")
+    assert [r["credits"] for r in credits] == [1] * 5  # the put-back send's credit came back
+
+    clock.now = NEXT_MORNING  # 08:00 in Shanghai: past the reset and the quiet hours
+    await d.retry_deferred(plan.id)
+
+    assert sorted(m["touser"] for m in fake.messages) == users
+    assert await store.pool.fetchval("SELECT sum(credits) FROM consent") == 0
+    assert await ConsentStore(store.pool).mismatches() == {}  # the history explains the credits
+
+
+async def test_a_quota_reset_past_max_delay_is_a_skip_not_a_silent_drop(store, fake, channel):
+    plan = notice_plan(at="10:00")  # max_delay 12 hours; the reset is 14 hours away
+    await register(store, plan)
+    for user in ("o-a", "o-b"):
+        await enrol(store, plan, user)
+    morning = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+    fake.inject(errcodes=[45009], times=1)
+
+    await dispatcher(store, channel, Clock(morning), concurrency=1).fire(plan.id, morning)
+
+    assert await statuses(store, plan.id) == {
+        "o-a": ("skipped", "quota"),
+        "o-b": ("skipped", "quota"),
+    }

@@ -55,11 +55,13 @@ CREATE INDEX opens_plan ON opens (plan_id, opened_at);
 -- Record the channel's results for a batch, and what they say about consent, appended to the
 -- consent history under the lock of the consent row (so the history's order is the cache's):
 -- 43101 means the user has none left ('exhausted', source 'wechat:43101'); any other failure of
--- a one-time send gives its credit back, since WeChat did not use it ('refund').
+-- a one-time send gives its credit back, since WeChat did not use it ('refund'), and so does a
+-- send put back for later ('deferred' until p_defer_until: WeChat's daily quota was spent, or
+-- 'skipped' when that is too late), whose next claim takes a credit again.
 CREATE FUNCTION finish_deliveries(
     p_template text, p_consent_kind text,
     p_ids bigint[], p_statuses text[], p_reasons text[], p_errcodes int[], p_msgids bigint[],
-    p_details text[]
+    p_details text[], p_defer_until timestamptz[]
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -71,18 +73,19 @@ BEGIN
     WITH done AS (
         UPDATE deliveries d
         SET status = r.status, reason = r.reason, errcode = r.errcode, msgid = r.msgid,
-            detail = r.detail, finished_at = now()
-        FROM unnest(p_ids, p_statuses, p_reasons, p_errcodes, p_msgids, p_details)
-             AS r (id, status, reason, errcode, msgid, detail)
+            detail = r.detail, defer_until = r.until,
+            finished_at = CASE WHEN r.status = 'deferred' THEN NULL ELSE now() END
+        FROM unnest(p_ids, p_statuses, p_reasons, p_errcodes, p_msgids, p_details, p_defer_until)
+             AS r (id, status, reason, errcode, msgid, detail, until)
         WHERE d.id = r.id AND d.status = 'pending'
         RETURNING d.id, d.user_id, r.status, r.errcode
     )
     SELECT
         coalesce(array_agg(id) FILTER (WHERE errcode = 43101), '{}'),
         coalesce(array_agg(user_id) FILTER (WHERE errcode = 43101), '{}'),
-        coalesce(array_agg(id) FILTER (WHERE status = 'failed'
+        coalesce(array_agg(id) FILTER (WHERE status <> 'sent'
             AND errcode IS DISTINCT FROM 43101 AND p_consent_kind = 'one_time'), '{}'),
-        coalesce(array_agg(user_id) FILTER (WHERE status = 'failed'
+        coalesce(array_agg(user_id) FILTER (WHERE status <> 'sent'
             AND errcode IS DISTINCT FROM 43101 AND p_consent_kind = 'one_time'), '{}')
     INTO v_gone_ids, v_gone_users, v_refund_ids, v_refund_users
     FROM done;
@@ -112,7 +115,7 @@ BEGIN
         INSERT INTO consent_events
             (user_id, template_id, kind, result, via, source, delivery_id, event_id)
         SELECT f.uid, p_template, 'one_time', 'refund', 'send', 'dispatcher', f.id,
-               'delivery:' || f.id || ':refund'
+               'delivery:' || f.id || ':refund@' || now()  -- a row put back may be refunded again
         FROM unnest(v_refund_ids, v_refund_users) AS f (id, uid)
         WHERE f.uid IN (SELECT user_id FROM refunded)
         ON CONFLICT DO NOTHING;

@@ -145,7 +145,7 @@ BEGIN
         INSERT INTO consent_events
             (user_id, template_id, kind, result, via, source, delivery_id, event_id)
         SELECT p_users[i], p_template, 'one_time', 'consume', 'send', 'dispatcher', v_id[i],
-               'delivery:' || v_id[i] || ':consume'
+               'delivery:' || v_id[i] || ':consume@' || now()  -- again after a put-back
         FROM generate_subscripts(p_users, 1) AS i WHERE v_allowed[i]
         ON CONFLICT DO NOTHING;
     END IF;
