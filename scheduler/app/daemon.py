@@ -203,12 +203,14 @@ class Daemon:
 
     async def retry_deferred_forever(self) -> None:
         """Every sweep period, the deferred sends whose moment has come go through the gate
-        again (any replica may take them: their rows are locked with SKIP LOCKED)."""
+        again (any replica may take them: their rows are locked with SKIP LOCKED), and cap
+        counters of windows long past are forgotten."""
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
             try:
                 for plan_id in await self.store.plans_with_due_deferrals(self.clock()):
                     await self.dispatcher.retry_deferred(plan_id)
+                await self.store.prune_cap_counters(self.clock())
             except Exception:  # the database may be briefly away: try again next period
                 log.exception("retrying deferred sends failed")
 

@@ -451,6 +451,17 @@ class Store:
 
     # --- the ledger -----------------------------------------------------------------------------
 
+    async def prune_cap_counters(self, now: datetime, batch: int = 10_000) -> int:
+        """Forget up to `batch` frequency-cap counters whose window ended a day ago or more (a
+        send deferred into a new window counts on a new counter)."""
+        status = await self.pool.execute(
+            "DELETE FROM cap_counters WHERE key IN (SELECT key FROM cap_counters"
+            " WHERE resets_at < $1::timestamptz - interval '1 day' LIMIT $2)",
+            now,
+            batch,
+        )
+        return int(status.split()[-1])
+
     async def plans_with_due_deferrals(self, now: datetime) -> list[str]:
         rows = await self.pool.fetch(
             "SELECT DISTINCT plan_id FROM deliveries"

@@ -191,3 +191,15 @@ async def test_no_consent_comes_before_the_rules(store: Store):
     assert not c.allowed
     assert (await rows(store))[("step-1", "o-none")][:2] == ("skipped", "no_consent")
     assert await store.pool.fetchval("SELECT count(*) FROM cap_counters") == 0
+
+
+async def test_counters_of_windows_long_past_are_pruned(store: Store):
+    plan = await long_term_plan_with(store, ["o-a"])
+    await claim(store, plan, "occ-1", ["o-a"], caps=day_cap(["o-a"], 2))  # resets at MIDNIGHT
+    week = CapUse(0, "user-category-week:o-a:transport:2026-W10", 3, MIDNIGHT + timedelta(days=6))
+    await claim(store, plan, "occ-2", ["o-a"], caps=[week])
+
+    assert await store.prune_cap_counters(MIDNIGHT + timedelta(hours=23)) == 0  # not a day yet
+    assert await store.prune_cap_counters(MIDNIGHT + timedelta(days=2)) == 1
+    keys = await store.pool.fetch("SELECT key FROM cap_counters")
+    assert [r["key"] for r in keys] == ["user-category-week:o-a:transport:2026-W10"]
