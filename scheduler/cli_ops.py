@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,72 +53,63 @@ def _print_action(result: Any, as_json: bool) -> None:
         print(f"  skip: {skipped} held-back occurrence(s)/step(s) recorded skipped (paused)")
 
 
-def cmd_pause(args: argparse.Namespace) -> int:
+def _lifecycle_action(args: argparse.Namespace, action: Callable[[Any, str], Awaitable]) -> int:
+    """Run one `Lifecycle` action (given the service and the actor) and print what it did."""
     from scheduler.app.lifecycle import Lifecycle
 
     async def work(store):  # noqa: ANN001, ANN202
-        return await Lifecycle(store).pause(args.plan_id, actor=cli_actor(), reason=args.reason)
+        return await action(Lifecycle(store), cli_actor())
 
     _print_action(_run(args, work), args.json)
     return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _lifecycle_action(
+        args, lambda lc, actor: lc.pause(args.plan_id, actor=actor, reason=args.reason)
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from scheduler.app.lifecycle import Lifecycle
-
-    async def work(store):  # noqa: ANN001, ANN202
-        return await Lifecycle(store).resume(
-            args.plan_id, actor=cli_actor(), reason=args.reason, catch_up=args.catch_up
-        )
-
-    _print_action(_run(args, work), args.json)
-    return 0
+    return _lifecycle_action(
+        args,
+        lambda lc, actor: lc.resume(
+            args.plan_id, actor=actor, reason=args.reason, catch_up=args.catch_up
+        ),
+    )
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from scheduler.app.lifecycle import Lifecycle
-
-    async def work(store):  # noqa: ANN001, ANN202
-        return await Lifecycle(store).cancel(args.plan_id, actor=cli_actor(), reason=args.reason)
-
-    _print_action(_run(args, work), args.json)
-    return 0
+    return _lifecycle_action(
+        args, lambda lc, actor: lc.cancel(args.plan_id, actor=actor, reason=args.reason)
+    )
 
 
 def cmd_opt_out(args: argparse.Namespace) -> int:
-    from scheduler.app.lifecycle import Lifecycle
-
-    async def work(store):  # noqa: ANN001, ANN202
-        return await Lifecycle(store).opt_out(
-            args.user_id, plan_id=args.plan, actor=cli_actor(), reason=args.reason
-        )
-
-    _print_action(_run(args, work), args.json)
-    return 0
+    return _lifecycle_action(
+        args,
+        lambda lc, actor: lc.opt_out(
+            args.user_id, plan_id=args.plan, actor=actor, reason=args.reason
+        ),
+    )
 
 
 def cmd_opt_in(args: argparse.Namespace) -> int:
-    from scheduler.app.lifecycle import Lifecycle
-
-    async def work(store):  # noqa: ANN001, ANN202
-        return await Lifecycle(store).opt_in(
-            args.user_id, plan_id=args.plan, actor=cli_actor(), reason=args.reason
-        )
-
-    _print_action(_run(args, work), args.json)
-    return 0
+    return _lifecycle_action(
+        args,
+        lambda lc, actor: lc.opt_in(
+            args.user_id, plan_id=args.plan, actor=actor, reason=args.reason
+        ),
+    )
 
 
 def cmd_stop_enrollment(args: argparse.Namespace) -> int:
-    from scheduler.app.lifecycle import Lifecycle
-
-    async def work(store):  # noqa: ANN001, ANN202
-        return await Lifecycle(store).stop_enrollment(
-            args.plan_id, args.user_id, actor=cli_actor(), reason=args.reason
-        )
-
-    _print_action(_run(args, work), args.json)
-    return 0
+    return _lifecycle_action(
+        args,
+        lambda lc, actor: lc.stop_enrollment(
+            args.plan_id, args.user_id, actor=actor, reason=args.reason
+        ),
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

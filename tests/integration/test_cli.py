@@ -137,3 +137,33 @@ def test_run_refuses_to_start_on_an_invalid_policy(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "policy.yaml" in err and "caps.user_day" in err
     assert "Traceback" not in err
+
+
+def test_lifecycle_commands_act_once_and_refuse_plainly(env, capsys):
+    assert main(["enroll", "pension-monthly", "--user", "oOps", "--var", "name=王五"]) == 0
+    steps = [
+        (["pause", "pension-monthly", "--reason", "wrong date"], "is now paused"),
+        (["resume", "pension-monthly", "--reason", "fixed"], "is now active"),
+        (["opt-out", "oOps", "--reason", "asked"], "user oOps / every plan"),
+        (["opt-in", "oOps", "--reason", "asked again"], "opt in: user oOps"),
+        (["stop-enrollment", "pension-monthly", "oOps", "--reason", "moved"], "stop enrollment"),
+        (["cancel", "pension-monthly", "--reason", "programme over"], "is now cancelled"),
+    ]
+    capsys.readouterr()
+    for args, expected in steps:
+        assert main(args) == 0, capsys.readouterr().err
+        assert expected in capsys.readouterr().out
+
+    assert main(["resume", "pension-monthly", "--reason", "again"]) == 1
+    err = capsys.readouterr().err
+    assert "pension-monthly" in err and "cancelled" in err and "Traceback" not in err
+    actions = fetch(env, "SELECT action, actor FROM plan_events ORDER BY id")
+    assert [r["action"] for r in actions][-6:] == [
+        "pause",
+        "resume",
+        "opt_out",
+        "opt_in",
+        "stop_enrollment",
+        "cancel",
+    ]
+    assert all(r["actor"].startswith("cli:") for r in actions[-6:])
