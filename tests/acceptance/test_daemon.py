@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from scheduler.store.postgres import Store
-from tests.ops_helpers import permissive_policy_in
+from tests.ops_helpers import fake_url_fixture, permissive_policy_in  # noqa: F401 - a fixture
 
 PLAN = """
 id: ticker
@@ -40,22 +40,6 @@ message:
     number2: "{step}"
 """
 USERS = [f"o-user-{i:02d}" for i in range(8)]
-
-
-@pytest.fixture
-def fake_url() -> Iterator[str]:
-    with subprocess.Popen(
-        [sys.executable, "-m", "scheduler.fake_wechat", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        try:
-            url = proc.stdout.readline().strip()
-            assert url.startswith("http://127.0.0.1:"), url
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @pytest.fixture

@@ -4,11 +4,8 @@ skips with no_consent; every page carries the tracking parameter, and an open is
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
-
-import pytest
 
 from scheduler.app.dispatcher import Dispatcher
 from scheduler.channels.wechat import WeChatChannel
@@ -16,26 +13,12 @@ from scheduler.fake_wechat import FakeWeChat
 from scheduler.store.consent import ConsentStore
 from scheduler.store.postgres import Store
 from tests.ingest_helpers import INGEST, ONE_TIME_TEMPLATE, register, rehab_plan, serve
+from tests.integration.test_dispatch import Clock
+from tests.ops_helpers import fake_fixture  # noqa: F401 - a fixture
 from tests.wechat_pushes import event, popup, signed_query, to_xml
 
 USER = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 START = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)  # Monday 10:00 in Shanghai
-
-
-class Clock:
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeWeChat]:
-    fake = FakeWeChat()
-    await fake.start("127.0.0.1", 0)
-    yield fake
-    await fake.stop()
 
 
 async def test_one_time_plan_sends_as_many_as_granted_then_skips(store: Store, fake: FakeWeChat):
