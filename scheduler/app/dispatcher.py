@@ -82,17 +82,28 @@ class FanOutReport:
     claimed: int = 0
     sent: int = 0
     failed: int = 0
-    no_consent: int = 0
     gate: dict[str, int] = field(default_factory=dict)  # "skipped:capped" -> n, every stop
     already_claimed: int = 0
     missed: int = 0
     unrenderable: int = 0
     stopped: bool = False  # the plan stopped being active, or the daemon is stopping
-    outcomes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """What the log line shows: sends, refusals by `status:reason`, what was left alone."""
+        return {
+            "sent": self.sent,
+            "failed": self.failed,
+            "already_claimed": self.already_claimed,
+            "missed": self.missed,
+            **self.gate,
+        }
+
+    @property
+    def no_consent(self) -> int:
+        return self.gate.get("skipped:no_consent", 0)
 
     def stopped_by_gate(self, status: str, reason: str | None) -> None:
-        if reason == "no_consent":
-            self.no_consent += 1
         key = f"{status}:{reason}"
         self.gate[key] = self.gate.get(key, 0) + 1
 
@@ -637,14 +648,6 @@ class Dispatcher:
             self._running -= 1
             if not self._running:
                 self._idle.set()
-        report.outcomes = {
-            "sent": report.sent,
-            "failed": report.failed,
-            "no_consent": report.no_consent,
-            "already_claimed": report.already_claimed,
-            "missed": report.missed,
-            **report.gate,
-        }
 
 
 @lru_cache(maxsize=1024)
