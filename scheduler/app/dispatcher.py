@@ -575,33 +575,32 @@ class Dispatcher:
             results.clear()
             await self.store.finish(plan.template.id, plan.consent.value, batch)
 
-        async def worker() -> None:
-            while (item := await queue.get()) is not None:
-                delivery_id, due, message = item
-                held = self._quota_stop(plan, due.due_at)
-                if held is not None:  # the quota ran out while this send waited in the queue
-                    results.append(_held(delivery_id, held))
-                    report.stopped_by_gate(held.status, held.reason)
-                    continue
+        async def send(delivery_id: int, due: Due, message: OutgoingMessage) -> Finished:
+            held, errcode = self._quota_stop(plan, due.due_at), None
+            if held is None:  # else the quota ran out while this send waited in the queue
                 started = time.perf_counter()
                 result = await self.channel.send(message)
-                metrics.observe_send(
-                    active.record.id,
-                    due.occurrence,
-                    message.touser,
-                    result,
-                    time.perf_counter() - started,
-                )
-                if result.reason == Reason.QUOTA:
-                    held = self._hold_for_quota(plan, due.due_at, result.detail)
-                    results.append(_held(delivery_id, held, result.errcode))
-                    report.stopped_by_gate(held.status, held.reason)
-                    continue
-                results.append(_finished(delivery_id, result))
-                if result.outcome == Outcome.SENT:
-                    report.sent += 1
-                else:
-                    report.failed += 1
+                if result.reason != Reason.QUOTA:
+                    metrics.observe_send(
+                        active.record.id,
+                        due.occurrence,
+                        message.touser,
+                        result,
+                        time.perf_counter() - started,
+                    )
+                    if result.outcome == Outcome.SENT:
+                        report.sent += 1
+                    else:
+                        report.failed += 1
+                    return _finished(delivery_id, result)
+                held, errcode = self._hold_for_quota(plan, due.due_at, result.detail), 45009
+            report.stopped_by_gate(held.status, held.reason)
+            metrics.count(active.record.id, held.status, held.reason)
+            return _held(delivery_id, held, errcode)
+
+        async def worker() -> None:
+            while (item := await queue.get()) is not None:
+                results.append(await send(*item))
                 if len(results) >= self.batch_size:
                     await flush()
 

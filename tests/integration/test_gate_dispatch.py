@@ -251,6 +251,8 @@ async def test_a_spent_daily_quota_holds_every_send_until_midnight_china_time(st
     assert {(r["status"], r["reason"], r["defer_until"]) for r in rows} == {
         ("deferred", "quota", midnight)
     }
+    # Only the send WeChat answered carries its errcode; the others were never tried.
+    assert await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE errcode = 45009") == 1
     credits = await store.pool.fetch("SELECT credits FROM consent")
     assert [r["credits"] for r in credits] == [1] * 5  # the put-back send's credit came back
 
