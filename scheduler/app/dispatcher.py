@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -462,7 +461,7 @@ class Dispatcher:
                 variables=recipient.vars,
                 due_at=due_at,
                 now=now,
-                tz=_zone(recipient.tz),
+                tz=ZoneInfo(recipient.tz),  # ZoneInfo keeps one instance per zone
                 limits=self._limits(plan),
             )
         if decision.violation is None:
@@ -647,11 +646,6 @@ class Dispatcher:
             self._running -= 1
             if not self._running:
                 self._idle.set()
-
-
-@lru_cache(maxsize=1024)
-def _zone(name: str) -> ZoneInfo:
-    return ZoneInfo(name)
 
 
 def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None = None) -> Stop:

@@ -528,7 +528,8 @@ class Store:
         claim_deliveries in the SQL). `stops` (one per row, or empty) are the rules the
         dispatcher already decided; `caps` are counted atomically; a capped send is deferred to
         its counter's reset when `on_capped` is 'defer' and that is within `max_delay`."""
-        stops = list(stops) or [None] * len(users)
+        # No stops is the common case: empty arrays, which the SQL reads as NULL at every row.
+        stops = list(stops) if any(stops) else []
         async with _transaction(conn) as tx:
             rows = await tx.fetch(
                 "SELECT delivery_id, user_id, status, reason FROM claim_deliveries("
