@@ -13,7 +13,8 @@ cannot tell it from the real thing on the happy path and on the errors that matt
   the user has no credit; otherwise `{"errcode":0,"errmsg":"ok","msgid":...}`.
 
 Control endpoints under `/fake/` (and the same methods on `FakeWeChat`) let a test or another
-process read what was sent, grant or revoke consent, inject faults and expire tokens.
+process read what was sent, grant or revoke consent, inject faults (errcodes, HTTP statuses,
+latency, and messages accepted whose reply is then delayed or dropped) and expire tokens.
 
 Requests are not logged: this server is the target of throughput benchmarks.
 """
@@ -25,6 +26,7 @@ import asyncio
 import itertools
 import json
 import logging
+import random
 import secrets
 import time
 from collections import Counter, deque
@@ -75,11 +77,15 @@ class _Token:
     expires_at: float  # on the fake's clock
 
 
+Reply = Literal["normal", "delay", "drop"]
+
+
 @dataclass(frozen=True, slots=True)
 class _Fault:
     errcode: int | None
     http_status: int | None
     latency_s: float
+    reply: Reply = "normal"  # delay/drop: the message is accepted, then its reply is late/lost
 
 
 class FakeWeChat:
@@ -116,6 +122,9 @@ class FakeWeChat:
         self._credits: Counter[tuple[str, str]] = Counter()  # (openid, template) -> one-time
         self._long_term: set[tuple[str, str]] = set()
         self._faults: deque[_Fault] = deque()
+        self._lost_replies: tuple[float, Reply, float] = (0.0, "normal", 0.0)
+        self._random = random.Random(0)
+        self.replies_lost = 0  # accepted messages whose reply was delayed or dropped
         self._errcodes: Counter[int] = Counter()
         self._http_statuses: Counter[int] = Counter()
         self._token_calls: Counter[str] = Counter()
@@ -139,6 +148,7 @@ class FakeWeChat:
                 web.post("/fake/grant", self._post_grant),
                 web.post("/fake/revoke", self._post_revoke),
                 web.post("/fake/inject", self._post_inject),
+                web.post("/fake/lose-replies", self._post_lose_replies),
                 web.post("/fake/expire-tokens", self._post_expire_tokens),
                 web.get("/fake/stats", self._get_stats),
             ]
@@ -204,6 +214,22 @@ class FakeWeChat:
             for code in codes:
                 self._faults.append(_Fault(code, http_status, latency_s))
 
+    def inject_lost_replies(
+        self, times: int = 1, *, reply: Reply = "drop", latency_s: float = 0.0
+    ) -> None:
+        """The next `times` sends are accepted and recorded (the user gets the message), then
+        their reply is dropped (the connection closed) or delayed by `latency_s`."""
+        for _ in range(times):
+            self._faults.append(_Fault(None, None, latency_s, reply))
+
+    def lose_replies(
+        self, rate: float, *, reply: Reply = "delay", latency_s: float = 30.0, seed: int = 0
+    ) -> None:
+        """From now on a fraction `rate` of accepted sends get their reply delayed by
+        `latency_s` (past a client's timeout) or dropped; rate 0 turns it off."""
+        self._lost_replies = (rate, reply, latency_s)
+        self._random = random.Random(seed)
+
     def expire_tokens(self) -> None:
         """Make every token issued so far expired (sends with them get 42001)."""
         now = self.clock()
@@ -218,6 +244,7 @@ class FakeWeChat:
             "http_statuses": {str(code): n for code, n in sorted(self._http_statuses.items())},
             "token_calls": dict(self._token_calls),
             "messages": len(self.messages),
+            "replies_lost": self.replies_lost,
         }
 
     # -- tokens ------------------------------------------------------------------------------
@@ -286,8 +313,24 @@ class FakeWeChat:
     # -- send --------------------------------------------------------------------------------
 
     async def _send(self, request: web.Request) -> web.Response:
-        if self._faults:
-            fault = self._faults.popleft()
+        fault = self._faults.popleft() if self._faults else None
+        if (
+            fault is None
+            and self._lost_replies[0]
+            and self._random.random() < self._lost_replies[0]
+        ):
+            _, reply, latency_s = self._lost_replies
+            fault = _Fault(None, None, latency_s, reply)
+        if fault is not None and fault.reply != "normal":
+            response = await self._accept(request)
+            self.replies_lost += 1
+            if fault.reply == "drop":
+                if request.transport is not None:
+                    request.transport.close()  # no reply: the client sees the connection break
+                return response
+            await asyncio.sleep(fault.latency_s)
+            return response
+        if fault is not None:
             if fault.latency_s:
                 await asyncio.sleep(fault.latency_s)
             if fault.http_status is not None:
@@ -295,7 +338,9 @@ class FakeWeChat:
                 return web.Response(status=fault.http_status, text="fault injected")
             if fault.errcode is not None:
                 return self._send_error(fault.errcode)
+        return await self._accept(request)
 
+    async def _accept(self, request: web.Request) -> web.Response:
         token = request.query.get("access_token")
         if not token:
             return self._send_error(41001)
@@ -430,6 +475,20 @@ class FakeWeChat:
         except (AssertionError, TypeError, ValueError) as exc:
             raise web.HTTPBadRequest(text=f"bad inject: {exc!r}") from None
         return web.json_response({"queued": len(self._faults)})
+
+    async def _post_lose_replies(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        try:
+            assert body is not None and body.get("reply", "delay") in ("delay", "drop")
+            self.lose_replies(
+                float(body["rate"]),
+                reply=body.get("reply", "delay"),
+                latency_s=float(body.get("latency_s", 30.0)),
+                seed=int(body.get("seed", 0)),
+            )
+        except (AssertionError, KeyError, TypeError, ValueError) as exc:
+            raise web.HTTPBadRequest(text=f"bad lose-replies: {exc!r}") from None
+        return web.json_response({"ok": True})
 
     async def _post_expire_tokens(self, request: web.Request) -> web.Response:
         self.expire_tokens()

@@ -45,6 +45,24 @@ class Settings(BaseSettings):
 
     send_concurrency: int = Field(64, description="Sends in flight at once per replica.")
     batch_size: int = Field(500, description="Users claimed per database round trip.")
+    chunk_size: int = Field(
+        1000, ge=1, description="Users per chunk of an occurrence: the unit replicas share."
+    )
+    fanout_workers: int = Field(
+        2, ge=1, description="Chunks one replica works on at once (they share its concurrency)."
+    )
+    lease_seconds: float = Field(
+        20.0,
+        gt=0,
+        description="A replica silent this long is given up: its chunks and claimed rows are "
+        "taken over by the others (its sends in flight become 'unknown').",
+    )
+    work_poll_seconds: float = Field(
+        1.0, gt=0, description="How often a replica looks for occurrence work to share."
+    )
+    drain_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long sends in flight may take to finish."
+    )
     sweep_seconds: float = Field(
         30.0, description="How often relative (per-enrolment) plans look for due steps."
     )

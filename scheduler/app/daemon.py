@@ -34,7 +34,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from scheduler.app import metrics
-from scheduler.app.dispatcher import Clock, Dispatcher, utc_now
+from scheduler.app.dispatcher import Clock, Dispatcher, FanOutReport, utc_now
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.channels.base import Channel
 from scheduler.domain.plan import Plan
@@ -42,7 +42,7 @@ from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relativ
 from scheduler.planfiles import LoadedPlan, load_policy
 from scheduler.settings import Settings
 from scheduler.store.embedded import sqlalchemy_url, start_embedded
-from scheduler.store.postgres import SCHEDULER_SETUP_LOCK, PlanRecord, Store
+from scheduler.store.postgres import SCHEDULER_SETUP_LOCK, PlanRecord, Store, retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,11 @@ class Daemon:
             replica_id=replica_id,
             concurrency=settings.send_concurrency,
             batch_size=settings.batch_size,
+            chunk_size=settings.chunk_size,
             clock=clock,
         )
         self.lifecycle = Lifecycle(store, clock=clock)
+        self.work_available = asyncio.Event()
 
     async def sync_plans(self, loaded: list[LoadedPlan]) -> SyncResult:
         """Record each plan's version and (re)schedule the plans whose content changed."""
@@ -215,17 +217,64 @@ class Daemon:
                 log.exception("retrying deferred sends failed")
 
     async def heartbeat_forever(self) -> None:
+        """Renew this replica's lease, and take over the work of replicas whose lease ran out."""
         host, pid = socket.gethostname(), os.getpid()
         while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(min(HEARTBEAT_SECONDS, self.settings.lease_seconds / 4))
             try:
                 await self.store.heartbeat(self.replica_id, host, pid)
-                resolved = await self.store.resolve_in_flight()
+                recovered = await self.store.fanout.recover_dead(self.settings.lease_seconds)
             except Exception as exc:  # the database may be briefly away: keep beating
                 log.warning("heartbeat failed: %s", exc)
                 continue
-            if resolved:
-                log.warning("%d deliveries in flight on a dead replica are now 'unknown'", resolved)
+            for r in recovered:
+                log.warning(
+                    "replica %s is gone (silent for %g s): %d sends it had in flight are "
+                    "'unknown', %d claimed rows and %d chunks are back in the pool",
+                    r.replica,
+                    self.settings.lease_seconds,
+                    r.unknown,
+                    r.released,
+                    r.chunks,
+                )
+            if recovered:
+                self.work_available.set()
+
+    async def work_forever(self) -> None:
+        """Take occurrence chunks and rows given back to the pool, whoever fired them; look
+        again every `work_poll_seconds` (or at once when this replica learns of new work)."""
+        report = FanOutReport()
+        while not self.dispatcher.stopping.is_set():
+            try:
+                await self.dispatcher.work_released(report)
+                await self.dispatcher.work(report)
+            except Exception:  # the database is away past the retries: look again later
+                log.exception("taking occurrence work failed")
+            report.stopped = False
+            try:
+                await asyncio.wait_for(self.work_available.wait(), self.settings.work_poll_seconds)
+            except TimeoutError:
+                pass
+            self.work_available.clear()
+
+    async def stop_working(self) -> None:
+        """A clean stop: no new batch, the sends in flight finish (within drain_seconds) and
+        are recorded, and what this replica held goes back to the pool for the others."""
+        if not await self.dispatcher.drain(within_s=self.settings.drain_seconds):
+            log.warning(
+                "sends still in flight after %g s: they are recorded as 'unknown'",
+                self.settings.drain_seconds,
+            )
+        r = await retry_transient(10, what="giving the work back")(
+            self.store.fanout.recover, self.replica_id
+        )
+        if r.unknown or r.released or r.chunks:
+            log.info(
+                "stopped with %d sends unknown, %d claimed rows and %d chunks back in the pool",
+                r.unknown,
+                r.released,
+                r.chunks,
+            )
 
 
 def _next_due_computer(plan: Plan):  # noqa: ANN202 - a small closure for the store
@@ -318,12 +367,13 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         store = await stack.enter_async_context(Store.open(url))
         await store.migrate()
         await store.heartbeat(replica_id, socket.gethostname(), os.getpid(), starting=True)
-        resolved = await store.resolve_in_flight(replica=replica_id)
-        if resolved:
+        recovered = await store.fanout.recover(replica_id)
+        if recovered.unknown or recovered.released:
             log.warning(
-                "%d deliveries were in flight when this replica last stopped: recorded "
-                "as 'unknown', not resent",
-                resolved,
+                "this replica last stopped with %d sends in flight (recorded 'unknown', never "
+                "resent) and %d claimed rows not yet sent (back in the pool)",
+                recovered.unknown,
+                recovered.released,
             )
         channel = await open_channel(settings, stack)
 
@@ -377,14 +427,17 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         scheduler.subscribe(daemon.on_job_released, JobReleased)
         await scheduler.start_in_background()
         heartbeat = asyncio.create_task(daemon.heartbeat_forever())
+        working = [
+            asyncio.create_task(daemon.work_forever()) for _ in range(settings.fanout_workers)
+        ]
         deferred = asyncio.create_task(daemon.retry_deferred_forever())
         watching = asyncio.create_task(watcher.run())
         control = asyncio.create_task(ControlLoop(daemon, watcher).run())
         log.info("reminders daemon running as replica %s", replica_id)
         await stop.wait()
         log.info("stopping: finishing the sends in flight")
-        if not await daemon.dispatcher.drain(within_s=10):
-            log.warning("sends still in flight after 10 s: they will be recorded as 'unknown'")
+        await daemon.stop_working()
+        await asyncio.gather(*working, return_exceptions=True)
         heartbeat.cancel()
         deferred.cancel()
         watcher.stop()

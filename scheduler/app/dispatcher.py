@@ -1,9 +1,13 @@
 """The dispatcher: turns one fire of a plan into sends, through the gate, into the ledger.
 
-A calendar plan's fire fans out to its whole audience; a relative plan's sweep takes the
-enrolments whose next step is due. Either way the audience is streamed in batches: each batch is
-claimed in the ledger with its consent in one round trip, the allowed sends go to a pool of
-`concurrency` workers, and their results are written back one batch at a time.
+A calendar plan's fire is recorded as durable work first (an occurrence split into chunks of its
+audience); the chunks are then taken under the replica's lease by any replica (this one, and the
+others' work loops), and a chunk taken over after its holder died continues after its cursor. A
+relative plan's sweep takes the enrolments whose next step is due. Either way the audience is
+streamed in batches: each batch is claimed in the ledger with its consent in one round trip, the
+allowed sends go to a pool of workers, and every send is recorded in flight before it leaves and
+its result after (scheduler/app/flight.py), so a crash leaves `unknown` only what may have been
+sent; what was claimed but never handed to the channel goes back to the pool (`Released`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from scheduler.app import metrics
+from scheduler.app.flight import FlightRecorder
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome, Reason
@@ -43,13 +48,17 @@ from scheduler.domain.schedule import (
 from scheduler.domain.tracking import page_tracker
 from scheduler.store.postgres import (
     CapUse,
+    Chunk,
     Claim,
     DeferredDelivery,
+    Fenced,
     Finished,
     PlanRecord,
     Recipient,
+    Released,
     Stop,
     Store,
+    retry_transient,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +94,7 @@ class FanOutReport:
     already_claimed: int = 0
     missed: int = 0
     unrenderable: int = 0
+    withdrawn: int = 0  # claimed, then given back to the pool before it was sent (a recovery)
     stopped: bool = False  # the plan stopped being active, or the daemon is stopping
 
     @property
@@ -124,8 +134,13 @@ class Dispatcher:
         batch_size: int = 500,
         clock: Clock = utc_now,
         policy: Policy = DEFAULT_POLICY,
+        chunk_size: int = 1000,
     ):
         self.store = store
+        self.chunk_size = chunk_size
+        self.recorder = FlightRecorder(store.fanout, replica_id, concurrency)
+        self._busy: set[int] = set()  # the chunks this replica is working on
+        self._taking = asyncio.Lock()
         self.channel = channel
         self.replica_id = replica_id
         self.concurrency = concurrency
@@ -188,12 +203,13 @@ class Dispatcher:
     # --- calendar plans -------------------------------------------------------------------------
 
     async def fan_out(self, active: ActivePlan, fire_time: datetime) -> FanOutReport:
+        """Record the occurrence as work (chunks of the audience), then work on its chunks until
+        none is left for this replica; other replicas take the others."""
         cal = active.plan.schedule.calendar
         assert cal is not None
         if is_repeated_wall_time(fire_time, cal.timezone) and cal.every is None:
             return FanOutReport()  # the second 01:30 of a DST fall-back night
-        anchor = calendar_anchor(cal, active.record.registered_at)
-        step = calendar_step(cal, anchor, fire_time)
+        step = calendar_step(cal, calendar_anchor(cal, active.record.registered_at), fire_time)
         if step is None:
             log.warning(
                 "plan %s fired at %s, which is not one of its occurrences",
@@ -203,74 +219,192 @@ class Dispatcher:
             )
             return FanOutReport()
         # The occurrence is keyed by its scheduled time, so a double fire meets the same rows.
-        occurrence = fire_time.astimezone(UTC).isoformat()
-        tz = ZoneInfo(cal.timezone)
-        report = FanOutReport()
-
-        async def batches() -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
-            async for recipients in self.store.audience(active.record.id, self.batch_size):
-                dues = await self._render_all(
-                    active, recipients, report, lambda r: (occurrence, step, fire_time, tz)
-                )
-                claims = await self._claim(self.store.pool, active, dues)
-                if not claims and dues and await self._inactive(active.record.id):
-                    claims = None
-                yield dues, claims
-
-        await self._pipeline(active, batches(), report)
-        # The last occurrence (by count or end date) completes the plan.
-        if (
-            not report.stopped
-            and calendar_trigger(cal, anchor, fire_time + timedelta(microseconds=1)) is None
-        ):
-            await self.store.set_plan_state(
-                active.record.id,
-                "completed",
-                self.replica_id,
-                f"all {step} occurrences are due",
-            )
-        log.info(
-            "plan %s step %d fanned out: %s",
+        occurrence_id = await retry_transient(60, what="recording an occurrence")(
+            self.store.fanout.record_occurrence,
             active.record.id,
+            occurrence_key(fire_time),
             step,
-            report.outcomes,
-            extra={"plan_id": active.record.id, "occurrence": occurrence},
+            fire_time,
+            self.chunk_size,
         )
+        report = FanOutReport()
+        await self.work(report, occurrence_id=occurrence_id)
         return report
 
     async def record_missed(self, plan_id: str, fire_time: datetime) -> int:
         """An occurrence that could not start within the plan's grace (the daemon was down):
-        record it `missed` for the whole audience, so nothing is silently dropped."""
+        recorded like any other, its chunks record `missed` for the whole audience."""
         active = await self.load(plan_id)
         if active is None or active.plan.is_relative:
             return 0  # a relative plan's next sweep finds its late steps by itself
+        return (await self.fan_out(active, fire_time)).missed
+
+    async def work(self, report: FanOutReport, *, occurrence_id: int | None = None) -> None:
+        """Take chunks (of one occurrence, or of any) and work on them until none is free."""
+        while not self.stopping.is_set():
+            async with self._taking:  # `busy` must be current: one taker at a time
+                chunk = await self.store.fanout.take_chunk(
+                    self.replica_id, occurrence_id=occurrence_id, busy=sorted(self._busy)
+                )
+                if chunk is None:
+                    return
+                self._busy.add(chunk.id)
+            await self._work_chunk(chunk, report)
+            if report.stopped:
+                return
+
+    async def work_released(self, report: FanOutReport) -> None:
+        """Send what recoveries gave back to the pool (claimed, never handed to the channel):
+        the gate already passed these rows; past the plan's grace they are recorded missed."""
+        while not self.stopping.is_set():
+            rows = await self.store.fanout.adopt_released(self.replica_id, self.batch_size)
+            if not rows:
+                return
+            by_plan: dict[str, list[Released]] = {}
+            for row in rows:
+                by_plan.setdefault(row.plan_id, []).append(row)
+            for plan_id, plan_rows in by_plan.items():
+                await self._send_released(plan_id, plan_rows, report)
+
+    async def _send_released(
+        self, plan_id: str, rows: list[Released], report: FanOutReport
+    ) -> None:
+        active = await self.load(plan_id)
+        assert active is not None  # a ledger row's plan is never deleted
+        grace, now = active.plan.schedule.grace.as_timedelta(), self.clock()
+        late = [r for r in rows if now - r.due_at > grace]
+        for r in late:
+            stop = Stop(Outcome.MISSED, "grace_exceeded", "given back after a crash, too late")
+            self.recorder.finished(
+                active.plan.template.id,
+                active.plan.consent.value,
+                _held(r.delivery_id, stop),
+                sent=False,
+            )
+        report.missed += len(late)
+        metrics.count(plan_id, Outcome.MISSED, "grace_exceeded", len(late))
+        ready = [r for r in rows if now - r.due_at <= grace]
+        dues = [
+            Due(
+                r.occurrence, r.user_id, r.step, r.due_at, {k: str(v) for k, v in r.message.items()}
+            )
+            for r in ready
+        ]
+        claims = [Claim(r.delivery_id, r.user_id, Outcome.PENDING.value) for r in ready]
+
+        async def batches() -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
+            yield dues, claims
+
+        if ready:
+            log.info(
+                "plan %s: sending %d claimed rows given back by a recovery",
+                plan_id,
+                len(ready),
+                extra={"plan_id": plan_id},
+            )
+            await self._pipeline(active, batches(), report, keyed_by_delivery=True)
+
+    async def _work_chunk(self, chunk: Chunk, report: FanOutReport) -> None:
+        active = await self.load(chunk.plan_id)
+        assert active is not None and active.plan.schedule.calendar is not None
+        try:
+            if chunk.resumed:
+                log.warning(
+                    "plan %s occurrence %s: resuming chunk %d after %r",
+                    chunk.plan_id,
+                    chunk.occurrence,
+                    chunk.id,
+                    chunk.cursor or "the start",
+                    extra={"plan_id": chunk.plan_id, "occurrence": chunk.occurrence},
+                )
+            before = report.stopped
+            report.stopped = False
+            if self.clock() - chunk.fire_time > active.plan.schedule.grace.as_timedelta():
+                await self._chunk_missed(active, chunk, report)
+            else:
+                await self._pipeline(active, self._chunk_batches(active, chunk, report), report)
+            finished = await retry_transient(60, what="closing a chunk")(
+                self.store.fanout.release_chunk,
+                chunk,
+                self.replica_id,
+                done=not report.stopped,
+            )
+            report.stopped = report.stopped or before
+            if finished:
+                await self._occurrence_done(active, chunk)
+        finally:
+            self._busy.discard(chunk.id)
+
+    async def _chunk_batches(
+        self, active: ActivePlan, chunk: Chunk, report: FanOutReport
+    ) -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
         cal = active.plan.schedule.calendar
         assert cal is not None
-        step = calendar_step(cal, calendar_anchor(cal, active.record.registered_at), fire_time)
-        if step is None:
-            return 0
-        occurrence = fire_time.astimezone(UTC).isoformat()
-        missed = 0
-        async for recipients in self.store.audience(plan_id, self.batch_size):
-            await self.store.skip(
-                plan_id=plan_id,
-                version=active.record.version,
-                replica=self.replica_id,
-                rows=[(occurrence, r.user_id, step, fire_time) for r in recipients],
-                status=Outcome.MISSED,
-                reason="grace_exceeded",
+        tz = ZoneInfo(cal.timezone)
+        cursor = chunk.cursor
+
+        def when(_: Recipient) -> tuple[str, int, datetime, ZoneInfo]:
+            return chunk.occurrence, chunk.step, chunk.fire_time, tz
+
+        while not self.stopping.is_set():
+            recipients = await retry_transient(60, what="reading an audience chunk")(
+                self.store.fanout.chunk_audience, chunk, cursor, self.batch_size
             )
-            missed += len(recipients)
-            metrics.count(plan_id, Outcome.MISSED, "grace_exceeded", len(recipients))
-        log.warning(
-            "plan %s step %d (%s) missed its grace window: %d recorded missed",
-            plan_id,
-            step,
-            occurrence,
-            missed,
-            extra={"plan_id": plan_id},
+            if not recipients:
+                return
+            try:
+                async for attempt in retry_transient(60, what="claiming a batch"):
+                    with attempt:
+                        async with self.store.fanout.chunk_batch(
+                            chunk, self.replica_id, recipients[-1].user_id
+                        ) as conn:
+                            dues = await self._render_all(active, recipients, report, when, conn)
+                            claims = await self._claim(conn, active, dues)
+            except Fenced as why:
+                log.info("chunk %d stops: %s", chunk.id, why, extra={"plan_id": chunk.plan_id})
+                yield [], None
+                return
+            cursor = recipients[-1].user_id
+            yield dues, claims
+        yield [], None  # stopping: the chunk is let go, another replica continues it
+
+    async def _chunk_missed(self, active: ActivePlan, chunk: Chunk, report: FanOutReport) -> None:
+        """The chunk comes too late (the daemon was down past the plan's grace): its users
+        without a ledger row get `missed`, so nothing is dropped silently."""
+        try:
+            async with self.store.fanout.chunk_batch(
+                chunk, self.replica_id, chunk.last_user or chunk.cursor
+            ) as conn:
+                missed = await self.store.fanout.record_chunk_missed(
+                    conn, chunk, active.record.version, self.replica_id
+                )
+        except Fenced:
+            report.stopped = True
+            return
+        report.missed += missed
+        metrics.count(active.record.id, Outcome.MISSED, "grace_exceeded", missed)
+
+    async def _occurrence_done(self, active: ActivePlan, chunk: Chunk) -> None:
+        """The last chunk of an occurrence is done: log it, and the plan's last occurrence (by
+        count or end date) completes the plan."""
+        counts = await self.store.fanout.occurrence_counts(chunk.plan_id, chunk.occurrence)
+        log.info(
+            "plan %s step %d fanned out: %s",
+            chunk.plan_id,
+            chunk.step,
+            counts,
+            extra={"plan_id": chunk.plan_id, "occurrence": chunk.occurrence},
         )
-        return missed
+        cal = active.plan.schedule.calendar
+        assert cal is not None
+        anchor = calendar_anchor(cal, active.record.registered_at)
+        if calendar_trigger(cal, anchor, chunk.fire_time + timedelta(microseconds=1)) is None:
+            await self.store.set_plan_state(
+                chunk.plan_id,
+                "completed",
+                self.replica_id,
+                f"all {chunk.step} occurrences are due",
+            )
 
     # --- relative plans -------------------------------------------------------------------------
 
@@ -552,31 +686,32 @@ class Dispatcher:
             max_delay=delivery.max_delay.as_timedelta(),
         )
 
-    async def _inactive(self, plan_id: str) -> bool:
-        record = await self.store.plan(plan_id)
-        return record is None or record.state != "active"
-
     async def _pipeline(
         self,
         active: ActivePlan,
         batches: AsyncIterator[tuple[list[Due], list[Claim] | None]],
         report: FanOutReport,
+        *,
+        keyed_by_delivery: bool = False,
     ) -> None:
+        """Send the allowed claims of each batch with `concurrency` workers; every send is
+        authorized by the flight recorder before it leaves. A batch of None claims (the plan
+        stopped, or the work was let go) ends the intake; what was queued still goes."""
         plan = active.plan
+        template, kind = plan.template.id, plan.consent.value
         tracked_page = page_tracker(plan.template.page)
         queue: asyncio.Queue[tuple[int, Due, OutgoingMessage] | None] = asyncio.Queue(
             maxsize=self.batch_size * 2
         )
-        results: list[Finished] = []
 
-        async def flush() -> None:
-            batch = results[:]
-            results.clear()
-            await self.store.finish(plan.template.id, plan.consent.value, batch)
-
-        async def send(delivery_id: int, due: Due, message: OutgoingMessage) -> Finished:
+        async def send(delivery_id: int, due: Due, message: OutgoingMessage) -> None:
             held, errcode = self._quota_stop(plan, due.due_at), None
-            if held is None:  # else the quota ran out while this send waited in the queue
+            sent = held is None  # else the quota ran out while this send waited in the queue
+            if sent:
+                if self.stopping.is_set() or not await self.recorder.authorize(delivery_id):
+                    # Stopping: the row goes back to the pool when this replica lets go.
+                    report.withdrawn += 1  # a recovery gave it back to the pool meanwhile
+                    return
                 started = time.perf_counter()
                 result = await self.channel.send(message)
                 if result.reason != Reason.QUOTA:
@@ -591,50 +726,51 @@ class Dispatcher:
                         report.sent += 1
                     else:
                         report.failed += 1
-                    return _finished(delivery_id, result)
+                    self.recorder.finished(
+                        template, kind, _finished(delivery_id, result), sent=True
+                    )
+                    return
                 held, errcode = self._hold_for_quota(plan, due.due_at, result.detail), 45009
             report.stopped_by_gate(held.status, held.reason)
             metrics.count(active.record.id, held.status, held.reason)
-            return _held(delivery_id, held, errcode)
+            self.recorder.finished(template, kind, _held(delivery_id, held, errcode), sent=sent)
 
         async def worker() -> None:
             while (item := await queue.get()) is not None:
-                results.append(await send(*item))
-                if len(results) >= self.batch_size:
-                    await flush()
+                await send(*item)
 
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         self._running += 1
         self._idle.clear()
         try:
-            async for dues, claims in batches:
-                if claims is None:
-                    report.stopped = True
-                    break
-                by_user = {d.user_id: d for d in dues}
-                report.claimed += len(claims)
-                report.already_claimed += len(dues) - len(claims)
-                for c in claims:
-                    if not c.allowed:
-                        report.stopped_by_gate(c.status, c.reason)
-                        metrics.count(active.record.id, c.status, c.reason)
-                        continue
-                    due = by_user[c.user_id]
-                    await queue.put(
-                        (
-                            c.delivery_id,
-                            due,
-                            OutgoingMessage(
-                                c.user_id,
-                                plan.template.id,
-                                due.data,
-                                tracked_page(c.delivery_id),
-                            ),
-                        )
+            try:
+                async for dues, claims in batches:
+                    if claims is None:
+                        report.stopped = True
+                        break
+                    by_user = {d.user_id: d for d in dues}
+                    pairs = (
+                        zip(claims, dues, strict=True)
+                        if keyed_by_delivery
+                        else ((c, by_user[c.user_id]) for c in claims)
                     )
-                if self.stopping.is_set():
-                    report.stopped = True
-                    break
+                    report.claimed += len(claims)
+                    report.already_claimed += len(dues) - len(claims)
+                    for c, due in pairs:
+                        if not c.allowed:
+                            report.stopped_by_gate(c.status, c.reason)
+                            metrics.count(active.record.id, c.status, c.reason)
+                            continue
+                        page = tracked_page(c.delivery_id)
+                        message = OutgoingMessage(c.user_id, template, due.data, page)
+                        await queue.put((c.delivery_id, due, message))
+                    if self.stopping.is_set():
+                        report.stopped = True
+                        break
+            except Exception:  # the database failed past its retries: stop taking batches,
+                # but what was claimed still goes (nothing is left pending under a live replica)
+                log.exception("plan %s: taking the next batch failed", active.record.id)
+                report.stopped = True
             for _ in workers:
                 await queue.put(None)
             await asyncio.gather(*workers)
@@ -642,10 +778,15 @@ class Dispatcher:
             for w in workers:
                 w.cancel()
             # Results already in hand are written even when the fan-out is cancelled.
-            await asyncio.shield(flush())
+            await asyncio.shield(self.recorder.flush())
             self._running -= 1
             if not self._running:
                 self._idle.set()
+
+
+def occurrence_key(fire_time: datetime) -> str:
+    """The ledger's occurrence key of a calendar fire: its scheduled time, in UTC."""
+    return fire_time.astimezone(UTC).isoformat()
 
 
 def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None = None) -> Stop:

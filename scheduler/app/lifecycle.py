@@ -189,6 +189,17 @@ class Lifecycle:
                 )
                 if int(ended.split()[-1]):
                     details["deferred_skipped"] = int(ended.split()[-1])
+                # So do fan-outs under way: nothing more is claimed, and rows claimed but
+                # given back to the pool after a crash are not sent.
+                closed = await self.store.fanout.close_occurrences(conn, plan_id)
+                if closed:
+                    details["occurrences_closed"] = closed
+                await conn.execute(
+                    "UPDATE deliveries SET status = 'skipped', reason = 'cancelled',"
+                    " finished_at = now()"
+                    " WHERE plan_id = $1 AND status = 'pending' AND claimed_by IS NULL",
+                    plan_id,
+                )
             await conn.execute(
                 "UPDATE plans SET state = $2, state_reason = $3, updated_at = now(),"
                 " paused_at = CASE WHEN $2 = 'paused' THEN $4::timestamptz END WHERE id = $1",

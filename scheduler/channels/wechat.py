@@ -6,12 +6,19 @@ error. What happens to each failure:
 
     errcode 0                         SENT (msgid kept when present)
     errcode 40001 / 40014 / 42001     drop the token, fetch one, retry once; then FAILED TOKEN
-    errcode -1 / 43108, HTTP 5xx/429,
-      timeouts, connection errors     retried with exponential backoff and jitter, `retries`
-                                      attempts in all; then FAILED TRANSIENT
+    errcode -1 / 43108, HTTP 429,     not sent: retried with exponential backoff and jitter,
+      a connection that never opened  `retries` attempts in all; then FAILED TRANSIENT
+      (refused, DNS, connect timeout,
+      no pooled connection free)
+    a read timeout, a connection      UNKNOWN at once, never retried: the request may have
+      broken after the request was    reached WeChat, which has no idempotency key
+      written, HTTP 5xx without an    (REPLY_TIMEOUT, REPLY_LOST, SERVER_ERROR)
+      errcode
     any other errcode                 FAILED at once, reason from `ERRCODE_REASONS`
                                       (WECHAT_ERROR when it is not in the table)
     token endpoint refuses us         FAILED TOKEN (bad appid/secret, IP not whitelisted...)
+
+The token endpoint is safe to call again, so its timeouts and breaks are retried as transient.
 
 Access tokens come from `POST /cgi-bin/stable_token` in normal mode (never force_refresh, which
 would kill the token of every other replica), are kept in memory and renewed 300 s before they
@@ -78,21 +85,24 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 class _Failure(Exception):
     """A failed attempt; becomes a FAILED SendResult at the `send` boundary unless retried."""
 
-    def __init__(self, reason: Reason, errcode: int | None, detail: str) -> None:
+    def __init__(
+        self, reason: Reason, errcode: int | None, detail: str, outcome: Outcome = Outcome.FAILED
+    ) -> None:
         super().__init__(detail)
         self.reason = reason
         self.errcode = errcode
         self.detail = detail
+        self.outcome = outcome  # UNKNOWN: the request may have reached WeChat
 
     @property
     def transient(self) -> bool:
         return self.reason is Reason.TRANSIENT
 
     def copy(self) -> _Failure:
-        return _Failure(self.reason, self.errcode, self.detail)
+        return _Failure(self.reason, self.errcode, self.detail, self.outcome)
 
     def result(self) -> SendResult:
-        return SendResult(Outcome.FAILED, self.reason, errcode=self.errcode, detail=self.detail)
+        return SendResult(self.outcome, self.reason, errcode=self.errcode, detail=self.detail)
 
 
 class _NoCookies(CookieJar):
@@ -244,25 +254,36 @@ class WeChatChannel:
         if self._on_errcode is not None and isinstance(errcode, int) and errcode:
             self._on_errcode(errcode)
 
-    async def _post(self, url: httpx.URL, content: bytes) -> dict[str, Any]:
-        """POST JSON; return the JSON object answered or raise _Failure (transient for network
-        trouble and 5xx)."""
+    async def _post(
+        self, url: httpx.URL, content: bytes, *, idempotent: bool = False
+    ) -> dict[str, Any]:
+        """POST JSON; return the JSON object answered or raise _Failure: transient when the
+        request provably never arrived (or `idempotent`), UNKNOWN when it may have."""
         try:
             response = await self._client.post(
                 url, content=content, headers=_JSON_HEADERS, timeout=self._timeout
             )
         except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as exc:
-            raise _Failure(Reason.TRANSIENT, None, f"{type(exc).__name__}: {exc}") from exc
+            detail = f"{type(exc).__name__}: {exc}"
+            if idempotent or _never_arrived(exc):
+                raise _Failure(Reason.TRANSIENT, None, detail) from exc
+            reason = Reason.REPLY_TIMEOUT if _timed_out(exc) else Reason.REPLY_LOST
+            raise _Failure(reason, None, detail, Outcome.UNKNOWN) from exc
         except httpx.HTTPError as exc:
             raise _Failure(Reason.WECHAT_ERROR, None, f"{type(exc).__name__}: {exc}") from exc
         status = response.status_code
-        if status >= 500 or status == 429:
-            raise _Failure(Reason.TRANSIENT, None, f"HTTP {status}")
         try:
             answer = json.loads(response.content)
         except ValueError:
             answer = None
-        if status != 200 or not isinstance(answer, dict):
+        if status == 429:  # throttled before it was handled
+            raise _Failure(Reason.TRANSIENT, None, f"HTTP {status}")
+        if status >= 500 and not (isinstance(answer, dict) and "errcode" in answer):
+            if idempotent:
+                raise _Failure(Reason.TRANSIENT, None, f"HTTP {status}")
+            detail = f"HTTP {status} without an errcode: {response.text[:200]!r}"
+            raise _Failure(Reason.SERVER_ERROR, None, detail, Outcome.UNKNOWN)
+        if not isinstance(answer, dict) or (status != 200 and "errcode" not in answer):
             raise _Failure(Reason.WECHAT_ERROR, None, f"HTTP {status}: {response.text[:200]!r}")
         return answer
 
@@ -306,7 +327,7 @@ class WeChatChannel:
             "secret": self._secret,
             "force_refresh": False,
         }
-        answer = await self._post(self._token_url, json.dumps(payload).encode())
+        answer = await self._post(self._token_url, json.dumps(payload).encode(), idempotent=True)
         token = answer.get("access_token")
         if isinstance(token, str) and token:
             expires_in = answer.get("expires_in")
@@ -339,6 +360,22 @@ def _result(answer: dict[str, Any]) -> SendResult:
     if reason is Reason.TRANSIENT:
         raise _Failure(reason, errcode, detail)
     return SendResult(Outcome.FAILED, reason, errcode=errcode, detail=detail)
+
+
+def _never_arrived(exc: BaseException) -> bool:
+    """True only for failures before the request could be written: the connection was never
+    opened (refused, DNS, TLS, connect timeout) or no pooled connection came free. httpx's aiohttp
+    transport maps every aiohttp connection error to ConnectTimeout, so its cause decides."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError) or isinstance(exc, aiohttp.ClientError):
+        origin = cause if isinstance(cause, aiohttp.ClientError) else exc
+        return isinstance(origin, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    origin = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
+    return isinstance(origin, httpx.TimeoutException | TimeoutError)
 
 
 def _reason(answer: dict[str, Any]) -> Reason | None:

@@ -42,5 +42,8 @@ class Reason(StrEnum):
     INVALID_DATA = "invalid_data"  # 47003
     BAD_REQUEST = "bad_request"  # 41001, 47001
     WECHAT_ERROR = "wechat_error"  # any other errcode
-    # unknown
-    CRASHED_IN_FLIGHT = "crashed_in_flight"
+    # unknown: the request may have reached WeChat, so it is never sent again
+    CRASHED_IN_FLIGHT = "crashed_in_flight"  # its process died (or lost its lease) meanwhile
+    REPLY_TIMEOUT = "reply_timeout"  # sent, and no answer came in time
+    REPLY_LOST = "reply_lost"  # the connection broke after the request was written
+    SERVER_ERROR = "server_error"  # HTTP 5xx without an errcode (a proxy or gateway)

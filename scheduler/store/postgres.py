@@ -17,6 +17,14 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    stop_never,
+    wait_random_exponential,
+)
 
 from scheduler.errors import StoreError
 
@@ -140,6 +148,7 @@ async def _transaction(
 class Store:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
+        self.fanout = FanOutStore(pool)
 
     @classmethod
     @asynccontextmanager
@@ -320,23 +329,6 @@ class Store:
             raise StoreError(
                 f"no plan {plan_id!r} is loaded; start the daemon on its file first"
             ) from None
-
-    async def audience(self, plan_id: str, batch_size: int) -> AsyncIterator[list[Recipient]]:
-        """The plan's active enrolments in batches, by keyset pagination (no long transaction)."""
-        after = ""
-        while True:
-            rows = await self.pool.fetch(
-                "SELECT user_id, tz, vars, start_at FROM enrollments"
-                " WHERE plan_id = $1 AND status = 'active' AND user_id > $2"
-                " ORDER BY user_id LIMIT $3",
-                plan_id,
-                after,
-                batch_size,
-            )
-            if not rows:
-                return
-            yield [Recipient(r["user_id"], r["tz"], r["vars"], r["start_at"]) for r in rows]
-            after = rows[-1]["user_id"]
 
     @asynccontextmanager
     async def due_enrollments(
@@ -652,17 +644,405 @@ class Store:
             "UPDATE replicas SET last_seen = '-infinity' WHERE id = $1", replica
         )
 
-    async def resolve_in_flight(
-        self, *, replica: str | None = None, dead_after_s: float = 60
+
+# --- durable fan-out: occurrences, chunks, the flight record --------------------------------------
+
+# A connection lost, a server restarting or shutting down: the same statement will work later.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database failure that waiting and trying again can cure (an outage, a restart)."""
+    return isinstance(exc, TRANSIENT_DB_ERRORS)
+
+
+def retry_transient(
+    give_up_after_s: float | None = None, *, what: str = "a database call"
+) -> AsyncRetrying:
+    """Tenacity's loop for database calls through an outage: exponential backoff with jitter,
+    0.1 s up to 5 s, for `give_up_after_s` (None: until it works)."""
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning("%s failed (%s), retrying (attempt %d)", what, exc, state.attempt_number)
+
+    return AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_random_exponential(multiplier=0.1, max=5),
+        stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+
+
+class Fenced(StoreError):
+    """This replica no longer holds the chunk (another replica took it over, or the plan
+    stopped): the work on it ends here."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: int
+    occurrence_id: int
+    plan_id: str
+    occurrence: str
+    step: int
+    fire_time: datetime
+    after_user: str  # exclusive; '' from the start
+    last_user: str | None  # inclusive; None to the end
+    cursor: str  # continue after this user
+    resumed: bool  # taken after another holder left it
+
+
+@dataclass(frozen=True)
+class Released:
+    """A claimed row its replica never handed to the channel, back in the pool: the gate already
+    passed it (credit taken, caps counted); only the send is left."""
+
+    delivery_id: int
+    plan_id: str
+    occurrence: str
+    user_id: str
+    step: int
+    due_at: datetime
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Recovered:
+    replica: str
+    unknown: int
+    released: int
+    chunks: int
+
+
+class FanOutStore:
+    """The queries of the durable fan-out, on the shared pool."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def record_occurrence(
+        self, plan_id: str, occurrence: str, step: int, fire_time: datetime, chunk_size: int
     ) -> int:
-        """Deliveries left pending by a process that died become `unknown` (never resent):
-        this replica's own (at its start), or those of replicas silent for `dead_after_s`."""
-        status = await self.pool.execute(
-            "UPDATE deliveries SET status = 'unknown', reason = 'crashed_in_flight',"
-            " finished_at = now()"
-            " WHERE status = 'pending' AND (claimed_by = $1 OR claimed_by IN ("
-            "  SELECT id FROM replicas WHERE last_seen < now() - make_interval(secs => $2)))",
+        """Record a fired occurrence as work (once: a double fire meets the same row), split
+        into chunks of `chunk_size` users; returns its id."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            occurrence_id = await conn.fetchval(
+                "INSERT INTO occurrences (plan_id, occurrence, step, fire_time, total)"
+                " SELECT $1, $2, $3, $4, count(*) FROM enrollments"
+                "  WHERE plan_id = $1 AND status = 'active'"
+                " ON CONFLICT (plan_id, occurrence) DO NOTHING RETURNING id",
+                plan_id,
+                occurrence,
+                step,
+                fire_time,
+            )
+            if occurrence_id is None:
+                return await conn.fetchval(
+                    "SELECT id FROM occurrences WHERE plan_id = $1 AND occurrence = $2",
+                    plan_id,
+                    occurrence,
+                )
+            bounds = await conn.fetch(
+                "SELECT user_id FROM (SELECT user_id, row_number() OVER (ORDER BY user_id) AS n"
+                "  FROM enrollments WHERE plan_id = $1 AND status = 'active') AS a"
+                " WHERE n % $2 = 0 ORDER BY user_id",
+                plan_id,
+                chunk_size,
+            )
+            edges = [None, *(r["user_id"] for r in bounds), None]
+            await conn.execute(
+                "INSERT INTO occurrence_chunks (occurrence_id, after_user, last_user)"
+                " SELECT $1, a, l FROM unnest($2::text[], $3::text[]) AS u (a, l)",
+                occurrence_id,
+                edges[:-1],
+                edges[1:],
+            )
+            return occurrence_id
+
+    async def take_chunk(
+        self, replica: str, *, occurrence_id: int | None = None, busy: Sequence[int] = ()
+    ) -> Chunk | None:
+        """Take the oldest free chunk of an active (or just completed) plan, SKIP LOCKED; or one
+        this replica holds but is not working on (`busy` are the ones it is)."""
+        row = await self.pool.fetchrow(
+            "UPDATE occurrence_chunks c SET owner = $1, updated_at = now(),"
+            " takeovers = c.takeovers + (c.last_owner IS NOT NULL)::int"
+            " FROM (SELECT c2.id, o.plan_id, o.occurrence, o.step, o.fire_time"
+            "  FROM occurrence_chunks c2 JOIN occurrences o ON o.id = c2.occurrence_id"
+            "  JOIN plans p ON p.id = o.plan_id"
+            "  WHERE c2.state = 'todo' AND p.state IN ('active', 'completed')"
+            "   AND (c2.owner IS NULL OR (c2.owner = $1 AND NOT c2.id = ANY ($3::bigint[])))"
+            "   AND ($2::bigint IS NULL OR c2.occurrence_id = $2)"
+            "  ORDER BY o.fire_time, c2.id LIMIT 1 FOR UPDATE OF c2 SKIP LOCKED) AS t"
+            " WHERE c.id = t.id"
+            " RETURNING c.id, c.occurrence_id, t.plan_id, t.occurrence, t.step, t.fire_time,"
+            "  c.after_user, c.last_user, c.cursor, c.last_owner",
             replica,
-            dead_after_s,
+            occurrence_id,
+            list(busy),
+        )
+        if row is None:
+            return None
+        after = row["after_user"] or ""
+        return Chunk(
+            row["id"],
+            row["occurrence_id"],
+            row["plan_id"],
+            row["occurrence"],
+            row["step"],
+            row["fire_time"],
+            after,
+            row["last_user"],
+            row["cursor"] or after,
+            row["last_owner"] is not None,
+        )
+
+    async def chunk_audience(self, chunk: Chunk, after: str, limit: int) -> list[Recipient]:
+        rows = await self.pool.fetch(
+            "SELECT user_id, tz, vars, start_at FROM enrollments"
+            " WHERE plan_id = $1 AND status = 'active' AND user_id > $2"
+            "  AND ($3::text IS NULL OR user_id <= $3)"
+            " ORDER BY user_id LIMIT $4",
+            chunk.plan_id,
+            after,
+            chunk.last_user,
+            limit,
+        )
+        return [Recipient(r["user_id"], r["tz"], r["vars"], r["start_at"]) for r in rows]
+
+    @asynccontextmanager
+    async def chunk_batch(
+        self, chunk: Chunk, replica: str, cursor: str
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction that moves the chunk's cursor to `cursor` and commits only with what
+        the caller claims in it; raises Fenced when the replica no longer holds the chunk or the
+        plan stopped (the plan row is held FOR SHARE: a pause waits for this batch)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            state = await conn.fetchval(
+                "SELECT state FROM plans WHERE id = $1 FOR SHARE", chunk.plan_id
+            )
+            if state not in ("active", "completed"):
+                raise Fenced(f"plan {chunk.plan_id} is {state}")
+            moved = await conn.fetchval(
+                "UPDATE occurrence_chunks SET cursor = $3, updated_at = now()"
+                " WHERE id = $1 AND owner = $2 AND state = 'todo' RETURNING id",
+                chunk.id,
+                replica,
+                cursor,
+            )
+            if moved is None:
+                raise Fenced(f"chunk {chunk.id} is no longer held by {replica}")
+            yield conn
+
+    async def release_chunk(self, chunk: Chunk, replica: str, *, done: bool) -> bool:
+        """Finish (`done`) or let go of a chunk; when its occurrence has no chunk left to do,
+        the occurrence is done: returns True then (to this one caller only)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE occurrence_chunks SET state = CASE WHEN $3 THEN 'done' ELSE state END,"
+                " owner = NULL, last_owner = $2, updated_at = now()"
+                " WHERE id = $1 AND owner = $2",
+                chunk.id,
+                replica,
+                done,
+            )
+            if not done:
+                return False
+            finished = await conn.fetchval(
+                "UPDATE occurrences o SET state = 'done', finished_at = now()"
+                " WHERE o.id = $1 AND o.state = 'running' AND NOT EXISTS ("
+                "  SELECT 1 FROM occurrence_chunks c WHERE c.occurrence_id = o.id"
+                "  AND c.state = 'todo') RETURNING id",
+                chunk.occurrence_id,
+            )
+            return finished is not None
+
+    async def record_chunk_missed(
+        self, conn: asyncpg.Connection, chunk: Chunk, version: int, replica: str
+    ) -> int:
+        """Every active enrolment of the chunk after its cursor without a ledger row for the
+        occurrence gets `missed` (grace_exceeded)."""
+        status = await conn.execute(
+            "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
+            " status, reason, claimed_by, finished_at)"
+            " SELECT $1, $2, $3, e.user_id, $4, $5, 'missed', 'grace_exceeded', $6, now()"
+            " FROM enrollments e WHERE e.plan_id = $1 AND e.status = 'active'"
+            "  AND e.user_id > $7 AND ($8::text IS NULL OR e.user_id <= $8)"
+            " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+            chunk.plan_id,
+            version,
+            chunk.occurrence,
+            chunk.step,
+            chunk.fire_time,
+            replica,
+            chunk.cursor,
+            chunk.last_user,
         )
         return int(status.split()[-1])
+
+    async def occurrence_counts(self, plan_id: str, occurrence: str) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT status || coalesce(':' || reason, '') AS k, count(*) AS n FROM deliveries"
+            " WHERE plan_id = $1 AND occurrence = $2 GROUP BY 1 ORDER BY 1",
+            plan_id,
+            occurrence,
+        )
+        return {r["k"]: r["n"] for r in rows}
+
+    async def close_occurrences(self, conn: asyncpg.Connection, plan_id: str) -> int:
+        """A cancelled plan's running occurrences end: nothing more is claimed for them."""
+        await conn.execute(
+            "UPDATE occurrence_chunks c SET state = 'done', owner = NULL, updated_at = now()"
+            " FROM occurrences o WHERE o.id = c.occurrence_id AND o.plan_id = $1"
+            " AND c.state = 'todo'",
+            plan_id,
+        )
+        status = await conn.execute(
+            "UPDATE occurrences SET state = 'done', finished_at = now()"
+            " WHERE plan_id = $1 AND state = 'running'",
+            plan_id,
+        )
+        return int(status.split()[-1])
+
+    async def running_occurrences(self, plan_id: str, conn: asyncpg.Connection) -> list[Any]:
+        return await conn.fetch(
+            "SELECT occurrence, step, fire_time FROM occurrences"
+            " WHERE plan_id = $1 AND state = 'running'",
+            plan_id,
+        )
+
+    # --- the flight record ------------------------------------------------------------------
+
+    async def record_flight(
+        self,
+        replica: str,
+        still_in_flight: Sequence[int],
+        candidates: Sequence[int],
+        results: Sequence[tuple[str, str, Finished]],  # (template, consent kind, result)
+    ) -> set[int]:
+        """Write finished sends' results and authorize `candidates` to go on the wire, in one
+        transaction; returns the candidates authorized (still pending and ours)."""
+        authorized = await self.pool.fetchval(
+            "SELECT record_flight_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            replica,
+            list(still_in_flight),
+            list(candidates),
+            [r.delivery_id for _, _, r in results],
+            [t for t, _, _ in results],
+            [k for _, k, _ in results],
+            [r.status for _, _, r in results],
+            [r.reason for _, _, r in results],
+            [r.errcode for _, _, r in results],
+            [r.msgid for _, _, r in results],
+            [r.detail for _, _, r in results],
+            [r.defer_until for _, _, r in results],
+        )
+        return set(authorized)
+
+    async def recover(self, replica: str, dead_after_s: float | None = None) -> Recovered:
+        """Give up `replica`'s work (when silent for `dead_after_s`, or unconditionally: its own
+        at start and stop): maybe-sent rows become `unknown`, the rest goes back to the pool."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM recover_replica_v1($1, $2)",
+            replica,
+            None if dead_after_s is None else timedelta(seconds=dead_after_s),
+        )
+        if row is None:
+            return Recovered(replica, 0, 0, 0)
+        return Recovered(replica, row["unknown"], row["released"], row["chunks"])
+
+    async def recover_dead(self, dead_after_s: float) -> list[Recovered]:
+        """Recover every replica silent for `dead_after_s` that still holds rows or chunks."""
+        rows = await self.pool.fetch(
+            "SELECT r.id FROM replicas r"
+            " WHERE r.last_seen < now() - make_interval(secs => $1) AND ("
+            "  EXISTS (SELECT 1 FROM deliveries d WHERE d.status = 'pending'"
+            "   AND d.claimed_by = r.id)"
+            "  OR EXISTS (SELECT 1 FROM occurrence_chunks c WHERE c.owner = r.id"
+            "   AND c.state = 'todo'))",
+            dead_after_s,
+        )
+        done = [await self.recover(r["id"], dead_after_s) for r in rows]
+        # Rows claimed by a name that never had a replica row (e.g. a tool) count as dead too.
+        orphans = await self.pool.fetch(
+            "SELECT DISTINCT d.claimed_by FROM deliveries d"
+            " WHERE d.status = 'pending' AND d.claimed_by IS NOT NULL"
+            " AND d.claimed_at < now() - make_interval(secs => $1)"
+            " AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = d.claimed_by)",
+            dead_after_s,
+        )
+        done += [await self.recover(r["claimed_by"], dead_after_s) for r in orphans]
+        return [r for r in done if r.unknown or r.released or r.chunks]
+
+    async def adopt_released(self, replica: str, limit: int) -> list[Released]:
+        """Take up to `limit` rows back in the pool (SKIP LOCKED), oldest first."""
+        rows = await self.pool.fetch(
+            "UPDATE deliveries d SET claimed_by = $1, claimed_at = now()"
+            " FROM (SELECT id FROM deliveries WHERE status = 'pending' AND claimed_by IS NULL"
+            "  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) AS t"
+            " WHERE d.id = t.id"
+            " RETURNING d.id, d.plan_id, d.occurrence, d.user_id, d.step, d.due_at, d.message",
+            replica,
+            limit,
+        )
+        return [
+            Released(
+                r["id"],
+                r["plan_id"],
+                r["occurrence"],
+                r["user_id"],
+                r["step"],
+                r["due_at"],
+                r["message"] or {},
+            )
+            for r in rows
+        ]
+
+    async def progress(self) -> list[dict[str, Any]]:
+        """Each running occurrence: its counts so far, holders, start, and whether it was
+        resumed or looks stuck (no chunk moved for a minute while chunks are left)."""
+        rows = await self.pool.fetch(
+            "SELECT o.plan_id, o.occurrence, o.step, o.total, o.created_at,"
+            " (SELECT count(*) FROM deliveries d WHERE d.plan_id = o.plan_id"
+            "   AND d.occurrence = o.occurrence) AS recorded,"
+            " (SELECT count(*) FROM deliveries d WHERE d.plan_id = o.plan_id"
+            "   AND d.occurrence = o.occurrence AND d.status = 'sent') AS sent,"
+            " array_remove(array_agg(DISTINCT c.owner), NULL) AS holders,"
+            " count(*) FILTER (WHERE c.state = 'todo') AS chunks_left, count(*) AS chunks,"
+            " coalesce(sum(c.takeovers), 0) AS takeovers,"
+            " max(c.updated_at) AS last_progress, now() AS now"
+            " FROM occurrences o JOIN occurrence_chunks c ON c.occurrence_id = o.id"
+            " WHERE o.state = 'running' GROUP BY o.id ORDER BY o.fire_time"
+        )
+        out = []
+        for r in rows:
+            elapsed = max((r["now"] - r["created_at"]).total_seconds(), 1e-3)
+            out.append(
+                {
+                    "plan_id": r["plan_id"],
+                    "occurrence": r["occurrence"],
+                    "step": r["step"],
+                    "total": r["total"],
+                    "recorded": r["recorded"],
+                    "sent": r["sent"],
+                    "holders": sorted(r["holders"]),
+                    "chunks": r["chunks"],
+                    "chunks_left": r["chunks_left"],
+                    "started_at": r["created_at"].isoformat(),
+                    "rate_per_s": round(r["recorded"] / elapsed, 1),
+                    "resumed": r["takeovers"] > 0,
+                    "stuck": (r["now"] - r["last_progress"]).total_seconds() > 60,
+                }
+            )
+        return out

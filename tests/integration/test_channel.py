@@ -130,10 +130,20 @@ async def test_transient_errcode_then_success(
     assert fake.stats()["errcodes"] == {str(errcode): 1, "0": 1}
 
 
-async def test_server_error_then_success(fake: FakeWeChat, channel: WeChatChannel) -> None:
+async def test_a_5xx_without_errcode_is_unknown_and_never_sent_again(
+    fake: FakeWeChat, channel: WeChatChannel
+) -> None:
+    # A gateway's 503 may come after WeChat took the message: there is no idempotency key.
     fake.inject(http_status=503)
+    result = await channel.send(MESSAGE)
+    assert (result.outcome, result.reason) == (Outcome.UNKNOWN, Reason.SERVER_ERROR)
+    assert fake.stats()["http_statuses"] == {"503": 1} and fake.stats()["sends"] == 1
+
+
+async def test_a_throttled_request_is_retried(fake: FakeWeChat, channel: WeChatChannel) -> None:
+    fake.inject(http_status=429)
     assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
-    assert fake.stats()["http_statuses"] == {"503": 1}
+    assert fake.stats()["http_statuses"] == {"429": 1}
 
 
 async def test_invalid_data_is_not_retried(fake: FakeWeChat, channel: WeChatChannel) -> None:
@@ -181,30 +191,37 @@ async def test_retries_exhausted_is_transient(fake: FakeWeChat, channel: WeChatC
     )
     assert fake.stats()["errcodes"] == {"-1": 3}
 
-    fake.inject(http_status=502, times=3)
+    fake.inject(http_status=429, times=3)
     result = await channel.send(MESSAGE)
     assert (result.outcome, result.reason, result.detail) == (
         Outcome.FAILED,
         Reason.TRANSIENT,
-        "HTTP 502",
+        "HTTP 429",
     )
     assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
 
 
-async def test_timeout_is_retried(fake: FakeWeChat) -> None:
+async def test_a_reply_that_times_out_or_is_lost_is_unknown_and_never_sent_again(
+    fake: FakeWeChat,
+) -> None:
     assert fake.base_url is not None
-    channel = make_channel(fake.base_url, timeout=0.2, retries=2)
+    channel = make_channel(fake.base_url, timeout=0.2, retries=3)
     try:
         assert (await channel.send(MESSAGE)).outcome is Outcome.SENT  # the token, first
-        fake.inject(latency_s=0.5)
-        assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
-        fake.inject(latency_s=0.5, times=2)
-        result = await channel.send(MESSAGE)
-        assert (result.outcome, result.reason) == (Outcome.FAILED, Reason.TRANSIENT)
-        assert result.detail is not None and "Timeout" in result.detail
+        # WeChat accepts the message, and its reply comes too late...
+        fake.inject_lost_replies(reply="delay", latency_s=0.5)
+        late = await channel.send(MESSAGE)
+        # ... or never: the connection breaks after the request was written.
+        fake.inject_lost_replies(reply="drop")
+        dropped = await channel.send(MESSAGE)
     finally:
         await channel.aclose()
-    await asyncio.sleep(0.6)  # let the fake finish the slow requests it still holds
+    await asyncio.sleep(0.6)  # let the fake finish the slow request it still holds
+    assert (late.outcome, late.reason) == (Outcome.UNKNOWN, Reason.REPLY_TIMEOUT)
+    assert late.detail is not None and "Timeout" in late.detail
+    assert (dropped.outcome, dropped.reason) == (Outcome.UNKNOWN, Reason.REPLY_LOST)
+    # Each message reached the user once: neither was sent again.
+    assert len(fake.messages) == 3 and fake.replies_lost == 2
 
 
 async def test_connection_refused_is_transient() -> None:

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from scheduler.app.dispatcher import Dispatcher
+from scheduler.app.dispatcher import Dispatcher, FanOutReport
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import relative_due
@@ -125,7 +125,8 @@ async def test_fan_out_sends_once_per_user_and_records_every_outcome(store, fake
     again = await d.fire(plan.id, fire)  # a double fire of the same occurrence
 
     assert (report.sent, report.no_consent) == (20, 5)
-    assert again.sent == 0 and again.already_claimed == 25
+    # The double fire meets the occurrence already done: no chunk left, nothing claimed.
+    assert again.sent == 0 and again.claimed == 0
     assert sorted(m["touser"] for m in fake.messages) == users[:20]
     sent = fake.messages[0]
     # step 2: the plan started on Mar 1
@@ -254,13 +255,16 @@ async def test_relative_plan_sweeps_each_users_due_steps_in_virtual_time(store, 
     assert dict(enrolment) == {"status": "finished", "next_step": 3, "next_due_at": None}
 
 
-async def test_in_flight_rows_of_a_dead_replica_become_unknown_not_resent(store, fake, channel):
+async def test_a_dead_replicas_sends_in_flight_become_unknown_and_the_rest_is_sent(
+    store, fake, channel
+):
     plan = calendar_plan()
     await register(store, plan)
-    await store.enroll(plan.id, "o-a", T0, "Asia/Shanghai", {"who": "a"}, None)
-    await store.record_consent("o-a", "tmpl_alert", "long_term", "accept", "test")
+    for user in ("o-a", "o-b"):
+        await store.enroll(plan.id, user, T0, "Asia/Shanghai", {"who": user}, None)
+        await store.record_consent(user, "tmpl_alert", "long_term", "accept", "test")
     fire = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
-    # A replica claimed the row and died before recording the result.
+    # A replica claimed both rows, handed o-a's to the channel (recorded in flight), and died.
     claims = await store.claim(
         store.pool,
         plan_id=plan.id,
@@ -268,19 +272,27 @@ async def test_in_flight_rows_of_a_dead_replica_become_unknown_not_resent(store,
         template_id="tmpl_alert",
         consent_kind="long_term",
         replica="dead-one",
-        occurrences=[fire.isoformat()],
-        users=["o-a"],
-        steps=[2],
-        due=[fire],
-        messages=[{"thing1": "x", "number2": "2"}],
+        occurrences=[fire.isoformat()] * 2,
+        users=["o-a", "o-b"],
+        steps=[2, 2],
+        due=[fire, fire],
+        messages=[{"thing1": "x", "number2": "2"}] * 2,
     )
-    assert [c.allowed for c in claims] == [True]
-    await store.heartbeat("dead-one", "host", 1, starting=True)
+    ids = {c.user_id: c.delivery_id for c in claims}
+    assert await store.fanout.record_flight("dead-one", [], [ids["o-a"]], []) == {ids["o-a"]}
+    assert await store.fanout.recover_dead(60) == []  # alive: its lease has not run out
     await store.pool.execute("UPDATE replicas SET last_seen = now() - interval '5 minutes'")
 
-    assert await store.resolve_in_flight() == 1
-    report = await dispatcher(store, channel, Clock(T0)).fire(plan.id, fire)
+    [recovered] = await store.fanout.recover_dead(60)
+    assert (recovered.unknown, recovered.released) == (1, 1)
+    # The dead replica, had it only been slow, may no longer send what was given back.
+    assert await store.fanout.record_flight("dead-one", [], [ids["o-b"]], []) == set()
+    survivor = dispatcher(store, channel, Clock(T0))
+    report = FanOutReport()
+    await survivor.work_released(report)
+    again = await survivor.fire(plan.id, fire)
 
-    assert report.sent == 0 and fake.messages == []
-    [row] = await ledger(store, plan.id)
-    assert (row["status"], row["reason"]) == ("unknown", "crashed_in_flight")
+    assert report.sent == 1 and again.sent == 0
+    assert [m["touser"] for m in fake.messages] == ["o-b"]
+    rows = {r["user_id"]: (r["status"], r["reason"]) for r in await ledger(store, plan.id)}
+    assert rows == {"o-a": ("unknown", "crashed_in_flight"), "o-b": ("sent", None)}

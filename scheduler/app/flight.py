@@ -1,0 +1,104 @@
+"""The flight recorder: no send leaves before the database knows it may be on the wire.
+
+Each send of a replica passes here twice. Before the channel gets it, `authorize` waits until its
+delivery id is written into the replica's `in_flight` (and the row is still pending and ours:
+a recovery may have given it back to the pool); after, `finished` hands over its result, which
+is written in the same kind of round trip. One loop writes everything that accumulated since its
+last round trip (group commit), so the cost per send is a share of one small transaction.
+
+A slot is taken at `authorize` and given back only when the result is written: at any moment at
+most `slots` sends of this replica are recorded as possibly on the wire, which is what a crash
+can turn into `unknown` (everything else claimed goes back to the pool, see recover_replica_v1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from scheduler.store.postgres import FanOutStore, Finished, retry_transient
+
+log = logging.getLogger(__name__)
+
+
+class FlightRecorder:
+    def __init__(self, store: FanOutStore, replica: str, slots: int):
+        self._store = store
+        self._replica = replica
+        self._slots = asyncio.Semaphore(slots)
+        self._in_flight: set[int] = set()  # authorized, result not written yet
+        self._candidates: dict[int, asyncio.Future[bool]] = {}
+        self._results: list[tuple[str, str, Finished, bool]] = []
+        self._handed = 0  # results handed over so far
+        self._written = 0  # of which written
+        self._flushed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def authorize(self, delivery_id: int) -> bool:
+        """Wait for a slot and for the row to be recorded in flight. False: the row is no longer
+        this replica's (do not send it)."""
+        await self._slots.acquire()
+        future = asyncio.get_running_loop().create_future()
+        self._candidates[delivery_id] = future
+        self._kick()
+        try:
+            allowed = await future
+        except BaseException:
+            self._slots.release()
+            raise
+        if not allowed:
+            self._slots.release()
+        return allowed
+
+    def finished(
+        self, template_id: str, consent_kind: str, result: Finished, *, sent: bool
+    ) -> None:
+        """Hand over a result (`sent`: it was authorized and went to the channel); it is written
+        with the next round trip, and then the send's slot is free."""
+        self._results.append((template_id, consent_kind, result, sent))
+        self._handed += 1
+        self._kick()
+
+    async def flush(self) -> None:
+        """Wait until every result handed over so far is written."""
+        target = self._handed
+        async with self._flushed:
+            await self._flushed.wait_for(lambda: self._written >= target)
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._candidates or self._results:
+            candidates, self._candidates = self._candidates, {}
+            results, self._results = self._results, []
+            done = {r.delivery_id for _, _, r, sent in results if sent}
+            still = self._in_flight - done
+            try:
+                authorized = await retry_transient(what="recording the sends in flight")(
+                    self._store.record_flight,
+                    self._replica,
+                    sorted(still),
+                    sorted(candidates),
+                    [(t, k, r) for t, k, r, _ in results],
+                )
+            except Exception:  # not an outage: a fault worth a traceback; try again soon
+                log.exception("recording the sends in flight failed; retrying in 1 s")
+                self._candidates = {**candidates, **self._candidates}
+                self._results = results + self._results
+                await asyncio.sleep(1)
+                continue
+            self._in_flight = still | authorized
+            for delivery_id, future in candidates.items():
+                if not future.done():
+                    future.set_result(delivery_id in authorized)
+            for _ in done:
+                self._slots.release()
+            self._written += len(results)
+            async with self._flushed:
+                self._flushed.notify_all()
