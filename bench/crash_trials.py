@@ -89,13 +89,16 @@ class TrialResult:
     pending: int
     seconds: float
     shares: dict[str, int] = field(default_factory=dict)  # replica -> sends it claimed
+    exit_codes: list[int] = field(default_factory=list)  # of the replicas signalled
+    down: int = 0  # replicas not running at the end
 
     def line(self) -> str:
         shares = " ".join(f"{k}={v}" for k, v in sorted(self.shares.items()))
         return (
             f"users={self.users} signals={self.signals} duplicates={self.duplicates} "
             f"lost={self.lost} unknown={self.unknown} pending={self.pending} "
-            f"finish_s={self.seconds:.1f} shares: {shares}"
+            f"finish_s={self.seconds:.1f} exits={self.exit_codes} down={self.down} "
+            f"shares: {shares}"
         )
 
 
@@ -129,6 +132,35 @@ class Replica:
             self.proc.wait(10)
 
 
+class Monitor:
+    """The trial's own view of the database, reconnecting through an outage (a trial may
+    restart PostgreSQL under it)."""
+
+    def __init__(self, db_url: str):
+        self.db_url = db_url
+        self.conn: Monitor | None = None
+
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        from scheduler.store.postgres import retry_transient
+
+        async def attempt() -> list[asyncpg.Record]:
+            if self.conn is None or self.conn.is_closed():
+                self.conn = await asyncpg.connect(self.db_url)
+            return await self.conn.fetch(query, *args)
+
+        return await retry_transient(120, what="the trial's query")(attempt)
+
+    async def fetchrow(self, query: str, *args: object) -> asyncpg.Record:
+        return (await self.fetch(query, *args))[0]
+
+    async def fetchval(self, query: str, *args: object) -> object:
+        return (await self.fetchrow(query, *args))[0]
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
 class FakeProcess:
     """The fake WeChat in its own process, so a daemon's death does not touch it."""
 
@@ -154,6 +186,8 @@ class FakeProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 async def enrol(db_url: str, plans_dir: Path, users: int) -> None:
@@ -232,7 +266,7 @@ async def run_trial(
         "REMINDERS_LOG_LEVEL": "INFO",
     }
     fleet = [Replica(f"r{i}", env, workdir / f"r{i}.log") for i in range(replicas)]
-    conn = await asyncpg.connect(db_url)
+    conn = Monitor(db_url)
     began = time.monotonic()
     try:
         for replica in fleet:
@@ -254,6 +288,8 @@ async def run_trial(
         await _until(lambda: _finished(conn, users), timeout_s, "every user's final outcome")
         seconds = time.monotonic() - began
         result = await _count(conn, fake, users, signals, seconds)
+        result.exit_codes = [code for r in fleet for code in r.exit_codes]
+        result.down = sum(1 for r in fleet if r.proc is None or r.proc.poll() is not None)
     finally:
         await conn.close()
         for replica in fleet:
@@ -270,11 +306,11 @@ async def _until(check, within_s: float, what: str) -> None:  # noqa: ANN001
         await asyncio.sleep(0.02)
 
 
-async def _recorded_at_least(conn: asyncpg.Connection, n: float) -> bool:
+async def _recorded_at_least(conn: Monitor, n: float) -> bool:
     return await conn.fetchval("SELECT count(*) FROM deliveries") >= n
 
 
-async def _busiest(conn: asyncpg.Connection, fleet: list[Replica]) -> Replica:
+async def _busiest(conn: Monitor, fleet: list[Replica]) -> Replica:
     """The replica holding chunks now (else the first): the one a kill hurts most."""
     owners = Counter(
         r["owner"]
@@ -287,7 +323,7 @@ async def _busiest(conn: asyncpg.Connection, fleet: list[Replica]) -> Replica:
     return fleet[0]
 
 
-async def _finished(conn: asyncpg.Connection, users: int) -> bool:
+async def _finished(conn: Monitor, users: int) -> bool:
     row = await conn.fetchrow(
         "SELECT count(*) FILTER (WHERE status NOT IN ('pending', 'deferred')) AS final,"
         " count(*) FILTER (WHERE status IN ('pending', 'deferred')) AS open,"
@@ -298,7 +334,7 @@ async def _finished(conn: asyncpg.Connection, users: int) -> bool:
 
 
 async def _count(
-    conn: asyncpg.Connection, fake: FakeProcess, users: int, signals: int, seconds: float
+    conn: Monitor, fake: FakeProcess, users: int, signals: int, seconds: float
 ) -> TrialResult:
     received = Counter(m["touser"] for m in await fake.messages())
     ledger = await conn.fetch(

@@ -8,7 +8,8 @@ their transaction, so the notification means "committed"). Each daemon replica h
     {"kind": "catch_up", "plan": ID}      fan out the occurrences a resume queued (one replica
                                           takes each, FOR UPDATE SKIP LOCKED)
     {"kind": "state", "plan": ID, ...}    a plan changed state: drop the schedule of a plan that
-                                          is over
+                                          is over; a resumed plan's chunks are taken again
+    {"kind": "work"}                      an occurrence was recorded: every replica takes chunks
 
 Notifications are a wake-up, never the only path: the loop also polls every `poll_s`, so a
 replica that was reconnecting still picks up queued catch-ups.
@@ -21,7 +22,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from scheduler.app.lifecycle import CONTROL_CHANNEL, process_catch_up
+from scheduler.app.lifecycle import process_catch_up
+from scheduler.store.postgres import CONTROL_CHANNEL
 
 if TYPE_CHECKING:
     from scheduler.app.daemon import Daemon
@@ -84,6 +86,8 @@ class ControlLoop:
             self.watcher.request_rescan("reload command")
         elif kind == "catch_up":
             await self.catch_up()
+        elif kind == "work" or (kind == "state" and message.get("state") == "active"):
+            self.daemon.work_available.set()
         elif kind == "state" and message.get("state") in ("cancelled", "completed"):
             try:
                 await self.daemon._remove_schedule(str(message.get("plan")))

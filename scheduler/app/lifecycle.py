@@ -43,11 +43,10 @@ from scheduler.domain.schedule import (
     relative_due,
 )
 from scheduler.errors import RemindersError
-from scheduler.store.postgres import Store
+from scheduler.store.postgres import CONTROL_CHANNEL, Store
 
 log = logging.getLogger(__name__)
 
-CONTROL_CHANNEL = "reminders_control"  # NOTIFY channel every daemon replica LISTENs to
 FILE_REMOVED = "file removed"
 FILE_RESTORED = "file restored"
 ALL_PLANS = "*"

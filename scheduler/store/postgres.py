@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_LOCK = 72_410_001  # pg_advisory_xact_lock key: one replica migrates at a time
 SCHEDULER_SETUP_LOCK = 72_410_002  # one replica at a time creates APScheduler's tables
+CONTROL_CHANNEL = "reminders_control"  # NOTIFY channel every daemon replica LISTENs to
 
 
 @dataclass(frozen=True)
@@ -656,6 +657,7 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions._base.InternalClientError,  # a connection broken mid-protocol
     asyncpg.TooManyConnectionsError,
 )
 
@@ -767,6 +769,10 @@ class FanOutStore:
                 occurrence_id,
                 edges[:-1],
                 edges[1:],
+            )
+            # Every replica's work loop wakes up and takes a share (on commit).
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", CONTROL_CHANNEL, json.dumps({"kind": "work"})
             )
             return occurrence_id
 
