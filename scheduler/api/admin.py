@@ -78,6 +78,11 @@ async def list_plans(request: Request, caller: Admin) -> dict[str, Any]:
     return await overview(_store(request), now=_now(request))
 
 
+@router.get("/fan-outs", summary="Occurrences whose fan-out is under way, with their progress")
+async def list_fan_outs(request: Request, caller: Admin) -> dict[str, Any]:
+    return {"fan_outs": await _store(request).fanout.progress()}
+
+
 @router.get("/plans/{plan_id}", summary="One plan's status")
 async def get_plan(
     request: Request,

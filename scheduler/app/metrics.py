@@ -60,6 +60,17 @@ DUE_BACKLOG = Gauge(
     ["plan", "kind"],
 )
 PLANS = Gauge("reminders_plans", "Plans by state.", ["state"])
+FAN_OUTS = Gauge(
+    "reminders_fanouts_running",
+    "Calendar occurrences whose fan-out is under way (durable work in PostgreSQL), by plan and "
+    "condition: all, resumed (taken over after a holder left) or stuck (no chunk moved for 60 s).",
+    ["plan_id", "condition"],
+)
+FAN_OUT_LEFT = Gauge(
+    "reminders_fanout_users_left",
+    "Enrolled users of running fan-outs without a ledger row yet.",
+    ["plan_id"],
+)
 REPLICAS_ALIVE = Gauge("reminders_replicas_alive", "Daemon replicas with a recent heartbeat.")
 PLAN_FILE_PROBLEMS = Gauge(
     "reminders_plan_file_problems",
@@ -136,6 +147,14 @@ async def refresh_gauges(store: Any) -> None:
             "SELECT count(*) FROM replicas WHERE last_seen > now() - interval '30 seconds'"
         )
         problems = await conn.fetchval("SELECT count(*) FROM plan_problems")
+    fan_outs = await store.fanout.progress()
+    FAN_OUTS.clear()
+    FAN_OUT_LEFT.clear()
+    for f in fan_outs:
+        for condition in ("all", "resumed", "stuck"):
+            if condition == "all" or f[condition]:
+                FAN_OUTS.labels(f["plan_id"], condition).inc()
+        FAN_OUT_LEFT.labels(f["plan_id"]).inc(max(f["total"] - f["recorded"], 0))
     DUE_BACKLOG.clear()
     for kind, rows in (("steps", steps), ("catch_up", catch_up), ("in_flight", in_flight)):
         for r in rows:

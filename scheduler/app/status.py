@@ -316,6 +316,7 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
             for r in problem_rows
         ],
         "replicas": await replicas(store),
+        "fan_outs": await store.fanout.progress(),
     }
 
 
@@ -360,8 +361,28 @@ def render_overview(report: dict[str, Any]) -> str:
             for pr in f["problems"]:
                 field = f"{pr['field']}: " if pr["field"] else ""
                 out.append(f"  {f['file']}: {field}{pr['reason']}")
+    out += ["", *render_fan_outs(report["fan_outs"])]
     out += ["", *render_replicas(report["replicas"])]
     return "\n".join(out)
+
+
+def render_fan_outs(rows: list[dict[str, Any]]) -> list[str]:
+    """Occurrences under way: progress, holders, rate, and whether they were resumed after a
+    replica left them or look stuck."""
+    if not rows:
+        return ["Fan-outs under way: none"]
+    out = [f"Fan-outs under way: {len(rows)}"]
+    for f in rows:
+        flags = [w for w in ("resumed", "stuck") if f[w]]
+        holders = ", ".join(f["holders"]) or "nobody (waiting for a replica)"
+        out.append(
+            f"  {f['plan_id']} step {f['step']} ({_when(f['occurrence'])}): "
+            f"{f['recorded']}/{f['total']} recorded, {f['sent']} sent, "
+            f"{f['chunks_left']}/{f['chunks']} chunks left, {f['rate_per_s']}/s since "
+            f"{_when(f['started_at'])}; held by {holders}"
+            + (f"  [{', '.join(flags)}]" if flags else "")
+        )
+    return out
 
 
 def render_replicas(rows: list[dict[str, Any]]) -> list[str]:

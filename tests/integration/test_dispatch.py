@@ -106,8 +106,10 @@ async def ledger(store: Store, plan_id: str) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-def dispatcher(store: Store, channel: WeChatChannel, clock: Clock, **kw) -> Dispatcher:
-    return Dispatcher(store, channel, replica_id="test", clock=clock, **kw)
+def dispatcher(
+    store: Store, channel: WeChatChannel, clock: Clock, *, replica_id: str = "test", **kw
+) -> Dispatcher:
+    return Dispatcher(store, channel, replica_id=replica_id, clock=clock, **kw)
 
 
 async def test_fan_out_sends_once_per_user_and_records_every_outcome(store, fake, channel):

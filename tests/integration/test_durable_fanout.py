@@ -1,0 +1,216 @@
+"""The durable fan-out on a real PostgreSQL and a fake WeChat on loopback: occurrences as chunks
+any replica takes, the flight record that bounds `unknown`, recovery of a replica that left,
+pause/cancel mid fan-out, and the progress that status shows."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from scheduler.app.dispatcher import FanOutReport, occurrence_key
+from scheduler.app.lifecycle import Lifecycle
+from scheduler.app.status import overview, render_overview
+from scheduler.store.postgres import Fenced, Store
+from tests.integration.test_dispatch import Clock, calendar_plan, dispatcher, register
+from tests.ops_helpers import channel_fixture, eventually, fake_fixture  # noqa: F401 - fixtures
+
+FIRE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
+
+
+async def audience(store: Store, n: int) -> list[str]:
+    plan = calendar_plan()
+    await register(store, plan)
+    await store.pool.execute(
+        "INSERT INTO enrollments (plan_id, user_id, start_at, tz, vars)"
+        " SELECT $1, 'o-' || lpad(i::text, 5, '0'), $2, 'Asia/Shanghai', '{\"who\": \"x\"}'"
+        " FROM generate_series(1, $3) AS i",
+        plan.id,
+        FIRE,
+        n,
+    )
+    await store.pool.execute(
+        "INSERT INTO consent (user_id, template_id, long_term)"
+        " SELECT user_id, 'tmpl_alert', true FROM enrollments"
+    )
+    return [r["user_id"] for r in await store.pool.fetch("SELECT user_id FROM enrollments")]
+
+
+async def at_least(store: Store, n: int, query: str) -> None:
+    async def reached() -> bool:
+        return await store.pool.fetchval(query) >= n
+
+    await eventually(reached, what=query)
+
+
+async def outcomes(store: Store) -> dict[str, int]:
+    rows = await store.pool.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY 1")
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def test_an_occurrence_is_recorded_once_as_chunks_covering_every_user(store, fake, channel):
+    users = await audience(store, 250)
+    fanout = store.fanout
+    first = await fanout.record_occurrence("alerts", occurrence_key(FIRE), 2, FIRE, 100)
+    again = await fanout.record_occurrence("alerts", occurrence_key(FIRE), 2, FIRE, 100)
+    chunks = await store.pool.fetch(
+        "SELECT after_user, last_user FROM occurrence_chunks ORDER BY id"
+    )
+    assert first == again
+    # (start, 100th], (100th, 200th], (200th, end): users enrolled later fall in one too.
+    assert [(c["after_user"], c["last_user"]) for c in chunks] == [
+        (None, users[99]),
+        (users[99], users[199]),
+        (users[199], None),
+    ]
+    assert await store.pool.fetchval("SELECT total FROM occurrences") == 250
+
+
+async def test_two_replicas_share_one_occurrence_and_send_each_user_once(store, fake, channel):
+    users = await audience(store, 600)
+    fake.inject(latency_s=0.01, times=600)
+    clock = Clock(FIRE)
+    a = dispatcher(store, channel, clock, batch_size=50, chunk_size=100, concurrency=8)
+    b = dispatcher(
+        store, channel, clock, replica_id="other", batch_size=50, chunk_size=100, concurrency=8
+    )
+    active = await a.load("alerts")
+    helper = FanOutReport()
+
+    async def join() -> None:
+        await at_least(store, 1, "SELECT count(*) FROM occurrences")
+        await b.work(helper)
+
+    report, _ = await asyncio.gather(a.fan_out(active, FIRE), join())
+
+    assert report.sent > 0 and helper.sent > 0
+    assert report.sent + helper.sent == 600
+    assert sorted(m["touser"] for m in fake.messages) == users
+    assert await store.pool.fetchval("SELECT state FROM occurrences") == "done"
+
+
+async def test_sends_recorded_in_flight_never_exceed_the_concurrency(store, fake, channel):
+    await audience(store, 300)
+    fake.inject(latency_s=0.02, times=300)
+    d = dispatcher(store, channel, Clock(FIRE), batch_size=100, concurrency=5)
+    active = await d.load("alerts")
+    task = asyncio.create_task(d.fan_out(active, FIRE))
+    seen = []
+    while not task.done():
+        seen.append(
+            await store.pool.fetchval(
+                "SELECT coalesce(cardinality(in_flight), 0) FROM replicas WHERE id = 'test'"
+            )
+        )
+        await asyncio.sleep(0.005)
+    assert (await task).sent == 300
+    assert max(x or 0 for x in seen) == 5  # reached, never passed
+
+
+async def test_a_replica_given_up_is_fenced_and_another_continues_its_chunk(store, fake, channel):
+    await audience(store, 200)
+    fanout = store.fanout
+    await fanout.record_occurrence("alerts", occurrence_key(FIRE), 2, FIRE, 1000)
+    await store.heartbeat("gone", "host", 1, starting=True)
+    chunk = await fanout.take_chunk("gone")
+    assert chunk is not None and not chunk.resumed
+    async with fanout.chunk_batch(chunk, "gone", "o-00050"):
+        pass  # it got through the first 50 users, then went silent
+    await store.pool.execute("UPDATE replicas SET last_seen = now() - interval '1 minute'")
+    [recovered] = await fanout.recover_dead(20)
+    assert recovered.chunks == 1
+
+    with pytest.raises(Fenced):  # had it only been slow: its next batch is refused
+        async with fanout.chunk_batch(chunk, "gone", "o-00100"):
+            pass
+    report = FanOutReport()
+    d = dispatcher(store, channel, Clock(FIRE))
+    status = await overview(store, now=FIRE)
+    [waiting] = status["fan_outs"]
+    assert waiting["holders"] == [] and waiting["resumed"] is False
+    await d.work(report)
+
+    # It continued after the cursor: the first 50 users were the gone replica's to send.
+    assert report.sent == 150
+    assert sorted(m["touser"] for m in fake.messages)[0] == "o-00051"
+    assert await store.pool.fetchval("SELECT takeovers FROM occurrence_chunks") == 1
+
+
+async def test_status_shows_a_fan_out_under_way_its_holder_and_progress(store, fake, channel):
+    await audience(store, 120)
+    fanout = store.fanout
+    await fanout.record_occurrence("alerts", occurrence_key(FIRE), 2, FIRE, 100)
+    await fanout.take_chunk("r-busy")
+    report = await overview(store, now=FIRE)
+    [running] = report["fan_outs"]
+    assert (running["plan_id"], running["total"], running["chunks_left"]) == ("alerts", 120, 2)
+    assert running["holders"] == ["r-busy"] and running["recorded"] == 0
+    text = render_overview(report)
+    assert "Fan-outs under way: 1" in text and "held by r-busy" in text
+
+
+async def test_a_stopping_replica_gives_back_what_it_did_not_send(store, fake, channel):
+    await audience(store, 200)
+    fake.inject(latency_s=0.05, times=200)
+    clock = Clock(FIRE)
+    leaving = dispatcher(store, channel, clock, batch_size=50, concurrency=4)
+    active = await leaving.load("alerts")
+    task = asyncio.create_task(leaving.fan_out(active, FIRE))
+    await at_least(store, 8, "SELECT count(*) FROM deliveries WHERE status = 'sent'")
+    assert await leaving.drain(within_s=5)  # SIGTERM: in-flight sends finish
+    await task
+    # Its chunk was let go at once, its claimed rows not yet sent go back to the pool.
+    chunk = await store.pool.fetchrow("SELECT owner, state FROM occurrence_chunks")
+    assert (chunk["owner"], chunk["state"]) == (None, "todo")
+    given_back = await store.fanout.recover("test")
+    assert given_back.unknown == 0 and given_back.released > 0
+
+    successor = dispatcher(store, channel, clock, replica_id="successor")
+    report = FanOutReport()
+    await successor.work_released(report)
+    await successor.work(report)
+
+    assert await outcomes(store) == {"sent": 200}
+    assert len(fake.messages) == 200 == len({m["touser"] for m in fake.messages})
+    assert report.sent == 200 - (
+        await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE claimed_by = 'test'")
+    )
+
+
+async def test_pause_mid_fan_out_keeps_the_rest_for_the_resume(store, fake, channel):
+    await audience(store, 100)
+    fake.inject(latency_s=0.05, times=100)
+    clock = Clock(FIRE)
+    d = dispatcher(store, channel, clock, batch_size=10, concurrency=2)
+    lifecycle = Lifecycle(store, clock=clock)
+    active = await d.load("alerts")
+    task = asyncio.create_task(d.fan_out(active, FIRE))
+    await at_least(store, 10, "SELECT count(*) FROM deliveries")
+    await lifecycle.pause("alerts", actor="test", reason="checking")
+    assert (await task).stopped
+    left = await store.pool.fetchval(
+        "SELECT count(*) FROM occurrence_chunks WHERE state = 'todo' AND owner IS NULL"
+    )
+    assert left == 1  # the occurrence waits, nobody holds it
+
+    await lifecycle.resume("alerts", actor="test", catch_up=True)
+    report = FanOutReport()
+    await d.work(report)
+    assert await outcomes(store) == {"sent": 100}
+    assert await store.pool.fetchval("SELECT state FROM occurrences") == "done"
+
+
+async def test_cancel_mid_fan_out_closes_the_occurrence(store, fake, channel):
+    await audience(store, 100)
+    fake.inject(latency_s=0.05, times=100)
+    clock = Clock(FIRE)
+    d = dispatcher(store, channel, clock, batch_size=10, concurrency=2)
+    active = await d.load("alerts")
+    task = asyncio.create_task(d.fan_out(active, FIRE))
+    await at_least(store, 10, "SELECT count(*) FROM deliveries")
+    result = await Lifecycle(store, clock=clock).cancel("alerts", actor="test", reason="over")
+    await task
+    assert result.details["occurrences_closed"] == 1
+    assert await store.pool.fetchval("SELECT state FROM occurrences") == "done"
+    assert await store.fanout.take_chunk("anyone") is None
