@@ -1,6 +1,7 @@
 """Fan-out benchmark: one occurrence of a calendar plan sent to N users, end to end.
 
     .venv/bin/python bench/fanout.py --users 100000 [--concurrency 64] [--batch-size 500]
+        [--chunk-size 1000] [--replicas 1]
 
 Registers a daily long-term `transport` plan in a fresh database (`bench_<random>` on the server
 of --database-url / DATABASE_URL, else on an embedded PostgreSQL in a temp dir), bulk-loads N
@@ -17,6 +18,25 @@ min(N, --baseline-max) of them). The last line printed is
 
 with ratio = S / C and raw_ratio = S / B. Loopback only; everything started is stopped and the
 database dropped on the way out, also on error or after --timeout seconds.
+
+With --replicas K > 1 the occurrence is worked by K replicas instead of this process: after the
+baselines, K worker subprocesses (this file with --worker; replica ids r0..r{K-1}) each open a
+Store on the bench database, a WeChatChannel to the same fake and a Dispatcher with the same
+concurrency and batch size (each), warm their channel up and wait. This process then records the
+occurrence (`store.fanout.record_occurrence`, in chunks of --chunk-size users, as `fire` does),
+sends the workers the start signal (a line on their stdin) and times from just before the record
+to the occurrence being `done`; each worker runs `Dispatcher.work()` until then (it returns when
+no chunk is free, which may be while others still hold chunks, so it is called again after a
+short sleep). It prints each replica's share of the ledger's `sent` rows, runs the same checks
+(ledger sent == fake sends == N) and ends with
+
+    users=N replicas=K sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q
+        peak_rss_mb=M shares=r0:n0,r1:n1,...
+
+(one line), where ratio is still against the single-process channel baseline and peak_rss_mb is
+the largest replica's. The replicas are not pinned: they share the machine's cores with the fake
+WeChat and PostgreSQL, so on a 2-core box this is a functional figure (the work is shared, every
+user is sent exactly once), not a scaling one.
 """
 
 from __future__ import annotations
@@ -48,7 +68,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `scheduler` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.http_baselines import _fetch_token, _pin, _start_fake, aiohttp_loop, channel_loop
-from scheduler.app.dispatcher import Dispatcher
+from scheduler.app.dispatcher import Dispatcher, FanOutReport, occurrence_key
 from scheduler.channels.base import OutgoingMessage
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.messages import render
@@ -58,6 +78,7 @@ from scheduler.planfiles import content_hash
 from scheduler.store.embedded import start_embedded
 from scheduler.store.postgres import Store
 
+SCRIPT = str(Path(__file__).resolve())  # what --replicas K > 1 runs with --worker
 TZ = "Asia/Shanghai"
 PLAN = Plan.model_validate(
     {
@@ -161,7 +182,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-async def bench(args: argparse.Namespace, server_url: str, db_url: str, base_url: str) -> str:
+async def first_occurrence(store: Store) -> tuple[datetime, int]:
+    """The plan's first occurrence (its fire time and step): the one the benchmark fans out."""
+    cal = PLAN.schedule.calendar
+    assert cal is not None
+    record = await store.plan(PLAN.id)
+    assert record is not None
+    first = next(calendar_occurrences(cal, calendar_anchor(cal, record.registered_at)))
+    return first.due_at, first.step
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """Terminate a subprocess this script started (kill it after 10 s) and reap it."""
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def bench(
+    args: argparse.Namespace,
+    db_url: str,
+    base_url: str,
+    cpus: list[int],
+    workers: list[asyncio.subprocess.Process],
+) -> str:
     n, concurrency = args.users, args.concurrency
     async with Store.open(db_url, max_size=args.pool_size) as store:
         started = time.perf_counter()
@@ -169,12 +217,7 @@ async def bench(args: argparse.Namespace, server_url: str, db_url: str, base_url
         await load(store, db_url, n)
         print(f"setup: {n} enrolments + consents loaded in {time.perf_counter() - started:.1f} s")
 
-        cal = PLAN.schedule.calendar
-        assert cal is not None
-        record = await store.plan(PLAN.id)
-        assert record is not None
-        first = next(calendar_occurrences(cal, calendar_anchor(cal, record.registered_at)))
-        fire_time, step = first.due_at, first.step
+        fire_time, step = await first_occurrence(store)
         baseline = messages(fire_time, step, min(n, args.baseline_max))
 
         channel = WeChatChannel(base_url, "bench", "bench")
@@ -199,12 +242,17 @@ async def bench(args: argparse.Namespace, server_url: str, db_url: str, base_url
             del baseline
             gc.collect()
 
+            if args.replicas > 1:
+                return await replicated(
+                    args, store, db_url, base_url, cpus, workers, channel_per_s, raw_per_s
+                )
             dispatcher = Dispatcher(
                 store,
                 channel,
                 replica_id="bench",
                 concurrency=concurrency,
                 batch_size=args.batch_size,
+                chunk_size=args.chunk_size,
                 clock=lambda: fire_time,
             )
             sends_before = await fake_sends(base_url)
@@ -236,12 +284,177 @@ async def bench(args: argparse.Namespace, server_url: str, db_url: str, base_url
     )
 
 
+async def replicated(
+    args: argparse.Namespace,
+    store: Store,
+    db_url: str,
+    base_url: str,
+    cpus: list[int],
+    workers: list[asyncio.subprocess.Process],
+    channel_per_s: float,
+    raw_per_s: float,
+) -> str:
+    """--replicas K > 1: K worker processes share the occurrence's chunks; this one records it,
+    gives the start signal and waits for the occurrence to be done."""
+    n, k = args.users, args.replicas
+    fire_time, step = await first_occurrence(store)
+    replicas = [f"r{i}" for i in range(k)]
+    for replica in replicas:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            SCRIPT,
+            "--worker",
+            "--fake-url",
+            base_url,
+            "--replica-id",
+            replica,
+            "--concurrency",
+            str(args.concurrency),
+            "--batch-size",
+            str(args.batch_size),
+            "--chunk-size",
+            str(args.chunk_size),
+            "--pool-size",
+            str(args.pool_size),
+            "--timeout",
+            str(args.timeout),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "DATABASE_URL": db_url},  # not on the command line
+        )
+        workers.append(process)
+        if len(cpus) >= 2:  # this process is pinned to one core: the replicas use them all
+            os.sched_setaffinity(process.pid, set(cpus))
+    for replica, process in zip(replicas, workers, strict=True):
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 120)
+        if line.strip() != b"ready":
+            raise SystemExit(f"FAILED: replica {replica} did not start ({line!r})")
+    pids = ", ".join(f"{r} pid {w.pid}" for r, w in zip(replicas, workers, strict=True))
+    print(f"replicas: {k} workers ready ({pids})")
+
+    sends_before = await fake_sends(base_url)
+    started = time.perf_counter()
+    occurrence_id = await store.fanout.record_occurrence(
+        PLAN.id, occurrence_key(fire_time), step, fire_time, args.chunk_size
+    )
+    for process in workers:
+        assert process.stdin is not None
+        process.stdin.write(f"go {occurrence_id}\n".encode())
+    await asyncio.gather(*(w.stdin.drain() for w in workers if w.stdin is not None))
+    while True:
+        state = await store.pool.fetchval(
+            "SELECT state FROM occurrences WHERE id = $1", occurrence_id
+        )
+        if state == "done":
+            break
+        for replica, process in zip(replicas, workers, strict=True):
+            if process.returncode is not None:
+                raise SystemExit(
+                    f"FAILED: replica {replica} exited ({process.returncode}) before the "
+                    "occurrence was done"
+                )
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+
+    results: dict[str, dict[str, Any]] = {}
+    for replica, process in zip(replicas, workers, strict=True):
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        if await asyncio.wait_for(process.wait(), 60) != 0 or not line:
+            raise SystemExit(f"FAILED: replica {replica} exited with {process.returncode}")
+        results[replica] = json.loads(line)
+    outcomes: dict[str, int] = {}
+    for result in results.values():
+        for key, count in result["outcomes"].items():
+            outcomes[key] = outcomes.get(key, 0) + count
+    sent = outcomes["sent"]
+    sends_per_s = sent / elapsed
+    print(
+        f"fire {fire_time.isoformat()} (step {step}) by {k} replicas: {outcomes} in "
+        f"{elapsed:.2f} s = {sends_per_s:.0f} sends/s (batch {args.batch_size}, concurrency "
+        f"{args.concurrency} each, chunks of {args.chunk_size})"
+    )
+    rows = await store.pool.fetch(
+        "SELECT claimed_by, count(*) AS n FROM deliveries WHERE status = 'sent'"
+        " GROUP BY 1 ORDER BY 1"
+    )
+    shares = {replica: 0 for replica in replicas} | {r["claimed_by"]: r["n"] for r in rows}
+    for replica, result in results.items():
+        print(
+            f"{replica}: {shares.get(replica, 0)} sent in the ledger ({result['outcomes']}), "
+            f"{result['cpu_us']:.0f} us CPU/send, peak RSS {result['peak_rss_mb']:.0f} MB"
+        )
+    if any(shares[replica] == 0 for replica in replicas):
+        print("note: a replica sent nothing (fewer chunks than replicas, or one took them all)")
+
+    ledger = sum(shares.values())
+    faked = await fake_sends(base_url) - sends_before
+    print(f"checks: reports sent={sent} ledger sent={ledger} fake sends={faked} (N={n})")
+    if not sent == ledger == faked == n or set(shares) != set(replicas):
+        raise SystemExit("FAILED: every user must be sent exactly one message")
+
+    rss = max(result["peak_rss_mb"] for result in results.values())
+    print(f"peak RSS: largest replica {rss:.0f} MB, this process {peak_rss_mb():.0f} MB")
+    return (
+        f"users={n} replicas={k} sends_per_s={sends_per_s:.0f} "
+        f"channel_per_s={channel_per_s:.0f} raw_per_s={raw_per_s:.0f} "
+        f"ratio={sends_per_s / channel_per_s:.2f} raw_ratio={sends_per_s / raw_per_s:.2f} "
+        f"peak_rss_mb={rss:.0f} shares={','.join(f'{r}:{shares[r]}' for r in replicas)}"
+    )
+
+
+async def worker(args: argparse.Namespace) -> None:
+    """One replica of --replicas (run by the benchmark with --worker): ready, then on `go ID` on
+    stdin work on the occurrence's chunks until it is done, then print its report as JSON."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    db_url = args.database_url or os.environ["DATABASE_URL"]
+    async with asyncio.timeout(args.timeout), Store.open(db_url, max_size=args.pool_size) as store:
+        fire_time, step = await first_occurrence(store)
+        channel = WeChatChannel(args.fake_url, "bench", "bench")
+        try:
+            await channel_loop(channel, messages(fire_time, step, 200), args.concurrency)  # warm-up
+            dispatcher = Dispatcher(
+                store,
+                channel,
+                replica_id=args.replica_id,
+                concurrency=args.concurrency,
+                batch_size=args.batch_size,
+                chunk_size=args.chunk_size,
+                clock=lambda: fire_time,
+            )
+            gc.collect()
+            print("ready", flush=True)
+            line = (await stdin.readline()).decode().split()
+            if len(line) != 2 or line[0] != "go":
+                return  # the benchmark went away before the start
+            occurrence_id = int(line[1])
+            report = FanOutReport()
+            cpu = time.process_time()
+            while True:
+                await dispatcher.work(report)  # returns when no chunk is free
+                state = await store.pool.fetchval(
+                    "SELECT state FROM occurrences WHERE id = $1", occurrence_id
+                )
+                if state == "done":
+                    break
+                await asyncio.sleep(0.02)  # other replicas still hold chunks
+            cpu_per_send = cpu_us(cpu, max(report.sent, 1))
+        finally:
+            await channel.aclose()
+    result = {"outcomes": report.outcomes, "cpu_us": cpu_per_send, "peak_rss_mb": peak_rss_mb()}
+    print(json.dumps(result), flush=True)
+
+
 async def main(args: argparse.Namespace) -> str:
     temp_dir: Path | None = None
     server_url = args.database_url or os.environ.get("DATABASE_URL")
     database = f"bench_{secrets.token_hex(6)}"
     created = False
     fake: asyncio.subprocess.Process | None = None
+    workers: list[asyncio.subprocess.Process] = []  # --replicas K > 1
     try:
         async with asyncio.timeout(args.timeout):
             if not server_url:
@@ -262,19 +475,16 @@ async def main(args: argparse.Namespace) -> str:
                     _pin(pgserver.get_server(temp_dir / "pgdata").get_pid(), cpus[1])
                 _pin(0, cpus[0])
             print(f"database {database}, fake WeChat at {base_url} (pid {fake.pid})")
-            return await bench(args, server_url, with_database(server_url, database), base_url)
+            db_url = with_database(server_url, database)
+            return await bench(args, db_url, base_url, cpus, workers)
     except TimeoutError:
         raise SystemExit(
             f"ABORTED: the benchmark did not finish within --timeout {args.timeout:.0f} s"
         ) from None
     finally:
-        if fake is not None and fake.returncode is None:
-            fake.terminate()
-            try:
-                await asyncio.wait_for(fake.wait(), 10)
-            except TimeoutError:
-                fake.kill()
-                await fake.wait()
+        await asyncio.gather(*(stop_process(process) for process in workers))
+        if fake is not None:
+            await stop_process(fake)
         if created and server_url:
             try:
                 await admin_execute(server_url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
@@ -293,6 +503,13 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--pool-size", type=int, default=10, help="asyncpg pool max_size")
+    parser.add_argument("--chunk-size", type=int, default=1000, help="users per occurrence chunk")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="replicas working on the occurrence: 1 is this process, K > 1 are K subprocesses",
+    )
     parser.add_argument(
         "--baseline-max",
         type=int,
@@ -304,10 +521,24 @@ def cli() -> None:
         help="a PostgreSQL server (default: DATABASE_URL, else an embedded one in a temp dir)",
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="abort after this many s")
+    # One replica of --replicas K > 1, started by the benchmark itself (the bench database's URL
+    # comes in DATABASE_URL).
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fake-url", help=argparse.SUPPRESS)
+    parser.add_argument("--replica-id", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.worker:
+        if not args.fake_url or not args.replica_id:
+            parser.error("--worker needs --fake-url and --replica-id")
+        asyncio.run(worker(args))
+        return
     if not 1 <= args.users <= 1_000_000:
         parser.error("--users must be between 1 and 1,000,000")
-    logging.basicConfig(level=logging.WARNING)
+    if not 1 <= args.replicas <= 16:
+        parser.error("--replicas must be between 1 and 16")
+    if args.chunk_size < 1:
+        parser.error("--chunk-size must be at least 1")
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")  # platformdirs, via pgserver
     print(asyncio.run(main(args)))
 

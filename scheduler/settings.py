@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     wechat_appid: str | None = Field(None, description="Mini program appid.")
     wechat_secret: str | None = Field(None, description="Mini program AppSecret.")
     wechat_timeout: float = Field(10.0, description="Seconds before a WeChat call times out.")
-    wechat_retries: int = Field(3, description="Attempts for a transient WeChat error (-1, 5xx).")
+    wechat_retries: int = Field(
+        3,
+        description="Attempts for a send that provably did not go (-1, 43108, 429, no connection).",
+    )
     miniprogram_state: str = Field("formal", description="developer, trial or formal.")
     lang: str = Field("zh_CN", description="Language of the card's link text.")
     fake_wechat_port: int = Field(

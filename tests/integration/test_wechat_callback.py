@@ -77,10 +77,10 @@ async def test_handshake_echoes_echostr_exactly(api):
 @pytest.mark.parametrize(
     ("query", "status", "code"),
     [
-        (signed_query(token="wrong", extra={"echostr": "e"}), 403, "bad_signature"),
-        ("echostr=e&timestamp=1&nonce=2", 401, "unauthenticated"),
+        (lambda: signed_query(token="wrong", extra={"echostr": "e"}), 403, "bad_signature"),
+        (lambda: "echostr=e&timestamp=1&nonce=2", 401, "unauthenticated"),
         (
-            signed_query(timestamp=int(time.time()) - 3600, extra={"echostr": "e"}),
+            lambda: signed_query(timestamp=int(time.time()) - 3600, extra={"echostr": "e"}),
             403,
             "stale_request",
         ),
@@ -88,7 +88,7 @@ async def test_handshake_echoes_echostr_exactly(api):
     ids=["bad-signature", "missing-signature", "stale"],
 )
 async def test_handshake_refusals(api, query, status, code):
-    response = await api.get(f"/wechat/callback?{query}")
+    response = await api.get(f"/wechat/callback?{query()}")
     assert response.status_code == status and response.json()["error"]["code"] == code
 
 
@@ -230,26 +230,31 @@ async def test_safe_mode_refusals(api, store):
 
 
 @pytest.mark.parametrize(
-    ("query", "body", "status", "code"),
+    ("query", "body", "status", "code"),  # queries signed when the test runs
     [
-        (signed_query(token="wrong"), to_xml(popup_doc()), 403, "bad_signature"),
-        ("timestamp=1&nonce=2", to_xml(popup_doc()), 401, "unauthenticated"),
-        (signed_query(timestamp=int(time.time()) - 600), to_xml(popup_doc()), 403, "stale_request"),
-        (signed_query(), b"<xml><FromUserName>", 400, "malformed_body"),
-        (signed_query(), b'{"FromUserName": ', 400, "malformed_body"),
+        (lambda: signed_query(token="wrong"), to_xml(popup_doc()), 403, "bad_signature"),
+        (lambda: "timestamp=1&nonce=2", to_xml(popup_doc()), 401, "unauthenticated"),
         (
-            signed_query(),
+            lambda: signed_query(timestamp=int(time.time()) - 600),
+            to_xml(popup_doc()),
+            403,
+            "stale_request",
+        ),
+        (signed_query, b"<xml><FromUserName>", 400, "malformed_body"),
+        (signed_query, b'{"FromUserName": ', 400, "malformed_body"),
+        (
+            signed_query,
             to_json({**popup_doc(), "FromUserName": "bad openid!"}),
             400,
             "malformed_event",
         ),
         (
-            signed_query(),
+            signed_query,
             to_json({**popup_doc(), "List": []}, as_array=True),
             400,
             "malformed_event",
         ),
-        (signed_query(), b"<xml>" + b"x" * 70_000 + b"</xml>", 413, "body_too_large"),
+        (signed_query, b"<xml>" + b"x" * 70_000 + b"</xml>", 413, "body_too_large"),
     ],
     ids=[
         "bad-signature",
@@ -263,7 +268,7 @@ async def test_safe_mode_refusals(api, store):
     ],
 )
 async def test_bad_pushes_are_refused_and_store_nothing(api, store, query, body, status, code):
-    response = await api.post(f"/wechat/callback?{query}", content=body)
+    response = await api.post(f"/wechat/callback?{query()}", content=body)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert await events_stored(store) == 0
