@@ -224,9 +224,13 @@ class Daemon:
             try:
                 await self.store.heartbeat(self.replica_id, host, pid)
                 recovered = await self.store.fanout.recover_dead(self.settings.lease_seconds)
+                strays = await self.dispatcher.release_strays(self.settings.lease_seconds)
             except Exception as exc:  # the database may be briefly away: keep beating
                 log.warning("heartbeat failed: %s", exc)
                 continue
+            if strays:
+                log.warning("%d claimed rows no pipeline held went back to the pool", strays)
+                self.work_available.set()
             for r in recovered:
                 log.warning(
                     "replica %s is gone (silent for %g s): %d sends it had in flight are "

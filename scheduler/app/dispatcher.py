@@ -141,6 +141,7 @@ class Dispatcher:
         self.recorder = FlightRecorder(store.fanout, replica_id, concurrency)
         self._busy: set[int] = set()  # the chunks this replica is working on
         self._taking = asyncio.Lock()
+        self._queued: set[int] = set()  # claimed rows in this process's pipelines, not done
         self.channel = channel
         self.replica_id = replica_id
         self.concurrency = concurrency
@@ -240,18 +241,43 @@ class Dispatcher:
         return (await self.fan_out(active, fire_time)).missed
 
     async def work(self, report: FanOutReport, *, occurrence_id: int | None = None) -> None:
-        """Take chunks (of one occurrence, or of any) and work on them until none is free."""
+        """Take chunks (of one occurrence, or of any) and work on them until none is free. The
+        chunks of one occurrence flow through one pipeline: the next chunk's batches are claimed
+        while the last one's sends are still going."""
         while not self.stopping.is_set():
-            async with self._taking:  # `busy` must be current: one taker at a time
-                chunk = await self.store.fanout.take_chunk(
-                    self.replica_id, occurrence_id=occurrence_id, busy=sorted(self._busy)
-                )
-                if chunk is None:
-                    return
-                self._busy.add(chunk.id)
-            await self._work_chunk(chunk, report)
+            chunk = await self._take(occurrence_id)
+            if chunk is None:
+                return
+            active = await self.load(chunk.plan_id)
+            assert active is not None and active.plan.schedule.calendar is not None
+            finished: list[Chunk] = []
+            stopped, report.stopped = report.stopped, False
+            await self._pipeline(active, self._chunks(active, chunk, report, finished), report)
+            for done in finished:
+                await self._occurrence_done(active, done)
+            report.stopped = report.stopped or stopped
             if report.stopped:
                 return
+
+    async def _take(self, occurrence_id: int | None) -> Chunk | None:
+        async with self._taking:  # `busy` must be current: one taker at a time
+            chunk = await retry_transient(60, what="taking a chunk")(
+                self.store.fanout.take_chunk,
+                self.replica_id,
+                occurrence_id=occurrence_id,
+                busy=sorted(self._busy),
+            )
+            if chunk is not None:
+                self._busy.add(chunk.id)
+            return chunk
+
+    async def release_strays(self, older_than_s: float) -> int:
+        """Give back to the pool this replica's pending rows that no pipeline of it holds (a
+        claim whose commit went through while its reply was lost in an outage): nothing stays
+        pending under a live replica."""
+        return await self.store.fanout.release_strays(
+            self.replica_id, sorted(self._queued), older_than_s
+        )
 
     async def work_released(self, report: FanOutReport) -> None:
         """Send what recoveries gave back to the pool (claimed, never handed to the channel):
@@ -304,10 +330,14 @@ class Dispatcher:
             )
             await self._pipeline(active, batches(), report, keyed_by_delivery=True)
 
-    async def _work_chunk(self, chunk: Chunk, report: FanOutReport) -> None:
-        active = await self.load(chunk.plan_id)
-        assert active is not None and active.plan.schedule.calendar is not None
-        try:
+    async def _chunks(
+        self, active: ActivePlan, chunk: Chunk | None, report: FanOutReport, finished: list[Chunk]
+    ) -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
+        """The batches of `chunk`, then of the next free chunks of its occurrence. A chunk whose
+        audience is all claimed is done (its sends are the flight recorder's); one this replica
+        stops working on is let go for another replica to continue after its cursor. Chunks that
+        closed their occurrence go to `finished`."""
+        while chunk is not None:
             if chunk.resumed:
                 log.warning(
                     "plan %s occurrence %s: resuming chunk %d after %r",
@@ -317,27 +347,33 @@ class Dispatcher:
                     chunk.cursor or "the start",
                     extra={"plan_id": chunk.plan_id, "occurrence": chunk.occurrence},
                 )
-            before = report.stopped
-            report.stopped = False
-            if self.clock() - chunk.fire_time > active.plan.schedule.grace.as_timedelta():
-                await self._chunk_missed(active, chunk, report)
-            else:
-                await self._pipeline(active, self._chunk_batches(active, chunk, report), report)
-            finished = await retry_transient(60, what="closing a chunk")(
-                self.store.fanout.release_chunk,
-                chunk,
-                self.replica_id,
-                done=not report.stopped,
-            )
-            report.stopped = report.stopped or before
-            if finished:
-                await self._occurrence_done(active, chunk)
-        finally:
-            self._busy.discard(chunk.id)
+            stopped = False
+            try:
+                if self.clock() - chunk.fire_time > active.plan.schedule.grace.as_timedelta():
+                    stopped = not await self._chunk_missed(active, chunk, report)
+                else:
+                    async for batch in self._chunk_batches(active, chunk, report):
+                        if batch is None:
+                            stopped = True
+                            break
+                        yield batch
+                closed = await retry_transient(60, what="closing a chunk")(
+                    self.store.fanout.release_chunk, chunk, self.replica_id, done=not stopped
+                )
+                if closed:
+                    finished.append(chunk)
+            finally:
+                self._busy.discard(chunk.id)  # left owned if abandoned: this replica retakes it
+            if stopped or self.stopping.is_set():
+                yield [], None
+                return
+            chunk = await self._take(chunk.occurrence_id)
 
     async def _chunk_batches(
         self, active: ActivePlan, chunk: Chunk, report: FanOutReport
-    ) -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
+    ) -> AsyncIterator[tuple[list[Due], list[Claim]] | None]:
+        """One chunk's batches after its cursor; None when the chunk is no longer this
+        replica's to work on (fenced, the plan stopped, or the daemon is stopping)."""
         cal = active.plan.schedule.calendar
         assert cal is not None
         tz = ZoneInfo(cal.timezone)
@@ -362,15 +398,15 @@ class Dispatcher:
                             claims = await self._claim(conn, active, dues)
             except Fenced as why:
                 log.info("chunk %d stops: %s", chunk.id, why, extra={"plan_id": chunk.plan_id})
-                yield [], None
+                yield None
                 return
             cursor = recipients[-1].user_id
             yield dues, claims
-        yield [], None  # stopping: the chunk is let go, another replica continues it
+        yield None  # stopping: the chunk is let go, another replica continues it
 
-    async def _chunk_missed(self, active: ActivePlan, chunk: Chunk, report: FanOutReport) -> None:
+    async def _chunk_missed(self, active: ActivePlan, chunk: Chunk, report: FanOutReport) -> bool:
         """The chunk comes too late (the daemon was down past the plan's grace): its users
-        without a ledger row get `missed`, so nothing is dropped silently."""
+        without a ledger row get `missed`, so nothing is dropped silently. False: fenced."""
         try:
             async with self.store.fanout.chunk_batch(
                 chunk, self.replica_id, chunk.last_user or chunk.cursor
@@ -379,10 +415,10 @@ class Dispatcher:
                     conn, chunk, active.record.version, self.replica_id
                 )
         except Fenced:
-            report.stopped = True
-            return
+            return False
         report.missed += missed
         metrics.count(active.record.id, Outcome.MISSED, "grace_exceeded", missed)
+        return True
 
     async def _occurrence_done(self, active: ActivePlan, chunk: Chunk) -> None:
         """The last chunk of an occurrence is done: log it, and the plan's last occurrence (by
@@ -737,7 +773,10 @@ class Dispatcher:
 
         async def worker() -> None:
             while (item := await queue.get()) is not None:
-                await send(*item)
+                try:
+                    await send(*item)
+                finally:
+                    self._queued.discard(item[0])
 
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         self._running += 1
@@ -763,6 +802,7 @@ class Dispatcher:
                             continue
                         page = tracked_page(c.delivery_id)
                         message = OutgoingMessage(c.user_id, template, due.data, page)
+                        self._queued.add(c.delivery_id)
                         await queue.put((c.delivery_id, due, message))
                     if self.stopping.is_set():
                         report.stopped = True

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from scheduler.store.postgres import FanOutStore, Finished, retry_transient
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class FlightRecorder:
-    def __init__(self, store: FanOutStore, replica: str, slots: int, *, linger_s: float = 0.004):
+    def __init__(self, store: FanOutStore, replica: str, slots: int, *, linger_s: float = 0.008):
         self._store = store
         # A round trip costs this process ~100 us of CPU whatever it carries: wait a moment for
         # more to carry, unless a quarter of the slots is already waiting.
@@ -78,33 +79,45 @@ class FlightRecorder:
             self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        """Round trips until nothing is left, on one connection held meanwhile (a pool checkout
+        per round trip would cost as much as the round trip); through an outage, tenacity waits
+        and a fresh connection is taken."""
         while self._candidates or self._results:
-            if len(self._candidates) + len(self._results) < self._enough:
-                await asyncio.sleep(self._linger_s)
-            candidates, self._candidates = self._candidates, {}
-            results, self._results = self._results, []
-            done = {r.delivery_id for _, _, r, sent in results if sent}
-            still = self._in_flight - done
             try:
-                authorized = await retry_transient(what="recording the sends in flight")(
-                    self._store.record_flight,
-                    self._replica,
-                    sorted(still),
-                    sorted(candidates),
-                    [(t, k, r) for t, k, r, _ in results],
-                )
+                async for attempt in retry_transient(what="recording the sends in flight"):
+                    with attempt:
+                        async with self._store.pool.acquire() as conn:
+                            while self._candidates or self._results:
+                                await self._round_trip(conn)
             except Exception:  # not an outage: a fault worth a traceback; try again soon
                 log.exception("recording the sends in flight failed; retrying in 1 s")
-                self._candidates = {**candidates, **self._candidates}
-                self._results = results + self._results
                 await asyncio.sleep(1)
-                continue
-            self._in_flight = still | authorized
-            for delivery_id, future in candidates.items():
-                if not future.done():
-                    future.set_result(delivery_id in authorized)
-            for _ in done:
-                self._slots.release()
-            self._written += len(results)
-            async with self._flushed:
-                self._flushed.notify_all()
+
+    async def _round_trip(self, conn: Any) -> None:
+        if len(self._candidates) + len(self._results) < self._enough:
+            await asyncio.sleep(self._linger_s)
+        candidates, self._candidates = self._candidates, {}
+        results, self._results = self._results, []
+        done = {r.delivery_id for _, _, r, sent in results if sent}
+        still = self._in_flight - done
+        try:
+            authorized = await self._store.record_flight(
+                self._replica,
+                sorted(still),
+                sorted(candidates),
+                [(t, k, r) for t, k, r, _ in results],
+                conn=conn,
+            )
+        except BaseException:  # nothing was written: all of it goes with the next try
+            self._candidates = {**candidates, **self._candidates}
+            self._results = results + self._results
+            raise
+        self._in_flight = still | authorized
+        for delivery_id, future in candidates.items():
+            if not future.done():
+                future.set_result(delivery_id in authorized)
+        for _ in done:
+            self._slots.release()
+        self._written += len(results)
+        async with self._flushed:
+            self._flushed.notify_all()

@@ -936,10 +936,12 @@ class FanOutStore:
         still_in_flight: Sequence[int],
         candidates: Sequence[int],
         results: Sequence[tuple[str, str, Finished]],  # (template, consent kind, result)
+        *,
+        conn: asyncpg.Connection | None = None,
     ) -> set[int]:
         """Write finished sends' results and authorize `candidates` to go on the wire, in one
         transaction; returns the candidates authorized (still pending and ours)."""
-        authorized = await self.pool.fetchval(
+        authorized = await (conn or self.pool).fetchval(
             "SELECT record_flight_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             replica,
             list(still_in_flight),
@@ -990,6 +992,23 @@ class FanOutStore:
         )
         done += [await self.recover(r["claimed_by"], dead_after_s) for r in orphans]
         return [r for r in done if r.unknown or r.released or r.chunks]
+
+    async def release_strays(self, replica: str, held: Sequence[int], older_than_s: float) -> int:
+        """Give back to the pool `replica`'s pending rows claimed over `older_than_s` ago that
+        are neither `held` by its pipelines nor recorded in flight (under the replica's lock,
+        as a recovery)."""
+        status = await self.pool.execute(
+            "WITH r AS (SELECT in_flight FROM replicas WHERE id = $1 FOR UPDATE)"
+            " UPDATE deliveries d SET claimed_by = NULL"
+            " WHERE d.status = 'pending' AND d.claimed_by = $1"
+            "  AND d.claimed_at < now() - make_interval(secs => $3)"
+            "  AND NOT d.id = ANY ($2::bigint[])"
+            "  AND NOT d.id = ANY (coalesce((SELECT in_flight FROM r), '{}'))",
+            replica,
+            list(held),
+            older_than_s,
+        )
+        return int(status.split()[-1])
 
     async def adopt_released(self, replica: str, limit: int) -> list[Released]:
         """Take up to `limit` rows back in the pool (SKIP LOCKED), oldest first."""
