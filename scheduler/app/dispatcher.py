@@ -95,6 +95,7 @@ class FanOutReport:
     missed: int = 0
     unrenderable: int = 0
     withdrawn: int = 0  # claimed, then given back to the pool before it was sent (a recovery)
+    resent: int = 0  # unknown, and given back to be sent again (the plan's resend_unknown)
     stopped: bool = False  # the plan stopped being active, or the daemon is stopping
 
     @property
@@ -760,6 +761,9 @@ class Dispatcher:
                     )
                     if result.outcome == Outcome.SENT:
                         report.sent += 1
+                    elif result.outcome == Outcome.UNKNOWN and plan.delivery.resend_unknown:
+                        report.resent += 1  # the plan prefers a possible duplicate to a miss
+                        result = _given_back(result)
                     else:
                         report.failed += 1
                     self.recorder.finished(
@@ -841,6 +845,12 @@ def _held(delivery_id: int, stop: Stop, errcode: int | None = None) -> Finished:
     return Finished(
         delivery_id, stop.status, stop.reason, errcode, None, stop.detail, stop.defer_until
     )
+
+
+def _given_back(result: SendResult) -> SendResult:
+    """An unknown result turned into "send it again": the row goes back to the pool pending."""
+    detail = f"sent again after {result.reason}: {result.detail}"
+    return SendResult(Outcome.PENDING, None, detail=detail)
 
 
 def _finished(delivery_id: int, result: SendResult) -> Finished:

@@ -375,6 +375,12 @@ class Delivery(Model):
         description="How long after its due time a deferred message may still be sent.",
     )
     caps: PlanCaps = Field(default_factory=PlanCaps)
+    resend_unknown: bool = Field(
+        False,
+        description="A send that may have reached WeChat without an answer (a lost reply, a "
+        "crash mid-send) is sent again, within the grace window. Off by default: WeChat has no "
+        "idempotency key, so the user may get the message twice.",
+    )
     limit_key: str | None = Field(
         None,
         description="A variable or template field whose value a frequency-limited long-term "

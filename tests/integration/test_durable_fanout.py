@@ -12,6 +12,7 @@ import pytest
 from scheduler.app.dispatcher import FanOutReport, occurrence_key
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.app.status import overview, render_overview
+from scheduler.domain.plan import Plan
 from scheduler.store.postgres import Fenced, Store
 from tests.integration.test_dispatch import Clock, calendar_plan, dispatcher, register
 from tests.ops_helpers import channel_fixture, eventually, fake_fixture  # noqa: F401 - fixtures
@@ -19,8 +20,8 @@ from tests.ops_helpers import channel_fixture, eventually, fake_fixture  # noqa:
 FIRE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
 
 
-async def audience(store: Store, n: int) -> list[str]:
-    plan = calendar_plan()
+async def audience(store: Store, n: int, plan: Plan | None = None) -> list[str]:
+    plan = plan or calendar_plan()
     await register(store, plan)
     await store.pool.execute(
         "INSERT INTO enrollments (plan_id, user_id, start_at, tz, vars)"
@@ -242,3 +243,45 @@ async def test_a_claimed_row_no_pipeline_holds_goes_back_to_the_pool(store, fake
     report = FanOutReport()
     await d.work_released(report)
     assert report.sent == 1 and [m["touser"] for m in fake.messages] == [stray.user_id]
+
+
+def resending_plan() -> Plan:
+    data = calendar_plan().model_dump(mode="json")
+    data["delivery"]["resend_unknown"] = True
+    return Plan.model_validate(data)
+
+
+async def test_a_plan_that_opts_in_sends_an_unknown_again(store, fake, channel):
+    await audience(store, 3, resending_plan())
+    fake.inject_lost_replies(reply="drop")  # the first send's reply never comes
+    d = dispatcher(store, channel, Clock(FIRE))
+    report = await d.fire("alerts", FIRE)
+    assert (report.sent, report.resent) == (2, 1)
+    again = FanOutReport()
+    await d.work_released(again)
+
+    assert again.sent == 1 and await outcomes(store) == {"sent": 3}
+    received = sorted(m["touser"] for m in fake.messages)
+    assert len(received) == 4 and len(set(received)) == 3  # the price: one user got it twice
+
+
+async def test_in_flight_sends_of_a_plan_that_opts_in_go_back_to_the_pool(store, fake, channel):
+    await audience(store, 1, resending_plan())
+    [claim] = await store.claim(
+        store.pool,
+        plan_id="alerts",
+        version=1,
+        template_id="tmpl_alert",
+        consent_kind="long_term",
+        replica="gone",
+        occurrences=[occurrence_key(FIRE)],
+        users=["o-00001"],
+        steps=[2],
+        due=[FIRE],
+        messages=[{"thing1": "x", "number2": "2"}],
+    )
+    assert await store.fanout.record_flight("gone", [], [claim.delivery_id], []) == {
+        claim.delivery_id
+    }
+    recovered = await store.fanout.recover("gone")
+    assert (recovered.unknown, recovered.released) == (0, 1)

@@ -40,7 +40,9 @@ CREATE INDEX occurrence_chunks_todo ON occurrence_chunks (occurrence_id, id) WHE
 ALTER TABLE replicas ADD COLUMN in_flight bigint[] NOT NULL DEFAULT '{}';
 
 -- A late result of a send whose replica was given up for dead (its row became 'unknown') is
--- still the truth, and a result that may have reached WeChat ('unknown') keeps its credit.
+-- still the truth, and a result that may have reached WeChat ('unknown') keeps its credit. A
+-- 'pending' result gives the row back to the pool (a plan's `resend_unknown`): its credit and cap
+-- count stay taken, any replica sends it again.
 CREATE OR REPLACE FUNCTION finish_deliveries(
     p_template text, p_consent_kind text,
     p_ids bigint[], p_statuses text[], p_reasons text[], p_errcodes int[], p_msgids bigint[],
@@ -57,7 +59,8 @@ BEGIN
         UPDATE deliveries d
         SET status = r.status, reason = r.reason, errcode = r.errcode, msgid = r.msgid,
             detail = r.detail, defer_until = r.until,
-            finished_at = CASE WHEN r.status = 'deferred' THEN NULL ELSE now() END
+            claimed_by = CASE WHEN r.status = 'pending' THEN NULL ELSE d.claimed_by END,
+            finished_at = CASE WHEN r.status IN ('deferred', 'pending') THEN NULL ELSE now() END
         FROM unnest(p_ids, p_statuses, p_reasons, p_errcodes, p_msgids, p_details, p_defer_until)
              AS r (id, status, reason, errcode, msgid, detail, until)
         WHERE d.id = r.id AND (d.status = 'pending'
@@ -67,9 +70,9 @@ BEGIN
     SELECT
         coalesce(array_agg(id) FILTER (WHERE errcode = 43101), '{}'),
         coalesce(array_agg(user_id) FILTER (WHERE errcode = 43101), '{}'),
-        coalesce(array_agg(id) FILTER (WHERE status NOT IN ('sent', 'unknown')
+        coalesce(array_agg(id) FILTER (WHERE status NOT IN ('sent', 'unknown', 'pending')
             AND errcode IS DISTINCT FROM 43101 AND p_consent_kind = 'one_time'), '{}'),
-        coalesce(array_agg(user_id) FILTER (WHERE status NOT IN ('sent', 'unknown')
+        coalesce(array_agg(user_id) FILTER (WHERE status NOT IN ('sent', 'unknown', 'pending')
             AND errcode IS DISTINCT FROM 43101 AND p_consent_kind = 'one_time'), '{}')
     INTO v_gone_ids, v_gone_users, v_refund_ids, v_refund_users
     FROM done;
@@ -147,8 +150,8 @@ $$;
 
 -- A replica gone (its lease ran out) or restarting (p_dead_after NULL: its own rows): its sends
 -- that may have been on the wire become 'unknown' (never resent: WeChat has no idempotency
--- key), its other claimed rows go back to the pool (pending, claimed by nobody) for any replica
--- to send, and its chunks are free to take.
+-- key; unless their plan says `resend_unknown`), its other claimed rows go back to the pool
+-- (pending, claimed by nobody) for any replica to send, and its chunks are free to take.
 CREATE FUNCTION recover_replica_v1(p_replica text, p_dead_after interval)
 RETURNS TABLE (unknown int, released int, chunks int)
 LANGUAGE plpgsql AS $$
@@ -171,7 +174,11 @@ BEGIN
 
     UPDATE deliveries d SET status = 'unknown', reason = 'crashed_in_flight',
         detail = 'in flight when replica ' || p_replica || ' stopped', finished_at = now()
-    WHERE d.status = 'pending' AND d.claimed_by = p_replica AND d.id = ANY (v_in_flight);
+    WHERE d.status = 'pending' AND d.claimed_by = p_replica AND d.id = ANY (v_in_flight)
+      AND NOT EXISTS (
+          SELECT 1 FROM plans p
+          JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version
+          WHERE p.id = d.plan_id AND v.definition -> 'delivery' ->> 'resend_unknown' = 'true');
     GET DIAGNOSTICS v_unknown = ROW_COUNT;
 
     UPDATE deliveries d SET claimed_by = NULL
