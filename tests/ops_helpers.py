@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.crash_trials import PERMISSIVE_POLICY
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.fake_wechat import FakeWeChat
 
@@ -62,15 +63,6 @@ def fake_url_fixture() -> Iterator[str]:
 
 # Plans that fire every few seconds break every cap and quiet hour of the default policy: a test
 # folder that runs one holds this policy (the rules themselves are tested in their own files).
-PERMISSIVE_POLICY = """
-caps:
-  user_day: 1000000
-  category_week: {medical: 1000000, education: 1000000}
-  category_week_default: 1000000
-quiet_hours:
-  default: {start: "00:00", end: "00:00"}
-  categories: {transport: {start: "00:00", end: "00:00"}}
-"""
 
 
 def permissive_policy_in(folder: Path) -> Path:

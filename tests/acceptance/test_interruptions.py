@@ -37,9 +37,7 @@ async def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
 ) -> None:
     rng = random.Random()  # a new moment every run; the seed is in the failure's message
     seed = rng.randrange(1 << 30)
-    result = await run_trial(
-        db_url, tmp_path, users=3000, kills=3, rng=random.Random(seed), **FAST
-    )
+    result = await run_trial(db_url, tmp_path, users=3000, kills=3, rng=random.Random(seed), **FAST)
     assert result.signals == 3
     # Each kill may leave at most the sends it had on the wire unknown.
     assert_every_user_once(result, unknown_at_most=3 * CONCURRENCY)
@@ -81,9 +79,7 @@ async def test_two_replicas_share_one_occurrence(db_url: str, tmp_path: Path) ->
 
 
 async def test_lost_replies_are_unknown_and_never_sent_twice(db_url: str, tmp_path: Path) -> None:
-    result = await run_trial(
-        db_url, tmp_path, users=2000, kills=0, lose_replies=0.05, **FAST
-    )
+    result = await run_trial(db_url, tmp_path, users=2000, kills=0, lose_replies=0.05, **FAST)
     assert result.duplicates == 0 and result.lost == 0 and result.pending == 0, result.line()
     # About 5 % of the messages reached WeChat without an answer: each is unknown, none resent.
     assert 40 <= result.unknown <= 200, result.line()
@@ -105,9 +101,7 @@ def private_server() -> Iterator[object]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def test_a_postgresql_restart_mid_fan_out_is_survived(
-    private_server, tmp_path: Path
-) -> None:  # noqa: ANN001
+async def test_a_postgresql_restart_mid_fan_out_is_survived(private_server, tmp_path: Path) -> None:  # noqa: ANN001
     from pgserver._commands import pg_ctl
 
     async def restart_postgres() -> None:

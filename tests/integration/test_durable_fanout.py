@@ -45,6 +45,23 @@ async def at_least(store: Store, n: int, query: str) -> None:
     await eventually(reached, what=query)
 
 
+async def claim(store: Store, replica: str, users: list[str]) -> list:
+    """Claim the users' rows of the occurrence as `replica` would (past the gate, pending)."""
+    return await store.claim(
+        store.pool,
+        plan_id="alerts",
+        version=1,
+        template_id="tmpl_alert",
+        consent_kind="long_term",
+        replica=replica,
+        occurrences=[occurrence_key(FIRE)] * len(users),
+        users=users,
+        steps=[2] * len(users),
+        due=[FIRE] * len(users),
+        messages=[{"thing1": "x", "number2": "2"}] * len(users),
+    )
+
+
 async def outcomes(store: Store) -> dict[str, int]:
     rows = await store.pool.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY 1")
     return {r["status"]: r["n"] for r in rows}
@@ -220,19 +237,7 @@ async def test_a_claimed_row_no_pipeline_holds_goes_back_to_the_pool(store, fake
     # A claim committed while its reply was lost (the database restarted at that moment): the
     # row is pending under a live replica that does not know it.
     await audience(store, 2)
-    [stray, held] = await store.claim(
-        store.pool,
-        plan_id="alerts",
-        version=1,
-        template_id="tmpl_alert",
-        consent_kind="long_term",
-        replica="test",
-        occurrences=[occurrence_key(FIRE)] * 2,
-        users=["o-00001", "o-00002"],
-        steps=[2, 2],
-        due=[FIRE, FIRE],
-        messages=[{"thing1": "x", "number2": "2"}] * 2,
-    )
+    [stray, held] = await claim(store, "test", ["o-00001", "o-00002"])
     await store.pool.execute("UPDATE deliveries SET claimed_at = now() - interval '1 minute'")
     d = dispatcher(store, channel, Clock(FIRE))
     d._queued.add(held.delivery_id)  # this one a pipeline of the replica still holds
@@ -267,21 +272,7 @@ async def test_a_plan_that_opts_in_sends_an_unknown_again(store, fake, channel):
 
 async def test_in_flight_sends_of_a_plan_that_opts_in_go_back_to_the_pool(store, fake, channel):
     await audience(store, 1, resending_plan())
-    [claim] = await store.claim(
-        store.pool,
-        plan_id="alerts",
-        version=1,
-        template_id="tmpl_alert",
-        consent_kind="long_term",
-        replica="gone",
-        occurrences=[occurrence_key(FIRE)],
-        users=["o-00001"],
-        steps=[2],
-        due=[FIRE],
-        messages=[{"thing1": "x", "number2": "2"}],
-    )
-    assert await store.fanout.record_flight("gone", [], [claim.delivery_id], []) == {
-        claim.delivery_id
-    }
+    [row] = await claim(store, "gone", ["o-00001"])
+    assert await store.fanout.record_flight("gone", [], [row.delivery_id], []) == {row.delivery_id}
     recovered = await store.fanout.recover("gone")
     assert (recovered.unknown, recovered.released) == (0, 1)
