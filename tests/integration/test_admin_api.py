@@ -147,3 +147,19 @@ async def test_reload_notifies_every_replica(api, store):
             await conn.remove_listener("reminders_control", listener)
     assert response.json() == {"status": "requested"}
     assert heard == ['{"kind": "reload"}']
+
+
+async def test_fan_outs_under_way_over_http_and_in_the_metrics(api, plan, store):
+    fire = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
+    await store.fanout.record_occurrence(plan, fire.isoformat(), 1, fire, 1)
+    await store.fanout.take_chunk("r-busy")
+
+    response = await api.get("/v1/fan-outs", headers=ADMIN)
+    assert response.status_code == 200
+    [running] = response.json()["fan_outs"]
+    assert (running["plan_id"], running["total"], running["holders"]) == (plan, 2, ["r-busy"])
+    assert (running["chunks"], running["chunks_left"]) == (3, 3)  # (start, o-a], (o-a, o-b], rest
+    assert (await api.get("/v1/fan-outs")).status_code == 401
+    metrics = (await api.get("/metrics")).text
+    assert f'reminders_fanouts_running{{condition="all",plan_id="{plan}"}} 1.0' in metrics
+    assert f'reminders_fanout_users_left{{plan_id="{plan}"}} 2.0' in metrics
