@@ -5,9 +5,9 @@
 
 Each trial uses a fresh database (on --database-url / DATABASE_URL, else an embedded PostgreSQL),
 a fake WeChat in its own process, a plan firing once a few seconds after the daemons start, and
-U enrolled users with long-term consent. At a random point of the fan-out (5-90 % of the users
-recorded) the replica holding the most work gets the signal; it is started again at once (same
-replica id), and so on `--kills` times; then the trial waits for the occurrence to finish.
+U enrolled users with long-term consent. At random points of the fan-out (5-90 % of the users
+recorded, in increasing order) the replica holding the most work gets the signal; it is started
+again at once (same replica id), and so on `--kills` times; then the trial waits for the occurrence to finish.
 
 Per trial and in total it prints: duplicates (users the fake received more than one message for),
 lost (enrolled users without a final ledger outcome), unknown (rows recorded `unknown`), pending
@@ -272,8 +272,8 @@ async def run_trial(
         for replica in fleet:
             replica.start()
         signals = 0
-        for _ in range(kills):
-            target = rng.uniform(0.05, 0.9) * users
+        # Increasing moments, so that each signal lands in a fan-out under way again.
+        for target in sorted(rng.uniform(0.05, 0.9) * users for _ in range(kills)):
             await _until(
                 lambda t=target: _recorded_at_least(conn, t), timeout_s, "the fan-out under way"
             )
