@@ -7,7 +7,8 @@ Each trial uses a fresh database (on --database-url / DATABASE_URL, else an embe
 a fake WeChat in its own process, a plan firing once a few seconds after the daemons start, and
 U enrolled users with long-term consent. At random points of the fan-out (5-90 % of the users
 recorded, in increasing order) the replica holding the most work gets the signal; it is started
-again at once (same replica id), and so on `--kills` times; then the trial waits for the occurrence to finish.
+again at once (same replica id), and so on `--kills` times; then the trial waits for the
+occurrence to finish.
 
 Per trial and in total it prints: duplicates (users the fake received more than one message for),
 lost (enrolled users without a final ledger outcome), unknown (rows recorded `unknown`), pending
