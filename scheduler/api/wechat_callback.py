@@ -128,7 +128,10 @@ async def receive(
         await _consent(store, event, doc)
     elif event.event == push.SENT:
         matched = await store.apply_sent_results(
-            [SentResult(s.msgid, s.error_code, s.error_status) for s in event.sent]
+            [
+                SentResult(s.msgid, s.error_code, s.error_status, event.from_user, s.template_id)
+                for s in event.sent
+            ]
         )
         if matched < len(event.sent):
             log.info("sent event: %d of %d msgids matched", matched, len(event.sent))

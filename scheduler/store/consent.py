@@ -128,6 +128,8 @@ class SentResult:
     msgid: int
     errcode: int
     status: str | None
+    openid: str  # the event's FromUserName
+    template_id: str
 
 
 def _state(row: Any) -> ConsentState:
@@ -491,7 +493,8 @@ class ConsentStore:
         return len(rows), len(opens) - len(rows)
 
     async def apply_sent_results(self, results: Sequence[SentResult]) -> int:
-        """WeChat's final result of sends (subscribe_msg_sent_event), matched by msgid, once.
+        """WeChat's final result of sends (subscribe_msg_sent_event), applied once, and only
+        to the delivery whose msgid, user and template all match (a msgid alone is not proof).
 
         A send WeChat accepted but could not deliver (ErrorCode != 0) becomes `failed`
         (reason `push_failed`). Returns how many deliveries matched.
@@ -505,11 +508,16 @@ class ConsentStore:
             " reason = CASE WHEN r.code <> 0 AND d.status = 'sent' THEN 'push_failed'"
             "  ELSE d.reason END,"
             " errcode = CASE WHEN r.code <> 0 AND d.status = 'sent' THEN r.code ELSE d.errcode END"
-            " FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r (msgid, code, status)"
-            " WHERE d.msgid = r.msgid AND d.pushed_at IS NULL",
+            " FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[])"
+            "  AS r (msgid, code, status, openid, template), plan_versions v"
+            " WHERE d.msgid = r.msgid AND d.pushed_at IS NULL AND d.user_id = r.openid"
+            "  AND v.plan_id = d.plan_id AND v.version = d.plan_version"
+            "  AND v.definition -> 'template' ->> 'id' = r.template",
             [r.msgid for r in results],
             [r.errcode for r in results],
             [r.status for r in results],
+            [r.openid for r in results],
+            [r.template_id for r in results],
         )
         return int(status.split()[-1])
 

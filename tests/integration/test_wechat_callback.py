@@ -319,3 +319,46 @@ async def test_sent_events_record_the_final_result_by_msgid(api, store):
         (9000, "sent", None, 0, 0, "success"),
         (9001, "failed", "push_failed", 10005, 10005, "send failed"),
     ]
+
+
+async def test_a_sent_event_applies_only_to_its_own_user_and_template(api, store):
+    # A msgid alone is not proof: an event naming another user (or another template) for a
+    # delivery's msgid must not change that delivery.
+    await api.post(
+        f"/wechat/callback?{signed_query()}", content=to_xml(popup_doc(popup(LONG_TERM_TEMPLATE)))
+    )
+    [claim] = await store.claim(
+        store.pool,
+        plan_id="alerts",
+        version=1,
+        template_id=LONG_TERM_TEMPLATE,
+        consent_kind="long_term",
+        replica="t",
+        occurrences=["o1"],
+        users=[U1],
+        steps=[1],
+        due=[datetime.now(UTC)],
+        messages=[{}],
+    )
+    await store.finish(
+        LONG_TERM_TEMPLATE, "long_term", [Finished(claim.delivery_id, "sent", None, 0, 9000, None)]
+    )
+    forged = [
+        event(
+            "subscribe_msg_sent_event",
+            "o" + "X" * 27,
+            [sent(LONG_TERM_TEMPLATE, 9000, 10005)],
+            int(time.time()),
+        ),
+        event(
+            "subscribe_msg_sent_event",
+            U1,
+            [sent("another-template", 9000, 10005)],
+            int(time.time()),
+        ),
+    ]
+    for doc in forged:
+        response = await api.post(f"/wechat/callback?{signed_query()}", content=to_xml(doc))
+        assert response.text == "success"
+    row = await store.pool.fetchrow("SELECT status, push_errcode FROM deliveries")
+    assert (row["status"], row["push_errcode"]) == ("sent", None)
