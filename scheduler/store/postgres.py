@@ -855,6 +855,11 @@ class FanOutStore:
         """Finish (`done`) or let go of a chunk; when its occurrence has no chunk left to do,
         the occurrence is done: returns True then (to this one caller only)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # Replicas closing the last chunks of one occurrence take turns: each must see the
+            # others' chunks done, or none would close the occurrence.
+            await conn.execute(
+                "SELECT 1 FROM occurrences WHERE id = $1 FOR UPDATE", chunk.occurrence_id
+            )
             await conn.execute(
                 "UPDATE occurrence_chunks SET state = CASE WHEN $3 THEN 'done' ELSE state END,"
                 " owner = NULL, last_owner = $2, updated_at = now()"

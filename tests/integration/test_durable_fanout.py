@@ -276,3 +276,16 @@ async def test_in_flight_sends_of_a_plan_that_opts_in_go_back_to_the_pool(store,
     assert await store.fanout.record_flight("gone", [], [row.delivery_id], []) == {row.delivery_id}
     recovered = await store.fanout.recover("gone")
     assert (recovered.unknown, recovered.released) == (0, 1)
+
+
+async def test_replicas_closing_the_last_chunks_at_once_close_the_occurrence(store):
+    await audience(store, 20)
+    for n in range(15):  # a race: give it many chances
+        fire = FIRE.replace(hour=n)
+        await store.fanout.record_occurrence("alerts", occurrence_key(fire), 2, fire, 10)
+        chunks = [await store.fanout.take_chunk(f"r{i}") for i in range(3)]
+        await asyncio.gather(
+            *(store.fanout.release_chunk(c, f"r{i}", done=True) for i, c in enumerate(chunks))
+        )
+    states = await store.pool.fetch("SELECT state FROM occurrences")
+    assert [r["state"] for r in states] == ["done"] * 15
