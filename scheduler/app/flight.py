@@ -6,9 +6,10 @@ a recovery may have given it back to the pool); after, `finished` hands over its
 is written in the same kind of round trip. One loop writes everything that accumulated since its
 last round trip (group commit), so the cost per send is a share of one small transaction.
 
-A slot is taken at `authorize` and given back only when the result is written: at any moment at
-most `slots` sends of this replica are recorded as possibly on the wire, which is what a crash
-can turn into `unknown` (everything else claimed goes back to the pool, see recover_replica_v1).
+A slot is taken at `authorize` and given back when the result is handed over. Every round trip
+writes all results handed over so far together with the authorisations it grants, so the
+replica's recorded `in_flight` never holds more than `slots` sends: that is what a crash can turn
+into `unknown` (everything else claimed goes back to the pool, see recover_replica_v1).
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ class FlightRecorder:
     def finished(
         self, template_id: str, consent_kind: str, result: Finished, *, sent: bool
     ) -> None:
-        """Hand over a result (`sent`: it was authorized and went to the channel); it is written
-        with the next round trip, and then the send's slot is free."""
+        """Hand over a result (`sent`: it was authorized and went to the channel, and its slot
+        is free now); it is written with the next round trip."""
         self._results.append((template_id, consent_kind, result, sent))
         self._handed += 1
+        if sent:  # its next round trip writes it with whatever this slot authorizes next
+            self._slots.release()
         self._kick()
 
     async def flush(self) -> None:
@@ -116,8 +119,6 @@ class FlightRecorder:
         for delivery_id, future in candidates.items():
             if not future.done():
                 future.set_result(delivery_id in authorized)
-        for _ in done:
-            self._slots.release()
         self._written += len(results)
         async with self._flushed:
             self._flushed.notify_all()

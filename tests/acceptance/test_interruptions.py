@@ -51,7 +51,9 @@ async def test_the_survivor_finishes_when_the_sending_replica_is_killed(
         db_url, tmp_path, users=3000, replicas=2, restart=False, timeout_s=120, **FAST
     )
     assert_every_user_once(result, unknown_at_most=CONCURRENCY)
-    assert len(result.shares) == 2, result.line()  # the survivor took over the rest
+    assert result.down == 1, result.line()  # the victim stayed down: the survivor did the rest
+    logs = "".join((tmp_path / f"r{i}.log").read_text() for i in range(2))
+    assert "is gone (silent for" in logs  # it took over the victim's chunks and claimed rows
 
 
 async def test_sigterm_mid_fan_out_finishes_in_flight_and_a_restart_finishes_the_rest(
