@@ -40,10 +40,6 @@ class FlightRecorder:
         self._flushed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     async def authorize(self, delivery_id: int) -> bool:
         """Wait for a slot and for the row to be recorded in flight. False: the row is no longer
         this replica's (do not send it)."""

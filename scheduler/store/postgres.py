@@ -926,13 +926,6 @@ class FanOutStore:
         )
         return int(status.split()[-1])
 
-    async def running_occurrences(self, plan_id: str, conn: asyncpg.Connection) -> list[Any]:
-        return await conn.fetch(
-            "SELECT occurrence, step, fire_time FROM occurrences"
-            " WHERE plan_id = $1 AND state = 'running'",
-            plan_id,
-        )
-
     # --- the flight record ------------------------------------------------------------------
 
     async def record_flight(
@@ -1043,17 +1036,16 @@ class FanOutStore:
         """Each running occurrence: its counts so far, holders, start, and whether it was
         resumed or looks stuck (no chunk moved for a minute while chunks are left)."""
         rows = await self.pool.fetch(
-            "SELECT o.plan_id, o.occurrence, o.step, o.total, o.created_at,"
-            " (SELECT count(*) FROM deliveries d WHERE d.plan_id = o.plan_id"
-            "   AND d.occurrence = o.occurrence) AS recorded,"
-            " (SELECT count(*) FROM deliveries d WHERE d.plan_id = o.plan_id"
-            "   AND d.occurrence = o.occurrence AND d.status = 'sent') AS sent,"
+            "SELECT o.plan_id, o.occurrence, o.step, o.total, o.created_at, l.recorded, l.sent,"
             " array_remove(array_agg(DISTINCT c.owner), NULL) AS holders,"
             " count(*) FILTER (WHERE c.state = 'todo') AS chunks_left, count(*) AS chunks,"
             " coalesce(sum(c.takeovers), 0) AS takeovers,"
             " max(c.updated_at) AS last_progress, now() AS now"
             " FROM occurrences o JOIN occurrence_chunks c ON c.occurrence_id = o.id"
-            " WHERE o.state = 'running' GROUP BY o.id ORDER BY o.fire_time"
+            " CROSS JOIN LATERAL (SELECT count(*) AS recorded,"
+            "  count(*) FILTER (WHERE d.status = 'sent') AS sent FROM deliveries d"
+            "  WHERE d.plan_id = o.plan_id AND d.occurrence = o.occurrence) AS l"
+            " WHERE o.state = 'running' GROUP BY o.id, l.recorded, l.sent ORDER BY o.fire_time"
         )
         out = []
         for r in rows:
