@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
 import json
 import logging
@@ -256,9 +257,16 @@ async def bench(
                 clock=lambda: fire_time,
             )
             sends_before = await fake_sends(base_url)
+            profiler = cProfile.Profile() if args.profile else None
             started, cpu = time.perf_counter(), time.process_time()
+            if profiler:
+                profiler.enable()
             report = await dispatcher.fire(PLAN.id, fire_time)
             elapsed = time.perf_counter() - started
+            if profiler:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
+                print(f"profile of the fan-out written to {args.profile} (read it with pstats)")
             fire_us = cpu_us(cpu, max(report.sent, 1))
         finally:
             await channel.aclose()
@@ -520,6 +528,7 @@ def cli() -> None:
         "--database-url",
         help="a PostgreSQL server (default: DATABASE_URL, else an embedded one in a temp dir)",
     )
+    parser.add_argument("--profile", help="write a cProfile of the fan-out to this file")
     parser.add_argument("--timeout", type=float, default=900.0, help="abort after this many s")
     # One replica of --replicas K > 1, started by the benchmark itself (the bench database's URL
     # comes in DATABASE_URL).
