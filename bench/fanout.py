@@ -16,8 +16,10 @@ min(N, --baseline-max) of them). The last line printed is
 
     users=N sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q peak_rss_mb=M
 
-with ratio = S / C and raw_ratio = S / B. Loopback only; everything started is stopped and the
-database dropped on the way out, also on error or after --timeout seconds.
+with ratio = S / C and raw_ratio = S / B, where C is the mean of the channel alone just before
+and just after the fan-out (the machine's load drifts over a long run). Loopback only;
+everything started is stopped and the database dropped on the way out, also on error or after
+--timeout seconds.
 
 With --replicas K > 1 the occurrence is worked by K replicas instead of this process: after the
 baselines, K worker subprocesses (this file with --worker; replica ids r0..r{K-1}) each open a
@@ -44,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import gc
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `scheduler` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.http_baselines import _fetch_token, _pin, _start_fake, aiohttp_loop, channel_loop
+from scheduler.app.daemon import settle_heap
 from scheduler.app.dispatcher import Dispatcher, FanOutReport, occurrence_key
 from scheduler.channels.base import OutgoingMessage
 from scheduler.channels.wechat import WeChatChannel
@@ -241,7 +243,7 @@ async def bench(
             # The baselines' messages are the benchmark's own garbage: with 50,000 of them alive,
             # every full GC pass during the fan-out would walk them too.
             del baseline
-            gc.collect()
+            settle_heap()  # as the daemon does once it has started
 
             if args.replicas > 1:
                 return await replicated(
@@ -268,6 +270,14 @@ async def bench(
                 profiler.dump_stats(args.profile)
                 print(f"profile of the fan-out written to {args.profile} (read it with pstats)")
             fire_us = cpu_us(cpu, max(report.sent, 1))
+            faked = await fake_sends(base_url) - sends_before
+            # The channel alone once more: the machine's load drifts over a long run, so the
+            # ratio is taken against the mean of the channel before and after the fan-out.
+            again = messages(fire_time, step, min(n, args.baseline_max))
+            channel_after = await channel_loop(channel, again, concurrency)
+            del again
+            print(f"channel alone: {channel_per_s:.0f}/s before, {channel_after:.0f}/s after")
+            channel_per_s = (channel_per_s + channel_after) / 2
         finally:
             await channel.aclose()
         sends_per_s = report.sent / elapsed
@@ -278,7 +288,6 @@ async def bench(
         )
 
         ledger = await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'sent'")
-        faked = await fake_sends(base_url) - sends_before
         print(f"checks: report.sent={report.sent} ledger sent={ledger} fake sends={faked} (N={n})")
         if not report.sent == ledger == faked == n:
             raise SystemExit("FAILED: every user must be sent exactly one message")
@@ -433,7 +442,7 @@ async def worker(args: argparse.Namespace) -> None:
                 chunk_size=args.chunk_size,
                 clock=lambda: fire_time,
             )
-            gc.collect()
+            settle_heap()
             print("ready", flush=True)
             line = (await stdin.readline()).decode().split()
             if len(line) != 2 or line[0] != "go":

@@ -9,6 +9,7 @@ with triggers that start at `now`, so no past occurrence fires on a re-add.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -351,6 +352,15 @@ async def build_scheduler(
     return scheduler
 
 
+def settle_heap() -> None:
+    """Move what start-up built (modules, the API app, plans, the scheduler) out of the
+    collector's reach: it lives as long as the process, and without this every full collection
+    during a fan-out walks all of it again (bench/fanout.py: full passes cost ~1.5 s per 20,000
+    sends before, ~0.4 s after)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or `stop` is set); `demo` seeds demo users."""
     global _dispatcher
@@ -437,6 +447,7 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         deferred = asyncio.create_task(daemon.retry_deferred_forever())
         watching = asyncio.create_task(watcher.run())
         control = asyncio.create_task(ControlLoop(daemon, watcher).run())
+        settle_heap()
         log.info("reminders daemon running as replica %s", replica_id)
         await stop.wait()
         log.info("stopping: finishing the sends in flight")
