@@ -121,6 +121,7 @@ class FakeWeChat:
         self._plain_current: dict[str, str] = {}  # appid -> its latest /cgi-bin/token token
         self._credits: Counter[tuple[str, str]] = Counter()  # (openid, template) -> one-time
         self._long_term: set[tuple[str, str]] = set()
+        self._banned: dict[str, int] = {}  # template -> sends it still accepts before the ban
         self._faults: deque[_Fault] = deque()
         self._lost_replies: tuple[float, Reply, float] = (0.0, "normal", 0.0)
         self._random = random.Random(0)
@@ -213,6 +214,11 @@ class FakeWeChat:
         for _ in range(times):
             for code in codes:
                 self._faults.append(_Fault(code, http_status, latency_s))
+
+    def ban_template(self, template_id: str, *, after_sends: int = 0) -> None:
+        """Ban a template (or the account's use of it) as WeChat does: after `after_sends` more
+        accepted sends, every send on it gets 43107."""
+        self._banned[template_id] = after_sends
 
     def inject_lost_replies(
         self, times: int = 1, *, reply: Reply = "drop", latency_s: float = 0.0
@@ -363,6 +369,10 @@ class FakeWeChat:
             return self._send_error(40037)
         if self.templates is not None and template_id not in self.templates:
             return self._send_error(40037)
+        if template_id in self._banned:
+            if self._banned[template_id] <= 0:
+                return self._send_error(43107)
+            self._banned[template_id] -= 1
         if not isinstance(data, dict) or not data:
             # A JSON-encoded string instead of an object: what real WeChat says (community).
             return self._send_error(47003, "argument invalid! data is empty")

@@ -22,7 +22,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from scheduler.app import metrics
+from scheduler.app.damage import DamageControl, scope_of
 from scheduler.app.flight import FlightRecorder
+from scheduler.app.lifecycle import Lifecycle
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome, Reason
@@ -140,6 +142,7 @@ class Dispatcher:
         self.store = store
         self.chunk_size = chunk_size
         self.recorder = FlightRecorder(store.fanout, replica_id, concurrency)
+        self.damage = DamageControl(store, Lifecycle(store, clock=clock), replica_id)
         self._busy: set[int] = set()  # the chunks this replica is working on
         self._taking = asyncio.Lock()
         self._queued: set[int] = set()  # claimed rows in this process's pipelines, not done
@@ -741,8 +744,11 @@ class Dispatcher:
             maxsize=self.batch_size * 2
         )
 
+        halt: Stop | None = None  # a result concerned more than its send (damage.py)
+
         async def send(delivery_id: int, due: Due, message: OutgoingMessage) -> None:
-            held, errcode = self._quota_stop(plan, due.due_at), None
+            nonlocal halt
+            held, errcode = halt or self._quota_stop(plan, due.due_at), None
             sent = held is None  # else the quota ran out while this send waited in the queue
             if sent:
                 if self.stopping.is_set() or not await self.recorder.authorize(delivery_id):
@@ -769,6 +775,8 @@ class Dispatcher:
                     self.recorder.finished(
                         template, kind, _finished(delivery_id, result), sent=True
                     )
+                    if scope_of(result) is not None:
+                        halt = await self.damage.stop(plan, message.touser, result) or halt
                     return
                 held, errcode = self._hold_for_quota(plan, due.due_at, result.detail), 45009
             report.stopped_by_gate(held.status, held.reason)

@@ -47,6 +47,12 @@ WECHAT_ERRCODES = Counter(
     "Non-zero errcodes answered by WeChat (each attempt, retried ones included).",
     ["errcode"],
 )
+DAMAGE_STOPS = Counter(
+    "reminders_damage_stops",
+    "Errcodes acted on beyond their send (scheduler/app/damage.py): plans paused for a template,"
+    " page or credential error, or a user's enrolments stopped for an invalid openid.",
+    ["scope", "errcode"],
+)
 FIRE_LAG = Histogram(
     "reminders_fire_lag_seconds",
     "How late a plan's fire started after its scheduled time.",

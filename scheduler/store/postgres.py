@@ -263,22 +263,24 @@ class Store:
 
     async def plan(self, plan_id: str) -> PlanRecord | None:
         row = await self.pool.fetchrow(
-            "SELECT p.id, p.state, p.current_version, p.registered_at, v.content_hash, v.definition"
-            " FROM plans p"
-            " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-            " WHERE p.id = $1",
+            _CURRENT_PLANS + " WHERE p.id = $1",
             plan_id,
         )
-        if row is None:
-            return None
-        return PlanRecord(
-            row["id"],
-            row["state"],
-            row["current_version"],
-            row["content_hash"],
-            row["definition"],
-            row["registered_at"],
+        return None if row is None else _plan_record(row)
+
+    async def active_plans(self) -> list[PlanRecord]:
+        """Every active plan at its current version."""
+        rows = await self.pool.fetch(_CURRENT_PLANS + " WHERE p.state = 'active' ORDER BY p.id")
+        return [_plan_record(r) for r in rows]
+
+    async def active_enrollments_of(self, user_id: str) -> list[str]:
+        """The plans in which the user's enrolment is active."""
+        rows = await self.pool.fetch(
+            "SELECT plan_id FROM enrollments WHERE user_id = $1 AND status = 'active'"
+            " ORDER BY plan_id",
+            user_id,
         )
+        return [r["plan_id"] for r in rows]
 
     async def set_plan_state(
         self, plan_id: str, state: str, actor: str, reason: str | None
@@ -686,6 +688,23 @@ def retry_transient(
     )
 
 
+_CURRENT_PLANS = (
+    "SELECT p.id, p.state, p.current_version, p.registered_at, v.content_hash, v.definition"
+    " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+)
+
+
+def _plan_record(row: asyncpg.Record) -> PlanRecord:
+    return PlanRecord(
+        row["id"],
+        row["state"],
+        row["current_version"],
+        row["content_hash"],
+        row["definition"],
+        row["registered_at"],
+    )
+
+
 class Fenced(StoreError):
     """This replica no longer holds the chunk (another replica took it over, or the plan
     stopped): the work on it ends here."""
@@ -925,6 +944,43 @@ class FanOutStore:
             plan_id,
         )
         return int(status.split()[-1])
+
+    async def stop_occurrences(
+        self, plan_id: str, replica: str, status: str, reason: str, detail: str
+    ) -> int:
+        """A plan stopped for the damage an errcode does (scheduler/app/damage.py): the rest of
+        its running occurrences (users without a ledger row, and rows given back to the pool) is
+        recorded with `status`/`reason` instead of being sent, and the occurrences end. Run after
+        the plan left `active`, so no batch can claim meanwhile. Returns the rows recorded."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await conn.execute(
+                "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
+                " status, reason, detail, claimed_by, finished_at)"
+                " SELECT o.plan_id, p.current_version, o.occurrence, e.user_id, o.step,"
+                "  o.fire_time, $3, $4, $5, $2, now()"
+                " FROM occurrences o JOIN plans p ON p.id = o.plan_id"
+                " JOIN occurrence_chunks c ON c.occurrence_id = o.id AND c.state = 'todo'"
+                " JOIN enrollments e ON e.plan_id = o.plan_id AND e.status = 'active'"
+                "  AND e.user_id > coalesce(c.cursor, c.after_user, '')"
+                "  AND (c.last_user IS NULL OR e.user_id <= c.last_user)"
+                " WHERE o.plan_id = $1 AND o.state = 'running'"
+                " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+                plan_id,
+                replica,
+                status,
+                reason,
+                detail,
+            )
+            pooled = await conn.execute(
+                "UPDATE deliveries SET status = $2, reason = $3, detail = $4, finished_at = now()"
+                " WHERE plan_id = $1 AND status = 'pending' AND claimed_by IS NULL",
+                plan_id,
+                status,
+                reason,
+                detail,
+            )
+            await self.close_occurrences(conn, plan_id)
+        return int(inserted.split()[-1]) + int(pooled.split()[-1])
 
     # --- the flight record ------------------------------------------------------------------
 
