@@ -1,7 +1,7 @@
 """Fan-out benchmark: one occurrence of a calendar plan sent to N users, end to end.
 
     .venv/bin/python bench/fanout.py --users 100000 [--concurrency 64] [--batch-size 500]
-        [--chunk-size 1000] [--replicas 1]
+        [--chunk-size 1000] [--replicas 1] [--send-rate 0] [--profile FILE]
 
 Registers a daily long-term `transport` plan in a fresh database (`bench_<random>` on the server
 of --database-url / DATABASE_URL, else on an embedded PostgreSQL in a temp dir), bulk-loads N
@@ -27,10 +27,10 @@ Store on the bench database, a WeChatChannel to the same fake and a Dispatcher w
 concurrency and batch size (each), warm their channel up and wait. This process then records the
 occurrence (`store.fanout.record_occurrence`, in chunks of --chunk-size users, as `fire` does),
 sends the workers the start signal (a line on their stdin) and times from just before the record
-to the occurrence being `done`; each worker runs `Dispatcher.work()` until then (it returns when
-no chunk is free, which may be while others still hold chunks, so it is called again after a
-short sleep). It prints each replica's share of the ledger's `sent` rows, runs the same checks
-(ledger sent == fake sends == N) and ends with
+until every worker has reported (its last send finished); each worker runs `Dispatcher.work()`
+until the occurrence is done (it returns when no chunk is free, which may be while others still
+hold chunks, so it is called again after a short sleep). It prints each replica's share of the
+ledger's `sent` rows, runs the same checks (ledger sent == fake sends == N) and ends with
 
     users=N replicas=K sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q
         peak_rss_mb=M shares=r0:n0,r1:n1,...
@@ -39,6 +39,10 @@ short sleep). It prints each replica's share of the ledger's `sent` rows, runs t
 the largest replica's. The replicas are not pinned: they share the machine's cores with the fake
 WeChat and PostgreSQL, so on a 2-core box this is a functional figure (the work is shared, every
 user is sent exactly once), not a scaling one.
+
+With --send-rate R every dispatcher (each replica's) takes its sends from one bucket of R a
+second in PostgreSQL, as the daemon does under REMINDERS_SEND_RATE: sends_per_s shows the limit
+holding for all replicas together.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import calendar_anchor, calendar_occurrences
 from scheduler.planfiles import content_hash
 from scheduler.store.embedded import start_embedded
-from scheduler.store.postgres import Store
+from scheduler.store.postgres import SendRate, Store
 
 SCRIPT = str(Path(__file__).resolve())  # what --replicas K > 1 runs with --worker
 TZ = "Asia/Shanghai"
@@ -206,6 +210,10 @@ async def stop_process(process: asyncio.subprocess.Process) -> None:
             await process.wait()
 
 
+def send_rate(args: argparse.Namespace) -> SendRate | None:
+    return SendRate("bench", args.send_rate) if args.send_rate else None
+
+
 async def bench(
     args: argparse.Namespace,
     db_url: str,
@@ -257,6 +265,7 @@ async def bench(
                 batch_size=args.batch_size,
                 chunk_size=args.chunk_size,
                 clock=lambda: fire_time,
+                send_rate=send_rate(args),
             )
             sends_before = await fake_sends(base_url)
             profiler = cProfile.Profile() if args.profile else None
@@ -333,6 +342,8 @@ async def replicated(
             str(args.chunk_size),
             "--pool-size",
             str(args.pool_size),
+            "--send-rate",
+            str(args.send_rate),
             "--timeout",
             str(args.timeout),
             stdin=asyncio.subprocess.PIPE,
@@ -372,12 +383,16 @@ async def replicated(
                     "occurrence was done"
                 )
         await asyncio.sleep(0.01)
+    # An occurrence is done once its audience is claimed; its last sends finish after that,
+    # when each replica's work returns and it prints its report.
+    lines = []
+    for process in workers:
+        assert process.stdout is not None
+        lines.append(await asyncio.wait_for(process.stdout.readline(), args.timeout))
     elapsed = time.perf_counter() - started
 
     results: dict[str, dict[str, Any]] = {}
-    for replica, process in zip(replicas, workers, strict=True):
-        assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), 60)
+    for replica, process, line in zip(replicas, workers, lines, strict=True):
         if await asyncio.wait_for(process.wait(), 60) != 0 or not line:
             raise SystemExit(f"FAILED: replica {replica} exited with {process.returncode}")
         results[replica] = json.loads(line)
@@ -441,6 +456,7 @@ async def worker(args: argparse.Namespace) -> None:
                 batch_size=args.batch_size,
                 chunk_size=args.chunk_size,
                 clock=lambda: fire_time,
+                send_rate=send_rate(args),
             )
             settle_heap()
             print("ready", flush=True)
@@ -536,6 +552,12 @@ def cli() -> None:
     parser.add_argument(
         "--database-url",
         help="a PostgreSQL server (default: DATABASE_URL, else an embedded one in a temp dir)",
+    )
+    parser.add_argument(
+        "--send-rate",
+        type=float,
+        default=0.0,
+        help="REMINDERS_SEND_RATE: sends per second, all replicas together (0: no limit)",
     )
     parser.add_argument("--profile", help="write a cProfile of the fan-out to this file")
     parser.add_argument("--timeout", type=float, default=900.0, help="abort after this many s")

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     )
 
     send_concurrency: int = Field(64, description="Sends in flight at once per replica.")
+    send_rate: float = Field(
+        0,
+        ge=0,
+        description="Sends per second for the WeChat app, all replicas together (0: no limit).",
+    )
     batch_size: int = Field(500, description="Users claimed per database round trip.")
     chunk_size: int = Field(
         1000, ge=1, description="Users per chunk of an occurrence: the unit replicas share."

@@ -43,7 +43,13 @@ from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relativ
 from scheduler.planfiles import LoadedPlan, load_policy
 from scheduler.settings import Settings
 from scheduler.store.embedded import sqlalchemy_url, start_embedded
-from scheduler.store.postgres import SCHEDULER_SETUP_LOCK, PlanRecord, Store, retry_transient
+from scheduler.store.postgres import (
+    SCHEDULER_SETUP_LOCK,
+    PlanRecord,
+    SendRate,
+    Store,
+    retry_transient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,11 @@ class Daemon:
             batch_size=settings.batch_size,
             chunk_size=settings.chunk_size,
             clock=clock,
+            send_rate=(
+                SendRate(settings.wechat_appid or "", settings.send_rate)
+                if settings.send_rate
+                else None
+            ),
         )
         self.lifecycle = Lifecycle(store, clock=clock)
         self.work_available = asyncio.Event()

@@ -58,6 +58,7 @@ from scheduler.store.postgres import (
     PlanRecord,
     Recipient,
     Released,
+    SendRate,
     Stop,
     Store,
     retry_transient,
@@ -138,10 +139,11 @@ class Dispatcher:
         clock: Clock = utc_now,
         policy: Policy = DEFAULT_POLICY,
         chunk_size: int = 1000,
+        send_rate: SendRate | None = None,
     ):
         self.store = store
         self.chunk_size = chunk_size
-        self.recorder = FlightRecorder(store.fanout, replica_id, concurrency)
+        self.recorder = FlightRecorder(store.fanout, replica_id, concurrency, rate=send_rate)
         self.damage = DamageControl(store, Lifecycle(store, clock=clock), replica_id)
         self._busy: set[int] = set()  # the chunks this replica is working on
         self._taking = asyncio.Lock()

@@ -10,6 +10,10 @@ A slot is taken at `authorize` and given back when the result is handed over. Ev
 writes all results handed over so far together with the authorisations it grants, so the
 replica's recorded `in_flight` never holds more than `slots` sends: that is what a crash can turn
 into `unknown` (everything else claimed goes back to the pool, see recover_replica_v1).
+
+Under a send `rate` (REMINDERS_SEND_RATE), an authorisation also takes a token from the app's
+bucket in PostgreSQL, shared by every replica (record_flight_v2); candidates it cannot cover yet
+wait for a later round trip, holding their slot.
 """
 
 from __future__ import annotations
@@ -18,14 +22,26 @@ import asyncio
 import logging
 from typing import Any
 
-from scheduler.store.postgres import FanOutStore, Finished, retry_transient
+from scheduler.store.postgres import FanOutStore, Finished, SendRate, retry_transient
 
 log = logging.getLogger(__name__)
 
 
 class FlightRecorder:
-    def __init__(self, store: FanOutStore, replica: str, slots: int, *, linger_s: float = 0.008):
+    def __init__(
+        self,
+        store: FanOutStore,
+        replica: str,
+        slots: int,
+        *,
+        linger_s: float = 0.008,
+        rate: SendRate | None = None,
+    ):
         self._store = store
+        # Under a send rate, candidates the app's bucket could not cover ask again after this.
+        self._rate = rate
+        self._rate_wait_s = min(max(1 / rate.per_second, 0.01), 0.1) if rate else 0.0
+        self._waiting = False
         # A round trip costs this process ~100 us of CPU whatever it carries: wait a moment for
         # more to carry, unless a quarter of the slots is already waiting.
         self._linger_s = linger_s
@@ -93,27 +109,33 @@ class FlightRecorder:
                 await asyncio.sleep(1)
 
     async def _round_trip(self, conn: Any) -> None:
-        if len(self._candidates) + len(self._results) < self._enough:
+        if self._waiting:
+            await asyncio.sleep(self._rate_wait_s)
+        elif len(self._candidates) + len(self._results) < self._enough:
             await asyncio.sleep(self._linger_s)
         candidates, self._candidates = self._candidates, {}
         results, self._results = self._results, []
         done = {r.delivery_id for _, _, r, sent in results if sent}
         still = self._in_flight - done
         try:
-            authorized = await self._store.record_flight(
+            authorized, waiting = await self._store.record_flight(
                 self._replica,
                 sorted(still),
                 sorted(candidates),
                 [(t, k, r) for t, k, r, _ in results],
                 conn=conn,
+                rate=self._rate,
             )
         except BaseException:  # nothing was written: all of it goes with the next try
             self._candidates = {**candidates, **self._candidates}
             self._results = results + self._results
             raise
         self._in_flight = still | authorized
+        self._waiting = bool(waiting)
         for delivery_id, future in candidates.items():
-            if not future.done():
+            if delivery_id in waiting:
+                self._candidates[delivery_id] = future  # the bucket is empty: next round trip
+            elif not future.done():
                 future.set_result(delivery_id in authorized)
         self._written += len(results)
         async with self._flushed:

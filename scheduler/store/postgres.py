@@ -705,6 +705,14 @@ def _plan_record(row: asyncpg.Record) -> PlanRecord:
     )
 
 
+@dataclass(frozen=True)
+class SendRate:
+    """At most `per_second` sends a second for the WeChat app `app`, across all replicas."""
+
+    app: str
+    per_second: float
+
+
 class Fenced(StoreError):
     """This replica no longer holds the chunk (another replica took it over, or the plan
     stopped): the work on it ends here."""
@@ -992,11 +1000,12 @@ class FanOutStore:
         results: Sequence[tuple[str, str, Finished]],  # (template, consent kind, result)
         *,
         conn: asyncpg.Connection | None = None,
-    ) -> set[int]:
+        rate: SendRate | None = None,
+    ) -> tuple[set[int], set[int]]:
         """Write finished sends' results and authorize `candidates` to go on the wire, in one
-        transaction; returns the candidates authorized (still pending and ours)."""
-        authorized = await (conn or self.pool).fetchval(
-            "SELECT record_flight_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        transaction. Returns the candidates authorized (still pending and ours) and, under a
+        `rate`, those that wait for the app's bucket (still ours: ask again)."""
+        args = (
             replica,
             list(still_in_flight),
             list(candidates),
@@ -1010,7 +1019,19 @@ class FanOutStore:
             [r.detail for _, _, r in results],
             [r.defer_until for _, _, r in results],
         )
-        return set(authorized)
+        if rate is None:
+            authorized = await (conn or self.pool).fetchval(
+                "SELECT record_flight_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)", *args
+            )
+            return set(authorized), set()
+        row = await (conn or self.pool).fetchrow(
+            "SELECT * FROM record_flight_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+            " $13, $14)",
+            *args,
+            rate.app,
+            rate.per_second,
+        )
+        return set(row["authorized"]), set(row["waiting"])
 
     async def recover(self, replica: str, dead_after_s: float | None = None) -> Recovered:
         """Give up `replica`'s work (when silent for `dead_after_s`, or unconditionally: its own

@@ -281,14 +281,17 @@ async def test_a_dead_replicas_sends_in_flight_become_unknown_and_the_rest_is_se
         messages=[{"thing1": "x", "number2": "2"}] * 2,
     )
     ids = {c.user_id: c.delivery_id for c in claims}
-    assert await store.fanout.record_flight("dead-one", [], [ids["o-a"]], []) == {ids["o-a"]}
+    assert await store.fanout.record_flight("dead-one", [], [ids["o-a"]], []) == (
+        {ids["o-a"]},
+        set(),
+    )
     assert await store.fanout.recover_dead(60) == []  # alive: its lease has not run out
     await store.pool.execute("UPDATE replicas SET last_seen = now() - interval '5 minutes'")
 
     [recovered] = await store.fanout.recover_dead(60)
     assert (recovered.unknown, recovered.released) == (1, 1)
     # The dead replica, had it only been slow, may no longer send what was given back.
-    assert await store.fanout.record_flight("dead-one", [], [ids["o-b"]], []) == set()
+    assert await store.fanout.record_flight("dead-one", [], [ids["o-b"]], []) == (set(), set())
     survivor = dispatcher(store, channel, Clock(T0))
     report = FanOutReport()
     await survivor.work_released(report)

@@ -13,7 +13,7 @@ from scheduler.app.dispatcher import FanOutReport, occurrence_key
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.app.status import overview, render_overview
 from scheduler.domain.plan import Plan
-from scheduler.store.postgres import Fenced, Store
+from scheduler.store.postgres import Fenced, SendRate, Store
 from tests.integration.test_dispatch import Clock, calendar_plan, dispatcher, register
 from tests.ops_helpers import channel_fixture, eventually, fake_fixture  # noqa: F401 - fixtures
 
@@ -273,7 +273,10 @@ async def test_a_plan_that_opts_in_sends_an_unknown_again(store, fake, channel):
 async def test_in_flight_sends_of_a_plan_that_opts_in_go_back_to_the_pool(store, fake, channel):
     await audience(store, 1, resending_plan())
     [row] = await claim(store, "gone", ["o-00001"])
-    assert await store.fanout.record_flight("gone", [], [row.delivery_id], []) == {row.delivery_id}
+    assert await store.fanout.record_flight("gone", [], [row.delivery_id], []) == (
+        {row.delivery_id},
+        set(),
+    )
     recovered = await store.fanout.recover("gone")
     assert (recovered.unknown, recovered.released) == (0, 1)
 
@@ -289,3 +292,32 @@ async def test_replicas_closing_the_last_chunks_at_once_close_the_occurrence(sto
         )
     states = await store.pool.fetch("SELECT state FROM occurrences")
     assert [r["state"] for r in states] == ["done"] * 15
+
+
+async def test_the_send_rate_holds_across_two_replicas(store, fake, channel):
+    """REMINDERS_SEND_RATE is per app, shared through PostgreSQL: two replicas together stay
+    under it, measured by the times the fake WeChat received the messages."""
+    users = await audience(store, 120)
+    rate = SendRate("app", 20.0)
+    clock = Clock(FIRE)
+    a = dispatcher(store, channel, clock, batch_size=20, chunk_size=30, send_rate=rate)
+    b = dispatcher(
+        store, channel, clock, replica_id="other", batch_size=20, chunk_size=30, send_rate=rate
+    )
+    active = await a.load("alerts")
+    helper = FanOutReport()
+
+    async def join() -> None:
+        await at_least(store, 1, "SELECT count(*) FROM occurrences")
+        await b.work(helper)
+
+    report, _ = await asyncio.gather(a.fan_out(active, FIRE), join())
+
+    assert report.sent > 0 and helper.sent > 0  # both replicas sent
+    assert sorted(m["touser"] for m in fake.messages) == users
+    times = sorted(m["received_at"] for m in fake.messages)
+    overall = (len(times) - 1) / (times[-1] - times[0])
+    assert 15 <= overall <= 20 * 1.05
+    # No second carries more than the rate plus the bucket (2) and a little network jitter.
+    busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    assert busiest <= 20 + 2 + 2
