@@ -15,10 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import ValidationError
-
-from scheduler.errors import PlanError, RemindersError
-from scheduler.settings import Settings
+from scheduler.errors import ConfigError, PlanError, RemindersError
+from scheduler.settings import Settings, load_settings
 
 log = logging.getLogger("scheduler")
 
@@ -28,11 +26,7 @@ class UsageError(RemindersError):
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise UsageError("invalid configuration:\n" + "\n".join(lines)) from None
+    settings = load_settings()
     if getattr(args, "plans", None):
         settings = settings.model_copy(update={"plans_dir": Path(args.plans)})
     return settings
@@ -338,9 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scheduler.logging_setup import configure as configure_logging
 
     try:
-        settings = Settings()
+        settings = load_settings()
         level, json_lines = settings.log_level.upper(), settings.log_json
-    except ValidationError:
+    except ConfigError:
         level, json_lines = "INFO", False  # the command itself reports the bad setting
     configure_logging(
         level if args.command in ("run", "fake-wechat") else "WARNING", json_lines=json_lines

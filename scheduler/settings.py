@@ -5,13 +5,16 @@ This is the only module that reads the environment.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-Scope = Literal["ingest", "admin"]
+from scheduler.errors import ConfigError
+
+Scope = Literal["ingest", "admin", "metrics"]
 
 
 class ApiToken(BaseModel):
@@ -87,6 +90,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='API tokens by name, as JSON: {"crm": {"token": "...", "scopes": ["ingest"]}}.',
     )
+    api_public: list[Literal["metrics", "docs"]] = Field(
+        default_factory=lambda: ["metrics", "docs"],
+        description='What the API serves without a token, as JSON: "metrics" (/metrics), "docs"'
+        " (/v1/docs, /v1/openapi.json). Left out, /metrics needs a metrics- or admin-scoped"
+        " token, and the OpenAPI document any valid token (the docs page is then off).",
+    )
     max_body_bytes: int = Field(1_048_576, description="Largest request body the API accepts.")
     wechat_callback_token: SecretStr | None = Field(
         None, description="The Token of the message-push settings (signs WeChat's callbacks)."
@@ -104,3 +113,27 @@ class Settings(BaseSettings):
     watch_force_polling: bool = Field(
         False, description="Poll the plans folder instead of inotify (network file systems)."
     )
+
+
+def variable_of(field: str) -> str:
+    """The environment variable a setting is read from."""
+    return "DATABASE_URL" if field == "database_url" else f"REMINDERS_{field.upper()}"
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; a bad value raises ConfigError with one line per
+    problem, naming the variable (never a traceback)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field, *inner = (str(part) for part in error["loc"])
+            where = f" ({'.'.join(inner)})" if inner else ""
+            lines.append(f"{variable_of(field)}{where}: {error['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    except SettingsError as exc:  # a JSON setting that is not JSON
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = variable_of(match.group(1)) if match else "a REMINDERS_ setting"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigError(f"{name}: not valid JSON{cause}") from None

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler.api.app import API_VERSION, ApiError, Caller, require
+from scheduler.api.app import API_VERSION, ApiError, Caller, authenticate, bearer, require
 from scheduler.app import metrics
 from scheduler.app.control import notify
 from scheduler.app.lifecycle import ActionResult, Lifecycle, LifecycleError
@@ -175,5 +176,10 @@ async def reload(request: Request, caller: Admin) -> dict[str, str]:
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def prometheus(request: Request) -> Response:
+async def prometheus(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Response:
+    if "metrics" not in request.app.state.settings.api_public:  # REMINDERS_API_PUBLIC
+        authenticate(request, credentials, {"metrics", "admin"})
     return Response(await metrics.render(_store(request)), media_type=metrics.CONTENT_TYPE_LATEST)

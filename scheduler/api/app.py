@@ -48,7 +48,7 @@ def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
 
 
-_bearer = HTTPBearer(auto_error=False)
+bearer = HTTPBearer(auto_error=False)
 
 
 def require(scope: TokenScope | None) -> Callable[..., Awaitable[Caller]]:
@@ -57,19 +57,29 @@ def require(scope: TokenScope | None) -> Callable[..., Awaitable[Caller]]:
 
     async def check(
         request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
-        settings: Settings = request.app.state.settings
-        caller = _identify(settings, credentials.credentials if credentials else None)
-        if caller is None:
-            raise ApiError(
-                401, "unauthenticated", "send a valid API token: Authorization: Bearer <token>"
-            )
-        if scope is not None and scope not in caller.scopes:
-            raise ApiError(403, "forbidden", f"token {caller.name!r} lacks the {scope!r} scope")
-        return caller
+        return authenticate(request, credentials, None if scope is None else {scope})
 
     return check
+
+
+def authenticate(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None,
+    scopes: set[str] | None,
+) -> Caller:
+    """The caller, who must present a valid token carrying one of `scopes` (any: None)."""
+    settings: Settings = request.app.state.settings
+    caller = _identify(settings, credentials.credentials if credentials else None)
+    if caller is None:
+        raise ApiError(
+            401, "unauthenticated", "send a valid API token: Authorization: Bearer <token>"
+        )
+    if scopes is not None and not scopes & caller.scopes:
+        wanted = " or ".join(repr(s) for s in sorted(scopes))
+        raise ApiError(403, "forbidden", f"token {caller.name!r} lacks the {wanted} scope")
+    return caller
 
 
 def _identify(settings: Settings, presented: str | None) -> Caller | None:
@@ -134,8 +144,8 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
         title="reminders",
         version="1",
         description="Long-term recurring reminders over WeChat subscribe messages.",
-        openapi_url=f"/{API_VERSION}/openapi.json",
-        docs_url=f"/{API_VERSION}/docs",
+        openapi_url=f"/{API_VERSION}/openapi.json" if "docs" in settings.api_public else None,
+        docs_url=f"/{API_VERSION}/docs" if "docs" in settings.api_public else None,
         redoc_url=None,
     )
     app.state.settings = settings
@@ -175,6 +185,12 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
         except Exception as exc:  # any failure means not ready
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, 503)
         return JSONResponse({"status": "ready"})
+
+    if "docs" not in settings.api_public:  # REMINDERS_API_PUBLIC leaves the docs out
+
+        @app.get(f"/{API_VERSION}/openapi.json", include_in_schema=False)
+        async def openapi(_: Annotated[Caller, Depends(require(None))]) -> JSONResponse:
+            return JSONResponse(app.openapi())
 
     @app.get(f"/{API_VERSION}/token", tags=["auth"], summary="Which token is this")
     async def whoami(caller: Annotated[Caller, Depends(require(None))]) -> dict[str, Any]:
