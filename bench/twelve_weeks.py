@@ -236,6 +236,9 @@ class RecordingChannel:
             self.sends.append(Send(message.touser, message.template_id, self.clock()))
         return result
 
+    async def quota(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         await self.channel.aclose()
 

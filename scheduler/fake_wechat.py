@@ -10,7 +10,10 @@ cannot tell it from the real thing on the happy path and on the errors that matt
 - `POST /cgi-bin/message/subscribe/send`: 41001/40001/42001 for a missing/unknown/expired token,
   47001 for a body that is not a JSON object or lacks a field, 47003 (naming the field) for a bad
   `data`, 40037 for a template the registry does not know, 43101 when `check_consent` is on and
-  the user has no credit; otherwise `{"errcode":0,"errmsg":"ok","msgid":...}`.
+  the user has no credit, 43107 on a banned template (`ban_template`), 45009 once `daily_quota`
+  sends were accepted; otherwise `{"errcode":0,"errmsg":"ok","msgid":...}`.
+- `POST /cgi-bin/openapi/quota/get`: the quota of subscribe/send (`daily_limit`, `used`,
+  `remain`), or 48001 when `quota_readable` is off.
 
 Control endpoints under `/fake/` (and the same methods on `FakeWeChat`) let a test or another
 process read what was sent, grant or revoke consent, inject faults (errcodes, HTTP statuses,
@@ -88,6 +91,9 @@ class _Fault:
     reply: Reply = "normal"  # delay/drop: the message is accepted, then its reply is late/lost
 
 
+DEFAULT_DAILY_QUOTA = 10_000_000  # a mini program without WeChat Pay (wechat-api.md §8)
+
+
 class FakeWeChat:
     """An in-process fake of the WeChat server API; `start()` serves it on a real socket."""
 
@@ -122,6 +128,10 @@ class FakeWeChat:
         self._credits: Counter[tuple[str, str]] = Counter()  # (openid, template) -> one-time
         self._long_term: set[tuple[str, str]] = set()
         self._banned: dict[str, int] = {}  # template -> sends it still accepts before the ban
+        # WeChat's daily send quota: 45009 once `used` reaches it; the quota API reports it.
+        self.daily_quota = DEFAULT_DAILY_QUOTA
+        self.quota_used = 0
+        self.quota_readable = True  # False: the quota API answers 48001 (not for this account)
         self._faults: deque[_Fault] = deque()
         self._lost_replies: tuple[float, Reply, float] = (0.0, "normal", 0.0)
         self._random = random.Random(0)
@@ -144,6 +154,7 @@ class FakeWeChat:
                 web.post("/cgi-bin/stable_token", self._stable_token),
                 web.get("/cgi-bin/token", self._plain_token),
                 web.post("/cgi-bin/message/subscribe/send", self._send),
+                web.post("/cgi-bin/openapi/quota/get", self._quota_get),
                 web.get("/fake/messages", self._get_messages),
                 web.delete("/fake/messages", self._clear_messages),
                 web.post("/fake/grant", self._post_grant),
@@ -387,6 +398,9 @@ class FakeWeChat:
                 return self._send_error(43101)
             self._credits[key] -= 1
 
+        if self.quota_used >= self.daily_quota:
+            return self._send_error(45009)
+        self.quota_used += 1
         msgid = next(self._msgids)
         if self.keep_messages:
             self.messages.append(
@@ -405,6 +419,19 @@ class FakeWeChat:
             logger.info("fake WeChat received for %s (%s): %s", touser, template_id, values)
         self._errcodes[0] += 1
         return web.json_response({"errcode": 0, "errmsg": "ok", "msgid": msgid})
+
+    async def _quota_get(self, request: web.Request) -> web.Response:
+        known = self._tokens.get(request.query.get("access_token", ""))
+        if known is None or known.expires_at <= self.clock():
+            return self._error(40001)
+        body = await _json_object(request)
+        if body is None or body.get("cgi_path") != "/cgi-bin/message/subscribe/send":
+            return self._error(76021, "cgi_path not found")
+        if not self.quota_readable:
+            return self._error(48001, "api unauthorized")
+        remain = max(self.daily_quota - self.quota_used, 0)
+        quota = {"daily_limit": self.daily_quota, "used": self.quota_used, "remain": remain}
+        return web.json_response({"errcode": 0, "errmsg": "ok", "quota": quota})
 
     def _check_data(
         self, template_id: str, data: dict[str, Any]

@@ -55,6 +55,21 @@ class Settings(BaseSettings):
         ge=0,
         description="Sends per second for the WeChat app, all replicas together (0: no limit).",
     )
+    quota_check_seconds: float = Field(
+        60.0, gt=0, description="How often a replica reads what is left of WeChat's send quota."
+    )
+    quota_reserve_low: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of the daily quota low-priority plans leave for the others.",
+    )
+    quota_reserve_normal: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of the daily quota normal-priority plans leave for high-priority ones.",
+    )
     batch_size: int = Field(500, description="Users claimed per database round trip.")
     chunk_size: int = Field(
         1000, ge=1, description="Users per chunk of an occurrence: the unit replicas share."

@@ -126,6 +126,12 @@ class Daemon:
                 if settings.send_rate
                 else None
             ),
+            quota_check_s=settings.quota_check_seconds,
+            quota_reserves={
+                "low": settings.quota_reserve_low,
+                "normal": settings.quota_reserve_normal,
+                "high": 0.0,
+            },
         )
         self.lifecycle = Lifecycle(store, clock=clock)
         self.work_available = asyncio.Event()

@@ -25,6 +25,7 @@ from scheduler.app import metrics
 from scheduler.app.damage import DamageControl, scope_of
 from scheduler.app.flight import FlightRecorder
 from scheduler.app.lifecycle import Lifecycle
+from scheduler.app.quota import QuotaWatch, quota_reset_after
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome, Reason
@@ -67,7 +68,6 @@ from scheduler.store.postgres import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-QUOTA_ZONE = ZoneInfo("Asia/Shanghai")  # WeChat's daily quotas reset at midnight China time
 
 
 def utc_now() -> datetime:
@@ -140,6 +140,8 @@ class Dispatcher:
         policy: Policy = DEFAULT_POLICY,
         chunk_size: int = 1000,
         send_rate: SendRate | None = None,
+        quota_check_s: float = 60.0,
+        quota_reserves: dict[str, float] | None = None,
     ):
         self.store = store
         self.chunk_size = chunk_size
@@ -155,6 +157,9 @@ class Dispatcher:
         self.clock = clock
         self.policy = policy  # the plans folder's policy.yaml, replaced when it changes
         self.quota_held_until: datetime | None = None  # WeChat answered 45009: no sends till then
+        self.quota = QuotaWatch(
+            channel.quota, clock, check_s=quota_check_s, reserves=quota_reserves
+        )
         self.stopping = asyncio.Event()  # set on shutdown: no new batch is claimed
         self._running = 0
         self._idle = asyncio.Event()
@@ -662,10 +667,7 @@ class Dispatcher:
         China) and put this send back for then (wechat-api.md §3)."""
         now = self.clock()
         if self.quota_held_until is None or self.quota_held_until <= now:
-            local = now.astimezone(QUOTA_ZONE)
-            self.quota_held_until = datetime.combine(
-                local.date() + timedelta(days=1), datetime.min.time(), QUOTA_ZONE
-            )
+            self.quota_held_until = quota_reset_after(now)
             log.warning(
                 "WeChat's daily send quota is spent (45009: %s): no sends until %s",
                 detail,
@@ -676,12 +678,17 @@ class Dispatcher:
         return stop
 
     def _quota_stop(self, plan: Plan, due_at: datetime) -> Stop | None:
-        """While the quota is spent, a send is deferred to its reset, or skipped if that is past
-        the plan's max_delay (nothing is dropped silently)."""
-        until = self.quota_held_until
-        if until is None or self.clock() >= until:
+        """While the quota is spent (45009), or what is left of it is kept for plans of a higher
+        priority (scheduler/app/quota.py), a send is deferred to its reset, or skipped if that is
+        past the plan's max_delay (nothing is dropped silently)."""
+        until, now = self.quota_held_until, self.clock()
+        if until is not None and now < until:
+            detail = f"WeChat's daily quota is spent until {until.isoformat()}"
+        elif (short := self.quota.short_for(plan.delivery.priority)) is not None:
+            until = quota_reset_after(now)
+            detail = f"{short}, until {until.isoformat()}"
+        else:
             return None
-        detail = f"WeChat's daily quota is spent until {until.isoformat()}"
         if until - due_at <= plan.delivery.max_delay.as_timedelta():
             return Stop(Outcome.DEFERRED.value, Reason.QUOTA.value, detail, until)
         return Stop(Outcome.SKIPPED.value, Reason.QUOTA.value, f"{detail}, past max_delay")
@@ -750,9 +757,11 @@ class Dispatcher:
 
         async def send(delivery_id: int, due: Due, message: OutgoingMessage) -> None:
             nonlocal halt
+            await self.quota.refresh()
             held, errcode = halt or self._quota_stop(plan, due.due_at), None
             sent = held is None  # else the quota ran out while this send waited in the queue
             if sent:
+                self.quota.spent()  # counted before it goes: concurrent sends see it at once
                 if self.stopping.is_set() or not await self.recorder.authorize(delivery_id):
                     # Stopping: the row goes back to the pool when this replica lets go.
                     report.withdrawn += 1  # a recovery gave it back to the pool meanwhile
@@ -792,6 +801,7 @@ class Dispatcher:
                 finally:
                     self._queued.discard(item[0])
 
+        await self.quota.refresh()  # before the first batch meets the gate
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         self._running += 1
         self._idle.clear()

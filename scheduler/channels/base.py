@@ -26,9 +26,22 @@ class SendResult:
     detail: str | None = field(default=None)  # errmsg or exception text, for the ledger
 
 
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The platform's daily send quota: limit, used and what is left."""
+
+    daily_limit: int
+    used: int
+    remain: int
+
+
 class Channel(Protocol):
     async def send(self, message: OutgoingMessage) -> SendResult:
         """Deliver one message; never raises for a platform error, returns FAILED instead."""
+        ...
+
+    async def quota(self) -> Quota | None:
+        """The day's send quota, or None where it cannot be read (never raises)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -16,7 +16,9 @@ error. What happens to each failure:
       errcode
     any other errcode                 FAILED at once, reason from `ERRCODE_REASONS`
                                       (WECHAT_ERROR when it is not in the table)
-    token endpoint refuses us         FAILED TOKEN (bad appid/secret, IP not whitelisted...)
+    token endpoint refuses us         FAILED TOKEN (bad appid/secret, IP not whitelisted...);
+                                      every send for the next 30 s gets the same answer
+                                      without asking again
 
 The token endpoint is safe to call again, so its timeouts and breaks are retried as transient.
 
@@ -49,7 +51,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from scheduler.channels.base import OutgoingMessage, SendResult
+from scheduler.channels.base import OutgoingMessage, Quota, SendResult
 from scheduler.domain.outcomes import Outcome, Reason
 
 __all__ = ["ERRCODE_REASONS", "WeChatChannel", "send_body"]
@@ -78,6 +80,7 @@ ERRCODE_REASONS: dict[int, Reason] = {
 
 TOKEN_EARLY_RENEWAL_S = 300  # stable_token issues the next token only in the last 300 s
 TOKEN_MIN_REUSE_S = 60
+TOKEN_REFUSAL_HOLD_S = 30  # after stable_token refused the credentials, ask again after this
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -152,6 +155,7 @@ class WeChatChannel:
         self._on_errcode = on_errcode  # e.g. a metrics counter: sees every non-zero errcode
         self._base = base_url.rstrip("/")
         self._token_url = httpx.URL(f"{self._base}/cgi-bin/stable_token")
+        self._quota_url = f"{self._base}/cgi-bin/openapi/quota/get"
         self._appid = appid
         self._secret = secret
         self._timeout = httpx.Timeout(timeout)
@@ -188,6 +192,7 @@ class WeChatChannel:
         self._lock = asyncio.Lock()
         self._fetches_done = 0  # finished token fetches: a failure is shared with all who waited
         self._last_fetch_failure: _Failure | None = None
+        self._last_fetch_at = 0.0
 
     async def send(self, message: OutgoingMessage) -> SendResult:
         """Deliver one message: SENT, or FAILED with reason, errcode and errmsg; never raises
@@ -230,6 +235,26 @@ class WeChatChannel:
             reraise=True,
         )
         return await retrying(attempt)
+
+    async def quota(self) -> Quota | None:
+        """What is left of the day's subscribe/send quota (POST /cgi-bin/openapi/quota/get,
+        wechat-api.md §8); None when the account may not read it or WeChat cannot answer."""
+        body = json.dumps({"cgi_path": "/cgi-bin/message/subscribe/send"}).encode()
+        try:
+            token, _ = await self._token()
+            url = httpx.URL(self._quota_url, params={"access_token": token})
+            answer = await self._post(url, body, idempotent=True)
+        except _Failure as failure:
+            logger.debug("the send quota cannot be read: %s", failure.detail)
+            return None
+        quota = answer.get("quota")
+        if answer.get("errcode", 0) != 0 or not isinstance(quota, dict):
+            logger.debug("the send quota cannot be read: %s", answer)
+            return None
+        try:
+            return Quota(int(quota["daily_limit"]), int(quota["used"]), int(quota["remain"]))
+        except (KeyError, TypeError, ValueError):
+            return None
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -301,14 +326,20 @@ class WeChatChannel:
             current = self._current
             if current is not None and time.monotonic() < self._renew_at:
                 return current  # someone else refreshed while we waited
-            if self._fetches_done != fetches_before and self._last_fetch_failure is not None:
-                # A fetch failed while we waited; do not hammer the token endpoint again.
-                raise self._last_fetch_failure.copy()
+            failure = self._last_fetch_failure
+            if failure is not None and (
+                self._fetches_done != fetches_before  # it failed while we waited
+                or (  # the credentials were refused a moment ago: they are still wrong
+                    failure.reason is Reason.TOKEN
+                    and time.monotonic() - self._last_fetch_at < TOKEN_REFUSAL_HOLD_S
+                )
+            ):
+                raise failure.copy()  # do not hammer the token endpoint
             self._last_fetch_failure = None
             try:
                 token, expires_in = await self._fetch_token()
             except _Failure as failure:
-                self._last_fetch_failure = failure
+                self._last_fetch_failure, self._last_fetch_at = failure, time.monotonic()
                 raise
             finally:
                 self._fetches_done += 1

@@ -381,6 +381,13 @@ class Delivery(Model):
         "crash mid-send) is sent again, within the grace window. Off by default: WeChat has no "
         "idempotency key, so the user may get the message twice.",
     )
+    priority: Literal["high", "normal", "low"] = Field(
+        "normal",
+        description="Who goes first when WeChat's daily quota runs short: a low-priority plan "
+        "holds its sends back while the quota left is within REMINDERS_QUOTA_RESERVE_LOW of the "
+        "daily limit, a normal one within REMINDERS_QUOTA_RESERVE_NORMAL, a high one only once "
+        "it is spent (held back: deferred to the reset, or skipped past max_delay; reason quota).",
+    )
     limit_key: str | None = Field(
         None,
         description="A variable or template field whose value a frequency-limited long-term "

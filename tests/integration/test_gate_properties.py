@@ -180,6 +180,9 @@ class Recorder:
             self.sent.append(Sent(self.clock(), message.touser, plan, ref))
         return result
 
+    async def quota(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         pass
 
