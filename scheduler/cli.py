@@ -216,8 +216,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--demo enrols demo users: it runs only against the fake WeChat "
             "(unset REMINDERS_WECHAT_APPID / REMINDERS_WECHAT_SECRET)"
         )
-    asyncio.run(run(settings, demo=args.demo))
+    try:
+        asyncio.run(run(settings, demo=args.demo))
+    except BaseExceptionGroup as group:  # APScheduler's task groups wrap what start-up raised
+        raise _our_error(group) or group from None
     return 0
+
+
+def _our_error(group: BaseExceptionGroup) -> RemindersError | None:
+    """The first of our own errors inside (nested) exception groups: it has the clear line."""
+    for exc in group.exceptions:
+        found = _our_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, RemindersError):
+            return found
+    return None
 
 
 def cmd_health(args: argparse.Namespace) -> int:

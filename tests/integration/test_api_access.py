@@ -4,6 +4,7 @@ reported as one line naming the variable."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -109,3 +110,27 @@ def test_the_cli_reports_a_bad_setting_without_a_traceback(tmp_path):
         "reminders: REMINDERS_API_TOKENS: not valid JSON: Expecting property name enclosed in"
         " double quotes: line 1 column 2 (char 1)"
     ]
+
+
+def test_a_taken_api_port_is_one_line_and_exit_1(db_url, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            "DATABASE_URL": db_url,
+            "REMINDERS_PLANS_DIR": str(tmp_path),
+            "REMINDERS_API_PORT": str(taken.getsockname()[1]),
+            "REMINDERS_LOG_LEVEL": "ERROR",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "scheduler.cli", "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("reminders:")]
+    assert "cannot listen on 127.0.0.1:" in line and "REMINDERS_API_PORT" in line

@@ -1,0 +1,29 @@
+"""The README's configuration table lists every setting (scheduler/settings.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from scheduler.settings import Settings, variable_of
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_every_setting_has_a_row_in_the_readme_configuration_table():
+    rows = set(re.findall(r"^\| `([A-Z_]+)` \|", README.read_text(encoding="utf-8"), re.M))
+    missing = sorted(variable_of(name) for name in Settings.model_fields)
+    missing = [variable for variable in missing if variable not in rows]
+    assert missing == [], f"add these to the README's configuration table: {missing}"
+
+
+def test_the_table_lists_no_setting_that_does_not_exist():
+    rows = set(
+        re.findall(
+            r"^\| `((?:REMINDERS_|DATABASE_URL)[A-Z_]*)` \|",
+            README.read_text(encoding="utf-8"),
+            re.M,
+        )
+    )
+    known = {variable_of(name) for name in Settings.model_fields}
+    assert rows - known == set()
