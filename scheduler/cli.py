@@ -194,7 +194,17 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_consent(args: argparse.Namespace) -> int:
+    from scheduler.domain.consent import consent_problem
+    from scheduler.domain.plan import ConsentKind
+    from scheduler.store.consent import ConsentStore
+
     async def work(store) -> dict | None:  # noqa: ANN001
+        # The API's rule (POST /v1/consent answers 422): only templates the plans use, as the
+        # kind they declare.
+        known = await ConsentStore(store.pool).template_kinds()
+        problem = consent_problem(known, args.template, ConsentKind(args.kind))
+        if problem is not None:
+            raise UsageError(f"consent not recorded: {problem}")
         await store.record_consent(args.user, args.template, args.kind, args.result, "cli")
         return await store.consent_of(args.user, args.template)
 

@@ -20,7 +20,7 @@ of the kind its plan declares, so the other effect is inert.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -72,6 +72,21 @@ class ConsentState:
 
 
 NONE = ConsentState()
+
+
+def consent_problem(
+    known: Mapping[str, set[ConsentKind]], template_id: str, kind: ConsentKind
+) -> str | None:
+    """Why a popup result for `template_id` must not be recorded: no loaded plan uses the
+    template, or its plans declare another consent kind (a typo would put credits on a template
+    no plan sends). `known` is what the plans declare (ConsentStore.template_kinds)."""
+    if template_id not in known:
+        listed = ", ".join(sorted(known)) or "none is loaded"
+        return f"no loaded plan uses template {template_id} (templates in use: {listed})"
+    if kind not in known[template_id]:
+        declared = "/".join(sorted(k.value for k in known[template_id]))
+        return f"template {template_id} is {declared} in its plans, not {kind.value}"
+    return None
 
 
 def _affects(kind: ConsentKind | None, which: ConsentKind) -> bool:

@@ -93,24 +93,27 @@ def test_enroll_rejects_bad_input_plainly(env, capsys, args, message):
     assert fetch(env, "SELECT * FROM enrollments") == []
 
 
+def consent(template: str, kind: str, result: str) -> int:
+    return main(
+        ["consent", "--user", "o1", "--template", template, "--kind", kind, "--result", result]
+    )
+
+
+def load_rehab_plan(capsys) -> None:
+    """Enrolling loads the plan (one-time consent, template rehab_guidance_tmpl)."""
+    start, variables = (
+        ["--start", "2026-03-02T10:00+08:00"],
+        ["--var", "patient=x", "--var", "hospital=y"],
+    )
+    code = main(["enroll", "rehab-weekly", "--user", "o1", *start, *variables])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+
 def test_consent_accumulates_one_time_credits_and_keeps_history(env, capsys):
+    load_rehab_plan(capsys)
     for result in ("accept", "accept", "filter"):
-        assert (
-            main(
-                [
-                    "consent",
-                    "--user",
-                    "o1",
-                    "--template",
-                    "t1",
-                    "--kind",
-                    "one_time",
-                    "--result",
-                    result,
-                ]
-            )
-            == 0
-        )
+        assert consent("rehab_guidance_tmpl", "one_time", result) == 0
     [state] = fetch(env, "SELECT credits, long_term, banned FROM consent")
     assert dict(state) == {"credits": 2, "long_term": False, "banned": False}
     history = fetch(env, "SELECT result, source FROM consent_events ORDER BY id")
@@ -119,6 +122,20 @@ def test_consent_accumulates_one_time_credits_and_keeps_history(env, capsys):
         ("accept", "cli"),
         ("filter", "cli"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("template", "kind", "says"),
+    [
+        ("nope", "one_time", "no loaded plan uses template nope"),
+        ("rehab_guidance_tmpl", "long_term", "is one_time in its plans, not long_term"),
+    ],
+)
+def test_consent_is_refused_as_the_api_refuses_it(env, capsys, template, kind, says):
+    load_rehab_plan(capsys)
+    assert consent(template, kind, "accept") == 1
+    assert says in capsys.readouterr().err
+    assert fetch(env, "SELECT * FROM consent_events") == []
 
 
 def test_unreachable_database_is_reported_plainly(monkeypatch, capsys):
