@@ -25,7 +25,7 @@ MAX_DURATION_DAYS = 36_525
 # Dates in a plan (`start`, `end`): far from the edges of what the date maths can represent.
 MIN_YEAR, MAX_YEAR = 2000, 2999
 # Caps and frequency limits, which the gate counts in SQL integers.
-MAX_CAP = 10_000
+MAX_CAP = 1_000_000  # a million a day is no cap at all; far inside a 32-bit integer
 
 # Text: any string in a plan or policy (names, texts, ids, words).
 MAX_TEXT = 1_000

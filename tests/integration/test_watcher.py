@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import time
 from pathlib import Path
 
+from scheduler.app.status import overview, render_overview
 from scheduler.app.watcher import PlanWatcher
+from scheduler.domain import limits
 from tests.integration.test_plan_sync import DAILY, daemon_on, next_fire
 from tests.ops_helpers import eventually, permissive_policy_in
 
@@ -109,3 +114,100 @@ async def test_the_watcher_picks_up_a_new_file_within_seconds(store, db_url, tmp
         finally:
             watcher.stop()
             await asyncio.wait_for(task, 10)
+
+
+# --- bad input is contained (issue 9): one file's problem never stops the others --------------
+
+
+def hostile_files(folder: Path) -> dict[str, str]:
+    """One file of each kind that used to stop the whole rescan, and a phrase of its problem."""
+    os.mkfifo(folder / "fifo.yaml")
+    (folder / "loop.yaml").symlink_to(folder / "loop.yaml")
+    (folder / "zero.yaml").symlink_to("/dev/zero")
+    (folder / "dir.yaml").mkdir()
+    (folder / "big.yaml").write_text("#" * (limits.MAX_FILE_BYTES + 1))
+    (folder / "feb30.yaml").write_text(
+        DAILY.format(at="09:00", count=30)
+        .replace("id: daily", "id: feb30")
+        .replace("2026-03-01", "2026-02-30")
+    )
+    (folder / "deep.yaml").write_text("name: " + "[" * 1000 + "]" * 1000)
+    (folder / "huge-count.yaml").write_text(
+        DAILY.format(at="09:00", count=10**9).replace("id: daily", "id: huge-count")
+    )
+    return {
+        "fifo.yaml": "named pipe",
+        "loop.yaml": "symbolic link",
+        "zero.yaml": "character device",
+        "dir.yaml": "a folder",
+        "big.yaml": "over the limit",
+        "feb30.yaml": "day is out of range for month",
+        "deep.yaml": "nested more than",
+        "huge-count.yaml": "less than or equal to 1000",
+    }
+
+
+async def test_bad_files_are_reported_and_the_others_keep_updating(
+    store, db_url, tmp_path: Path, caplog
+):
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    permissive_policy_in(folder)
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder)
+        file = folder / "daily.yaml"
+        file.write_text(DAILY.format(at="09:00", count=30))
+        await watcher.rescan()
+        expected = hostile_files(folder)
+        file.write_text(DAILY.format(at="08:00", count=30))  # an edit, made meanwhile
+        with caplog.at_level(logging.ERROR, logger="scheduler.app.watcher"):
+            started = time.monotonic()
+            report = await watcher.rescan(why="file change")
+            assert time.monotonic() - started < 10
+        assert report.synced.added == ["daily"]
+        assert await plan_state(store, "daily") == ("active", 2, None)
+        # every problem is recorded (status and the API show plan_problems) and logged
+        rows = await store.pool.fetch("SELECT source_file, problems FROM plan_problems")
+        recorded = {Path(r["source_file"]).name: r["problems"] for r in rows}
+        assert set(recorded) == set(expected)
+        for name, phrase in expected.items():
+            assert any(phrase in p["reason"] for p in recorded[name]), (name, recorded[name])
+            assert any(name in r.getMessage() for r in caplog.records), name
+        report = await overview(store, now=daemon.clock())
+        shown = render_overview(report)
+        for name in expected:
+            assert str(folder / name) in shown
+
+
+async def test_a_second_file_cannot_take_over_a_running_plan(store, db_url, tmp_path: Path):
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    permissive_policy_in(folder)
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder)
+        owner = folder / "z-daily.yaml"
+        owner.write_text(DAILY.format(at="09:00", count=30))
+        await watcher.rescan()
+        # a new file with the same id, first in alphabetical order
+        claimant = folder / "a-copy.yaml"
+        claimant.write_text(DAILY.format(at="07:00", count=30))
+        report = await watcher.rescan()
+        assert report.synced.added == []
+        assert await plan_state(store, "daily") == ("active", 1, None)
+        source = await store.pool.fetchval("SELECT source_file FROM plan_versions")
+        assert source == str(owner)
+        problem = await store.pool.fetchrow("SELECT source_file, problems FROM plan_problems")
+        assert problem["source_file"] == str(claimant)
+        [reason] = [p["reason"] for p in problem["problems"]]
+        assert str(owner) in reason and "'daily'" in reason
+        # still the owner while its own file is broken: the last good version keeps running
+        owner.write_text("name: [\n")
+        await watcher.rescan()
+        assert await plan_state(store, "daily") == ("active", 1, None)
+        files = {r["source_file"] for r in await store.pool.fetch("SELECT * FROM plan_problems")}
+        assert files == {str(owner), str(claimant)}
+        # the owner's file removed for good: the id is free for the other file (a rename)
+        owner.unlink()
+        await watcher.rescan()
+        assert await plan_state(store, "daily") == ("active", 2, None)
+        assert await store.pool.fetchval("SELECT count(*) FROM plan_problems") == 0
