@@ -226,10 +226,15 @@ def _bounded(data: object, source: str) -> None:
 def _yaml(text: str, source: str) -> object:
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+    except yaml.reader.ReaderError as exc:
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else exc.character
+        reason = f"character {char} is not allowed in YAML text ({exc.reason})"
+        where = f"character {exc.position + 1}"
+        raise PlanError([PlanProblem(source, where, f"not valid YAML: {reason}")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = getattr(exc, "problem", None) or str(exc)
+        reason = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise PlanError([PlanProblem(source, where, f"not valid YAML: {reason}")]) from None
     _bounded(data, source)
     return data
