@@ -8,11 +8,21 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from scheduler.app.status import overview, render_overview
 from scheduler.app.watcher import PlanWatcher
 from scheduler.domain import limits
 from tests.integration.test_plan_sync import DAILY, daemon_on, next_fire
 from tests.ops_helpers import eventually, permissive_policy_in
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A plans folder whose policy lets every test plan through."""
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    return permissive_policy_in(folder)
 
 
 async def plan_state(store, plan_id: str) -> tuple[str, int, str | None]:
@@ -22,10 +32,7 @@ async def plan_state(store, plan_id: str) -> tuple[str, int, str | None]:
     return (record["state"], record["current_version"], record["state_reason"])
 
 
-async def test_add_edit_invalid_edit_delete_and_restore(store, db_url, tmp_path: Path):
-    folder = tmp_path / "plans"
-    folder.mkdir()
-    permissive_policy_in(folder)
+async def test_add_edit_invalid_edit_delete_and_restore(store, db_url, folder: Path):
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder)
         file = folder / "daily.yaml"
@@ -71,10 +78,7 @@ async def test_add_edit_invalid_edit_delete_and_restore(store, db_url, tmp_path:
         assert actions == ["loaded", "loaded", "file_rejected", "pause", "resume"]
 
 
-async def test_an_admin_pause_is_not_undone_by_the_file(store, db_url, tmp_path: Path):
-    folder = tmp_path / "plans"
-    folder.mkdir()
-    permissive_policy_in(folder)
+async def test_an_admin_pause_is_not_undone_by_the_file(store, db_url, folder: Path):
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder)
         (folder / "daily.yaml").write_text(DAILY.format(at="09:00", count=30))
@@ -84,10 +88,7 @@ async def test_an_admin_pause_is_not_undone_by_the_file(store, db_url, tmp_path:
         assert await plan_state(store, "daily") == ("paused", 1, "complaints")
 
 
-async def test_the_watcher_picks_up_a_new_file_within_seconds(store, db_url, tmp_path: Path):
-    folder = tmp_path / "plans"
-    folder.mkdir()
-    permissive_policy_in(folder)
+async def test_the_watcher_picks_up_a_new_file_within_seconds(store, db_url, folder: Path):
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder, debounce_ms=100, settle_s=0.05)
         task = asyncio.create_task(watcher.run())
@@ -148,11 +149,8 @@ def hostile_files(folder: Path) -> dict[str, str]:
 
 
 async def test_bad_files_are_reported_and_the_others_keep_updating(
-    store, db_url, tmp_path: Path, caplog
+    store, db_url, folder: Path, caplog
 ):
-    folder = tmp_path / "plans"
-    folder.mkdir()
-    permissive_policy_in(folder)
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder)
         file = folder / "daily.yaml"
@@ -179,10 +177,7 @@ async def test_bad_files_are_reported_and_the_others_keep_updating(
             assert str(folder / name) in shown
 
 
-async def test_a_second_file_cannot_take_over_a_running_plan(store, db_url, tmp_path: Path):
-    folder = tmp_path / "plans"
-    folder.mkdir()
-    permissive_policy_in(folder)
+async def test_a_second_file_cannot_take_over_a_running_plan(store, db_url, folder: Path):
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder)
         owner = folder / "z-daily.yaml"
