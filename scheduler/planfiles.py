@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,7 +90,7 @@ def read_text(path: Path) -> str:
         # stat first, open only a regular file: opening some devices already does something
         mode, size = (st := os.stat(path)).st_mode, st.st_size
     except OSError as exc:
-        if os.path.islink(path) and exc.errno == 2:
+        if os.path.islink(path) and exc.errno == errno.ENOENT:
             target = os.readlink(path)
             raise _cannot_read(path, f"a symbolic link to a missing file ({target})") from None
         raise _cannot_read(path, _os_reason(exc)) from None
@@ -114,9 +116,9 @@ def read_text(path: Path) -> str:
 
 
 def _os_reason(exc: OSError) -> str:
-    if exc.errno == 2:
+    if exc.errno == errno.ENOENT:
         return "no such file or folder"
-    if exc.errno == 40:
+    if exc.errno == errno.ELOOP:
         return "cannot read: too many levels of symbolic links (a symbolic link loop?)"
     return f"cannot read: {exc.strerror or exc}"
 
@@ -208,19 +210,14 @@ def _bounded(data: object, source: str) -> None:
     while stack:
         item, depth = stack.pop()
         budget -= 1
-        if depth > MAX_DEPTH:
-            reason = f"{_TOO_DEEP} once its aliases are expanded"
-        elif budget < 0:
-            reason = f"too large once its aliases are expanded (over {MAX_NODES:,} values)"
-        elif isinstance(item, dict):
+        if depth > MAX_DEPTH or budget < 0:
+            why = _TOO_DEEP if depth > MAX_DEPTH else f"over {MAX_NODES:,} values"
+            reason = f"not valid YAML: too large once its aliases are expanded ({why})"
+            raise PlanError([PlanProblem(source, "", reason)])
+        if isinstance(item, dict):
             stack.extend((part, depth + 1) for pair in item.items() for part in pair)
-            continue
         elif isinstance(item, list):
             stack.extend((part, depth + 1) for part in item)
-            continue
-        else:
-            continue
-        raise PlanError([PlanProblem(source, "", f"not valid YAML: {reason}")])
 
 
 def _yaml(text: str, source: str) -> object:
@@ -293,7 +290,7 @@ def load_plans(
     problems: list[PlanProblem] = []
     for path in plan_files(paths):
         try:
-            candidates.append(checked_alone(str(path), lambda path=path: load_plan_file(path)))
+            candidates.append(checked_alone(str(path), partial(load_plan_file, path)))
         except PlanError as exc:
             problems.extend(exc.problems)
     owner: dict[str, str] = {}
@@ -387,10 +384,8 @@ def check_plans(
         if policy is None:
             continue  # its problems are reported; the plan cannot be checked against it
         try:
-            violations = checked_alone(
-                str(item.path),
-                lambda item=item, policy=policy: static_violations(item.plan, policy, now),
-            )
+            check = partial(static_violations, item.plan, policy, now)
+            violations = checked_alone(str(item.path), check)
         except PlanError as exc:
             checked.problems.extend(exc.problems)
             continue
