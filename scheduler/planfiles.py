@@ -261,6 +261,10 @@ def content_hash(plan: Plan) -> str:
 
 
 def load_plan_file(path: Path) -> LoadedPlan:
+    name = os.fsencode(path)
+    if name != name.decode("utf-8", "ignore").encode():  # the daemon stores file names as text
+        shown = name.decode("utf-8", "backslashreplace")  # printable in any locale
+        raise PlanError([PlanProblem(shown, "", "the file name is not UTF-8 text: rename it")])
     plan = parse_plan(read_text(path), str(path))
     return LoadedPlan(plan, path, content_hash(plan))
 

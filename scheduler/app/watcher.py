@@ -55,6 +55,15 @@ class ScanReport:
     resumed: list[str] = field(default_factory=list)  # file restored
 
 
+def _text(text: str) -> str:
+    # PostgreSQL text holds neither NUL nor the lone surrogates of a file name that is not UTF-8
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _storable(problem: PlanProblem) -> PlanProblem:
+    return PlanProblem(_text(problem.file), _text(problem.field), _text(problem.reason))
+
+
 def _in_folder(source: str | None, folder: Path) -> bool:
     return bool(source) and Path(str(source)).parent == folder
 
@@ -241,7 +250,7 @@ class PlanWatcher:
     async def _record_problems(self, problems: list[PlanProblem]) -> None:
         pool = self.daemon.store.pool
         by_file: dict[str, list[PlanProblem]] = {}
-        for problem in problems:
+        for problem in map(_storable, problems):
             by_file.setdefault(problem.file, []).append(problem)
         for file, found in by_file.items():
             body = [{"field": p.field, "reason": p.reason} for p in found]

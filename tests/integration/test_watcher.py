@@ -206,3 +206,26 @@ async def test_a_second_file_cannot_take_over_a_running_plan(store, db_url, fold
         await watcher.rescan()
         assert await plan_state(store, "daily") == ("active", 2, None)
         assert await store.pool.fetchval("SELECT count(*) FROM plan_problems") == 0
+
+
+async def test_problems_postgresql_cannot_store_as_text_are_still_recorded(
+    store, db_url, folder: Path
+):
+    """A NUL in a reason (from a "\\0" escape in the file) or a file name that is not UTF-8 would
+    make PostgreSQL refuse the problem row, and the rescan with it."""
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder)
+        file = folder / "daily.yaml"
+        file.write_text(DAILY.format(at="09:00", count=30))
+        await watcher.rescan()
+        nul = DAILY.format(at="09:00", count=30).replace('"Day {step}"', '"{a\\0b}"')
+        (folder / "nul.yaml").write_text(nul.replace("id: daily", "id: nul"))
+        odd = folder / os.fsdecode(b"latin-\xe9t\xe9.yaml")  # Latin-1, not UTF-8
+        odd.write_text(DAILY.format(at="09:00", count=30).replace("daily", "odd"))
+        file.write_text(DAILY.format(at="08:00", count=30))
+        await watcher.rescan()
+        assert await plan_state(store, "daily") == ("active", 2, None)
+        rows = await store.pool.fetch("SELECT source_file, problems FROM plan_problems")
+        assert len(rows) == 2, rows
+        reasons = " ".join(p["reason"] for r in rows for p in r["problems"])
+        assert "unknown variable" in reasons and "\x00" not in reasons

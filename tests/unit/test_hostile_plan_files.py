@@ -276,3 +276,12 @@ def test_special_files_named_explicitly_are_reported_not_read(
         assert main(["validate", str(path)]) == 1
         out, err = capsys.readouterr()
         assert err == "" and out.startswith(f"error  {path}: ") and phrase in out, out
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_printably(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, os.fsdecode(b"lat\xe9.yaml"), BASE)  # Latin-1
+    assert main(["validate", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"error  {tmp_path}/lat\\xe9.yaml: the file name is not UTF-8 text: rename it\n"
