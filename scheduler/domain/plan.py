@@ -77,7 +77,19 @@ class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-Text = Annotated[str, Field(max_length=MAX_TEXT)]
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    # The daemon keeps every plan's definition in PostgreSQL, whose text holds neither NUL nor a
+    # lone surrogate (YAML's "\0" and "\ud800" escapes make them); WeChat would refuse them too.
+    if isinstance(value, str) and (found := _UNSTORABLE.search(value)):
+        what = "a NUL character" if found[0] == "\x00" else "a lone surrogate"
+        raise ValueError(f"the text contains {what} ({found[0]!r}): remove it")
+    return value
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT), BeforeValidator(_storable)]
 Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 Cap = Annotated[int, Field(ge=1, le=MAX_CAP)]
 

@@ -124,6 +124,9 @@ HOSTILE: list[tuple[str, str, str, str]] = [
     ("time-zone-with-nul", base("Asia/Shanghai", '"Asia/\\0"'), "schedule.calendar.timezone", ""),
     ("at-100-times", base('at: "19:00"', f"at: [{', '.join(['19:00'] * 100)}]"), "", "24"),
     ("name-10000-chars", base("Lesson reminder", "x" * 10_000), "name", "1000 characters"),
+    # text PostgreSQL cannot store (the daemon records every plan's definition)
+    ("nul-in-text", base('"第{step}课"', '"第\\0课"'), "message.default.thing1", "NUL"),
+    ("lone-surrogate", base("Lesson reminder", '"\\ud800"'), "name", "surrogate"),
     # message templates: only the placeholders and format specs a message needs
     ("huge-width", base("第{step}课", "{step:99999999d}"), "message.default.thing1", "width"),
     ("huge-precision", base("第{step}课", "{step:.99999f}"), "message.default.thing1", "precis"),
