@@ -193,6 +193,8 @@ def _odd_scalar(draw: Draw, text: str) -> str:
 
 def _duplicate_line(draw: Draw, text: str) -> str:
     lines = text.splitlines()
+    if not lines:  # truncated to nothing
+        return text
     i = draw(st.integers(0, len(lines) - 1))
     return "\n".join(lines[: i + 1] + lines[i:]) + "\n"
 
