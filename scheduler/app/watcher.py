@@ -312,7 +312,8 @@ class PlanWatcher:
                     row["state"] == "active"
                     and plan_id not in present
                     and _in_folder(source, self.plans_dir)
-                    and not os.path.exists(source)  # noqa: ASYNC240 - one stat, local disk
+                    # lexists: a file turned into a broken link is broken, not removed
+                    and not os.path.lexists(source)  # noqa: ASYNC240 - one stat, local disk
                 ):
                     await lifecycle.pause(plan_id, actor=ACTOR, reason=FILE_REMOVED)
                     log.warning(

@@ -211,14 +211,14 @@ async def test_a_second_file_cannot_take_over_a_running_plan(store, db_url, fold
 async def test_problems_postgresql_cannot_store_as_text_are_still_recorded(
     store, db_url, folder: Path
 ):
-    """A NUL in a reason (from a "\\0" escape in the file) or a file name that is not UTF-8 would
-    make PostgreSQL refuse the problem row, and the rescan with it."""
+    """A NUL in a field path (from a "\\0" escape in a key) or a file name that is not UTF-8
+    would make PostgreSQL refuse the problem row, and the rescan with it."""
     async with daemon_on(store, db_url) as daemon:
         watcher = PlanWatcher(daemon, folder)
         file = folder / "daily.yaml"
         file.write_text(DAILY.format(at="09:00", count=30))
         await watcher.rescan()
-        nul = DAILY.format(at="09:00", count=30).replace('"Day {step}"', '"{a\\0b}"')
+        nul = DAILY.format(at="09:00", count=30).replace('{thing1: "Day', '{"thi\\0ng1": "Day')
         (folder / "nul.yaml").write_text(nul.replace("id: daily", "id: nul"))
         odd = folder / os.fsdecode(b"latin-\xe9t\xe9.yaml")  # Latin-1, not UTF-8
         odd.write_text(DAILY.format(at="09:00", count=30).replace("daily", "odd"))
@@ -227,5 +227,20 @@ async def test_problems_postgresql_cannot_store_as_text_are_still_recorded(
         assert await plan_state(store, "daily") == ("active", 2, None)
         rows = await store.pool.fetch("SELECT source_file, problems FROM plan_problems")
         assert len(rows) == 2, rows
-        reasons = " ".join(p["reason"] for r in rows for p in r["problems"])
-        assert "unknown variable" in reasons and "\x00" not in reasons
+        text = " ".join(p["field"] + p["reason"] for r in rows for p in r["problems"])
+        assert "NUL" in text and "UTF-8" in text and "\x00" not in text
+
+
+async def test_a_file_turned_into_a_symlink_loop_is_broken_not_removed(store, db_url, folder: Path):
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder)
+        file = folder / "daily.yaml"
+        file.write_text(DAILY.format(at="09:00", count=30))
+        await watcher.rescan()
+        file.unlink()
+        file.symlink_to(file)
+        report = await watcher.rescan()
+        assert report.paused == []
+        assert await plan_state(store, "daily") == ("active", 1, None)
+        [reason] = [p.reason for p in report.problems]
+        assert "symbolic link" in reason
