@@ -6,10 +6,13 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from scheduler.app.daemon import Daemon
 from scheduler.app.status import overview, render_overview
 from scheduler.app.watcher import PlanWatcher
 from scheduler.domain import limits
@@ -23,6 +26,19 @@ def folder(tmp_path: Path) -> Path:
     folder = tmp_path / "plans"
     folder.mkdir()
     return permissive_policy_in(folder)
+
+
+@asynccontextmanager
+async def watching(
+    store, db_url, folder: Path, name: str = "daily.yaml"
+) -> AsyncIterator[tuple[Daemon, PlanWatcher, Path]]:
+    """A daemon and its watcher on `folder`, with the plan `daily` loaded from the file `name`."""
+    async with daemon_on(store, db_url) as daemon:
+        watcher = PlanWatcher(daemon, folder)
+        file = folder / name
+        file.write_text(DAILY.format(at="09:00", count=30))
+        await watcher.rescan()
+        yield daemon, watcher, file
 
 
 async def plan_state(store, plan_id: str) -> tuple[str, int, str | None]:
@@ -151,11 +167,7 @@ def hostile_files(folder: Path) -> dict[str, str]:
 async def test_bad_files_are_reported_and_the_others_keep_updating(
     store, db_url, folder: Path, caplog
 ):
-    async with daemon_on(store, db_url) as daemon:
-        watcher = PlanWatcher(daemon, folder)
-        file = folder / "daily.yaml"
-        file.write_text(DAILY.format(at="09:00", count=30))
-        await watcher.rescan()
+    async with watching(store, db_url, folder) as (daemon, watcher, file):
         expected = hostile_files(folder)
         file.write_text(DAILY.format(at="08:00", count=30))  # an edit, made meanwhile
         with caplog.at_level(logging.ERROR, logger="scheduler.app.watcher"):
@@ -178,11 +190,7 @@ async def test_bad_files_are_reported_and_the_others_keep_updating(
 
 
 async def test_a_second_file_cannot_take_over_a_running_plan(store, db_url, folder: Path):
-    async with daemon_on(store, db_url) as daemon:
-        watcher = PlanWatcher(daemon, folder)
-        owner = folder / "z-daily.yaml"
-        owner.write_text(DAILY.format(at="09:00", count=30))
-        await watcher.rescan()
+    async with watching(store, db_url, folder, "z-daily.yaml") as (_, watcher, owner):
         # a new file with the same id, first in alphabetical order
         claimant = folder / "a-copy.yaml"
         claimant.write_text(DAILY.format(at="07:00", count=30))
@@ -213,11 +221,7 @@ async def test_problems_postgresql_cannot_store_as_text_are_still_recorded(
 ):
     """A NUL in a field path (from a "\\0" escape in a key) or a file name that is not UTF-8
     would make PostgreSQL refuse the problem row, and the rescan with it."""
-    async with daemon_on(store, db_url) as daemon:
-        watcher = PlanWatcher(daemon, folder)
-        file = folder / "daily.yaml"
-        file.write_text(DAILY.format(at="09:00", count=30))
-        await watcher.rescan()
+    async with watching(store, db_url, folder) as (daemon, watcher, file):
         nul = DAILY.format(at="09:00", count=30).replace('{thing1: "Day', '{"thi\\0ng1": "Day')
         (folder / "nul.yaml").write_text(nul.replace("id: daily", "id: nul"))
         odd = folder / os.fsdecode(b"latin-\xe9t\xe9.yaml")  # Latin-1, not UTF-8
@@ -232,11 +236,7 @@ async def test_problems_postgresql_cannot_store_as_text_are_still_recorded(
 
 
 async def test_a_file_turned_into_a_symlink_loop_is_broken_not_removed(store, db_url, folder: Path):
-    async with daemon_on(store, db_url) as daemon:
-        watcher = PlanWatcher(daemon, folder)
-        file = folder / "daily.yaml"
-        file.write_text(DAILY.format(at="09:00", count=30))
-        await watcher.rescan()
+    async with watching(store, db_url, folder) as (daemon, watcher, file):
         file.unlink()
         file.symlink_to(file)
         report = await watcher.rescan()
