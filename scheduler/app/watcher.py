@@ -9,9 +9,12 @@ ConfigMap symlink swaps just work). A rescan:
   a new version for future occurrences, a changed schedule is re-added from now (no past fire);
 - loads the folder's `policy.yaml` for the gate (an invalid one is reported and the last good
   policy stays in force) and rejects plans that break it statically, as `reminders validate` does;
-- records each invalid file's problems in `plan_problems` (status shows them) and logs them once
-  per change; the plan's last good version keeps running. A half-written file is simply invalid
-  until the write completes and the next change event rescans it;
+- records each invalid file's problems in `plan_problems` (status and the API show them) and logs
+  them once per change; the plan's last good version keeps running. A half-written file is simply
+  invalid until the write completes and the next change event rescans it. Each file is checked,
+  and each plan scheduled, on its own: one file's problem never keeps another plan from updating;
+- keeps each plan id with the file its running plan came from: another file defining the same id
+  is rejected (naming both files) until that file is gone;
 - pauses a plan whose file is gone (reason "file removed"; an admin cancels it explicitly) and
   resumes it, skipping what it missed, when the file comes back.
 
@@ -50,6 +53,15 @@ class ScanReport:
     synced: SyncResult | None = None
     paused: list[str] = field(default_factory=list)  # file removed
     resumed: list[str] = field(default_factory=list)  # file restored
+
+
+def _text(text: str) -> str:
+    # PostgreSQL text holds neither NUL nor the lone surrogates of a file name that is not UTF-8
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _storable(problem: PlanProblem) -> PlanProblem:
+    return PlanProblem(_text(problem.file), _text(problem.field), _text(problem.reason))
 
 
 def _in_folder(source: str | None, folder: Path) -> bool:
@@ -171,12 +183,15 @@ class PlanWatcher:
                 self._extra = list(extra)
             if extra_exceptions is not None:
                 self._extra_exceptions = dict(extra_exceptions)
-            checked = await asyncio.to_thread(check_plans, [self.plans_dir], self.daemon.clock())
-            loaded, problems = checked.plans, checked.problems
+            owners = await self._owners()
+            checked = await asyncio.to_thread(
+                check_plans, [self.plans_dir], self.daemon.clock(), None, owners
+            )
+            problems = checked.problems
             await asyncio.to_thread(self._load_policy)
-            loaded += self._extra
-            report = ScanReport(loaded, problems)
-            report.synced = await self.daemon.sync_plans(loaded)
+            report = ScanReport([], problems)
+            report.synced = await self._sync(checked.plans + self._extra, report)
+            loaded = report.loaded
             await self._record_problems(problems)
             await self._reconcile(loaded, report)
             self.scans += 1
@@ -191,6 +206,34 @@ class PlanWatcher:
                     len({p.file for p in problems}),
                 )
             return report
+
+    async def _owners(self) -> dict[str, str]:
+        """Plan id -> the file its running version came from, which keeps the id."""
+        rows = await self.daemon.store.pool.fetch(
+            "SELECT p.id, v.source_file FROM plans p"
+            " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+            " WHERE v.source_file IS NOT NULL"
+        )
+        return {row["id"]: row["source_file"] for row in rows}
+
+    async def _sync(self, plans: list[LoadedPlan], report: ScanReport) -> SyncResult:
+        """Schedule each plan on its own: one that cannot be scheduled is its file's problem."""
+        from scheduler.app.daemon import SyncResult
+
+        synced = SyncResult([], [], [])
+        for item in plans:
+            try:
+                one = await self.daemon.sync_plans([item])
+            except Exception as exc:  # the other plans still update
+                log.exception("plan %s could not be scheduled", item.plan.id)
+                reason = f"could not be scheduled ({type(exc).__name__}: {exc})"
+                report.problems.append(PlanProblem(str(item.path), "", reason))
+                continue
+            report.loaded.append(item)
+            synced.added += one.added
+            synced.unchanged += one.unchanged
+            synced.finished += one.finished
+        return synced
 
     def _load_policy(self) -> None:
         """The gate's policy from the folder (its problems are among the scan's problems)."""
@@ -207,7 +250,7 @@ class PlanWatcher:
     async def _record_problems(self, problems: list[PlanProblem]) -> None:
         pool = self.daemon.store.pool
         by_file: dict[str, list[PlanProblem]] = {}
-        for problem in problems:
+        for problem in map(_storable, problems):
             by_file.setdefault(problem.file, []).append(problem)
         for file, found in by_file.items():
             body = [{"field": p.field, "reason": p.reason} for p in found]
@@ -269,7 +312,8 @@ class PlanWatcher:
                     row["state"] == "active"
                     and plan_id not in present
                     and _in_folder(source, self.plans_dir)
-                    and not os.path.exists(source)  # noqa: ASYNC240 - one stat, local disk
+                    # lexists: a file turned into a broken link is broken, not removed
+                    and not os.path.lexists(source)  # noqa: ASYNC240 - one stat, local disk
                 ):
                     await lifecycle.pause(plan_id, actor=ACTOR, reason=FILE_REMOVED)
                     log.warning(

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,6 +27,18 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler.domain.limits import (
+    MAX_CAP,
+    MAX_COUNT,
+    MAX_DURATION_DAYS,
+    MAX_DURATION_YEARS,
+    MAX_FORMAT_WIDTH,
+    MAX_TEXT,
+    MAX_TIMES_PER_DAY,
+    MAX_YEAR,
+    MAX_ZONE_NAME,
+    MIN_YEAR,
+)
 from scheduler.domain.template_fields import KNOWN_TYPES, field_type
 
 
@@ -49,11 +62,36 @@ class ConsentKind(StrEnum):
 _PLAN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _DURATION = re.compile(r"^\s*(\d+)\s*([a-z]+?)s?\s*$")
 _UNITS = {"second", "minute", "hour", "day", "week", "month"}
+_MAX_AMOUNT = {
+    "second": MAX_DURATION_DAYS * 86_400,
+    "minute": MAX_DURATION_DAYS * 1_440,
+    "hour": MAX_DURATION_DAYS * 24,
+    "day": MAX_DURATION_DAYS,
+    "week": MAX_DURATION_DAYS // 7,
+    "month": MAX_DURATION_YEARS * 12,
+}
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    # The daemon keeps every plan's definition in PostgreSQL, whose text holds neither NUL nor a
+    # lone surrogate (YAML's "\0" and "\ud800" escapes make them); WeChat would refuse them too.
+    if isinstance(value, str) and (found := _UNSTORABLE.search(value)):
+        what = "a NUL character" if found[0] == "\x00" else "a lone surrogate"
+        raise ValueError(f"the text contains {what} ({found[0]!r}): remove it")
+    return value
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT), BeforeValidator(_storable)]
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+Cap = Annotated[int, Field(ge=1, le=MAX_CAP)]
 
 
 # --- small value types --------------------------------------------------------------------------
@@ -63,8 +101,18 @@ class Duration(BaseModel):
     """`N unit`, e.g. `1 week`, `30 days`, `1 month`, `5 seconds`."""
 
     model_config = ConfigDict(frozen=True)
-    amount: int
+    amount: int = Field(ge=0)
     unit: Literal["second", "minute", "hour", "day", "week", "month"]
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Duration:
+        # Beyond this the date maths overflows (or the plan would outlive its readers).
+        if self.amount > _MAX_AMOUNT[self.unit]:
+            raise ValueError(
+                f"a duration may be at most {MAX_DURATION_YEARS} years "
+                f"({MAX_DURATION_DAYS:,} days or {MAX_DURATION_YEARS * 12:,} months)"
+            )
+        return self
 
     @property
     def is_calendar(self) -> bool:
@@ -89,7 +137,10 @@ def _parse_duration(value: Any) -> Any:
             f"{value!r} is not a duration: write a number and a unit "
             "(seconds, minutes, hours, days, weeks or months), e.g. '1 week'"
         )
-    return {"amount": int(match.group(1)), "unit": match.group(2)}
+    digits = match.group(1)
+    # over 18 digits is over the limit anyway: say so, not that Python cannot read the number
+    amount = int(digits) if len(digits) <= 18 else 10**18
+    return {"amount": amount, "unit": match.group(2)}
 
 
 DurationText = Annotated[
@@ -121,7 +172,17 @@ def _parse_time_of_day(value: Any) -> Any:
 
 _TIME_SCHEMA = {"type": "string", "pattern": r"^\d{2}:\d{2}(:\d{2})?$"}
 # Lists of times may also be written as one time (`at: "09:00"`).
-_TIMES_SCHEMA = {"anyOf": [_TIME_SCHEMA, {"type": "array", "items": _TIME_SCHEMA, "minItems": 1}]}
+_TIMES_SCHEMA = {
+    "anyOf": [
+        _TIME_SCHEMA,
+        {
+            "type": "array",
+            "items": _TIME_SCHEMA,
+            "minItems": 1,
+            "maxItems": MAX_TIMES_PER_DAY,
+        },
+    ]
+}
 
 TimeOfDay = Annotated[
     time,
@@ -133,15 +194,18 @@ TimeOfDay = Annotated[
 
 def _check_zone(value: Any) -> Any:
     try:
-        ZoneInfo(str(value))
-    except (ZoneInfoNotFoundError, ValueError):
+        if not isinstance(value, str) or len(value) > MAX_ZONE_NAME:
+            raise ValueError
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a path
         raise ValueError(
-            f"{value!r} is not an IANA time zone, e.g. 'Asia/Shanghai' or 'America/New_York'"
+            f"{str(value)[:MAX_ZONE_NAME]!r} is not an IANA time zone, "
+            "e.g. 'Asia/Shanghai' or 'America/New_York'"
         ) from None
     return str(value)
 
 
-ZoneName = Annotated[str, BeforeValidator(_check_zone)]
+ZoneName = Annotated[str, BeforeValidator(_check_zone), Field(max_length=MAX_ZONE_NAME)]
 
 
 _DATE_ONLY = re.compile(r"^\s*\d{4}-\d{2}-\d{2}\s*$")
@@ -156,7 +220,16 @@ def _date_or_datetime(value: Any) -> Any:
     return value
 
 
-LocalMoment = Annotated[datetime | date, BeforeValidator(_date_or_datetime)]
+def _sane_year(value: datetime | date) -> datetime | date:
+    # Far from year 1 and 9999, where converting between zones overflows.
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"the year must be {MIN_YEAR} to {MAX_YEAR}")
+    return value
+
+
+LocalMoment = Annotated[
+    datetime | date, BeforeValidator(_date_or_datetime), AfterValidator(_sane_year)
+]
 
 
 def _at_list(value: Any) -> Any:
@@ -164,7 +237,10 @@ def _at_list(value: Any) -> Any:
 
 
 AtTimes = Annotated[
-    list[TimeOfDay], BeforeValidator(_at_list), Field(min_length=1), WithJsonSchema(_TIMES_SCHEMA)
+    list[TimeOfDay],
+    BeforeValidator(_at_list),
+    Field(min_length=1, max_length=MAX_TIMES_PER_DAY),
+    WithJsonSchema(_TIMES_SCHEMA),
 ]
 
 
@@ -195,7 +271,8 @@ class Weekly(Model):
     @field_validator("days", mode="before")
     @classmethod
     def _lower_weekdays(cls, value: Any) -> Any:
-        return [str(v).lower()[:3] for v in (value if isinstance(value, list) else [value])]
+        days = (str(v).lower()[:3] for v in (value if isinstance(value, list) else [value]))
+        return list(dict.fromkeys(days))  # each day once, so at most seven
 
 
 class Monthly(Model):
@@ -222,13 +299,13 @@ class Calendar(Model):
     monthly: Monthly | None = None
     daily: Daily | None = None
     weekdays: Daily | None = Field(None, description="Monday to Friday at the given times.")
-    cron: str | None = Field(None, description="A 5-field crontab expression, local time.")
+    cron: Text | None = Field(None, description="A 5-field crontab expression, local time.")
     every: DurationText | None = Field(None, description="A fixed interval, e.g. '2 hours'.")
     start: LocalMoment | None = Field(
         None, description="First moment that may fire (local). Default: when the plan is loaded."
     )
     end: LocalMoment | None = Field(None, description="Last moment (a date means its end).")
-    count: int | None = Field(None, ge=1, description="How many occurrences in all.")
+    count: Count | None = Field(None, description="How many occurrences in all.")
 
     @model_validator(mode="after")
     def _exactly_one_rule(self) -> Calendar:
@@ -258,11 +335,16 @@ class Relative(Model):
     """A timeline per user, counted from each enrolment's start, in the user's own time zone."""
 
     every: DurationText
-    count: int | None = Field(None, ge=1, description="How many messages in all.")
+    count: Count | None = Field(None, description="How many messages in all.")
     duration: DurationText | None = Field(
         None, description="Stop after this long from the start, e.g. '30 days'."
     )
-    at: Annotated[list[TimeOfDay], WithJsonSchema(_TIMES_SCHEMA)] | None = Field(
+    at: (
+        Annotated[
+            list[TimeOfDay], Field(max_length=MAX_TIMES_PER_DAY), WithJsonSchema(_TIMES_SCHEMA)
+        ]
+        | None
+    ) = Field(
         None, description="Local times of day for each period; default: the enrolment's time."
     )
     first_after: DurationText | None = Field(
@@ -312,11 +394,11 @@ class Schedule(Model):
 
 
 class Template(Model):
-    id: str = Field(min_length=1, description="The private template id (priTmplId).")
-    fields: dict[str, str] = Field(
+    id: Text = Field(min_length=1, description="The private template id (priTmplId).")
+    fields: dict[Text, Text] = Field(
         min_length=1, description="Keyword key -> WeChat type, e.g. thing1: thing."
     )
-    page: str | None = Field(None, description="Mini program page the card opens, query allowed.")
+    page: Text | None = Field(None, description="Mini program page the card opens, query allowed.")
 
     @field_validator("fields")
     @classmethod
@@ -338,8 +420,8 @@ BUILTIN_VARIABLES = ("step", "count", "date", "time", "plan_name", "user")
 
 
 class Message(Model):
-    default: dict[str, str] = Field(description="Field key -> text, with {variables}.")
-    steps: dict[int, dict[str, str]] = Field(
+    default: dict[Text, Text] = Field(description="Field key -> text, with {variables}.")
+    steps: dict[int, dict[Text, Text]] = Field(
         default_factory=dict, description="Step number (from 1) -> fields that differ at that step."
     )
 
@@ -351,15 +433,15 @@ class PlanCaps(Model):
     """This plan's own frequency caps: stricter than the policy's, never looser (unless the
     policy grants the plan an exception)."""
 
-    user_day: int | None = Field(
-        None, ge=1, description="Messages a user may get per local day, all plans together."
+    user_day: Cap | None = Field(
+        None, description="Messages a user may get per local day, all plans together."
     )
-    category_week: int | None = Field(
-        None, ge=1, description="Messages a user may get per local ISO week in this category."
+    category_week: Cap | None = Field(
+        None, description="Messages a user may get per local ISO week in this category."
     )
-    plan_day: int | None = Field(None, ge=1, description="This plan's messages per user per day.")
-    plan_week: int | None = Field(
-        None, ge=1, description="This plan's messages per user per local ISO week."
+    plan_day: Cap | None = Field(None, description="This plan's messages per user per day.")
+    plan_week: Cap | None = Field(
+        None, description="This plan's messages per user per local ISO week."
     )
 
 
@@ -388,7 +470,7 @@ class Delivery(Model):
         "daily limit, a normal one within REMINDERS_QUOTA_RESERVE_NORMAL, a high one only once "
         "it is spent (held back: deferred to the reset, or skipped past max_delay; reason quota).",
     )
-    limit_key: str | None = Field(
+    limit_key: Text | None = Field(
         None,
         description="A variable or template field whose value a frequency-limited long-term "
         "kind counts per (finance: e.g. the policy number).",
@@ -416,14 +498,14 @@ class Plan(Model):
         description="Stable id: lowercase letters, digits, '-' and '_'. "
         "Default in a plan file: the file name without its extension."
     )
-    name: str = Field(min_length=1)
-    description: str | None = None
+    name: Text = Field(min_length=1)
+    description: Text | None = None
     category: Category
     consent: ConsentKind
     schedule: Schedule
     template: Template
     message: Message
-    variables: list[str] = Field(
+    variables: list[Text] = Field(
         default_factory=list, description="Per-user variables every enrolment must supply."
     )
     delivery: Delivery = Field(
@@ -486,9 +568,37 @@ class Plan(Model):
         return self.schedule.relative is not None
 
 
+# What a message needs from Python's format mini-language ({step:02d}, {count:>3}): fill, align,
+# sign, zero padding, a width and precision of at most MAX_FORMAT_WIDTH, a type. No nested fields,
+# no conversions: nothing a user's value could turn into a huge string.
+_FORMAT_SPEC = re.compile(
+    r"(?:[^{}]?[<>=^])?[-+ ]?#?0?(?P<width>\d+)?[,_]?(?:\.(?P<precision>\d+))?[bcdeEfFgGnosxX%]?",
+    re.DOTALL,
+)
+
+
+def _check_spec(name: str, spec: str, conversion: str | None) -> str | None:
+    if conversion is not None:
+        return f"{{{name}!{conversion}}}: conversions (!r, !s, !a) are not supported"
+    if not spec:
+        return None
+    match = _FORMAT_SPEC.fullmatch(spec)
+    if match is None:
+        return f"{{{name}:{spec}}}: not a format spec a message can use, e.g. {{{name}:02d}}"
+    for part in ("width", "precision"):
+        if match[part] is not None and int(match[part]) > MAX_FORMAT_WIDTH:
+            return f"{{{name}:{spec}}}: the {part} may be at most {MAX_FORMAT_WIDTH}"
+    return None
+
+
 def placeholders(text: str, where: str = "text") -> list[str]:
-    """The `{names}` a message text uses; raises ValueError on broken braces."""
+    """The `{names}` a message text uses; raises ValueError on broken braces and on format specs a
+    message cannot need (`docs/plans.md`: at most a width and precision of MAX_FORMAT_WIDTH)."""
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        parsed = [(n, s, c) for _, n, s, c in string.Formatter().parse(text) if n is not None]
     except ValueError as exc:
         raise ValueError(f"{where}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    for name, spec, conversion in parsed:
+        if (problem := _check_spec(name, spec or "", conversion)) is not None:
+            raise ValueError(f"{where}: {problem}")
+    return [name for name, _, _ in parsed]

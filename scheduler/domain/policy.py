@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from scheduler.domain.plan import _PLAN_ID, Category, Model, TimeOfDay
+from scheduler.domain.plan import _PLAN_ID, Cap, Category, Model, Text, TimeOfDay
 
 # Promotions are off-topic in a long-term reminder (DESIGN.md, "Content must stay on the
 # subscribed topic"). Whole words for Latin text, substrings for Chinese.
@@ -116,7 +116,7 @@ class FrequencyLimit(Model):
     """A frequency-limited long-term kind: at most `sends` per `per` per value of the plan's
     `delivery.limit_key` (e.g. once a month per policy number)."""
 
-    sends: int = Field(1, ge=1)
+    sends: Cap = 1
     per: Literal["day", "week", "month", "year"] = "month"
 
     def __str__(self) -> str:
@@ -127,17 +127,17 @@ _LIMITED = {Category.FINANCE: FrequencyLimit()}
 
 
 class ContentRules(Model):
-    promotional_words: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMOTIONAL_WORDS))
-    extra_promotional_words: list[str] = Field(
+    promotional_words: list[Text] = Field(default_factory=lambda: list(DEFAULT_PROMOTIONAL_WORDS))
+    extra_promotional_words: list[Text] = Field(
         default_factory=list, description="Added to promotional_words (keeps the defaults)."
     )
     promotional_scope: Literal["long_term", "all"] = "long_term"
     disclaimers: Annotated[
-        dict[Category, list[str]],
+        dict[Category, list[Text]],
         _merged_with({Category.MEDICAL: list(DEFAULT_MEDICAL_DISCLAIMERS)}),
     ] = Field(default_factory=lambda: {Category.MEDICAL: list(DEFAULT_MEDICAL_DISCLAIMERS)})
     forbidden_claims: Annotated[
-        dict[Category, list[str]],
+        dict[Category, list[Text]],
         _merged_with({Category.FINANCE: list(DEFAULT_FINANCE_CLAIMS)}),
     ] = Field(default_factory=lambda: {Category.FINANCE: list(DEFAULT_FINANCE_CLAIMS)})
 
@@ -163,7 +163,7 @@ class ContentRules(Model):
 
 _WEEKLY = {Category.MEDICAL: 2, Category.EDUCATION: 3}
 
-PositiveInt = Annotated[int, Field(ge=1)]
+PositiveInt = Cap  # the gate counts caps in SQL integers: bounded
 
 
 class Caps(Model):
@@ -183,7 +183,7 @@ class Caps(Model):
 class PlanException(Model):
     """Limits the policy grants one plan instead of the general ones (looser or stricter)."""
 
-    reason: str = Field(min_length=1, description="Why the exception was granted.")
+    reason: Text = Field(min_length=1, description="Why the exception was granted.")
     user_day: PositiveInt | None = None
     category_week: PositiveInt | None = None
     plan_day: PositiveInt | None = None

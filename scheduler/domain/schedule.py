@@ -12,9 +12,10 @@ twice (fall back) fires once, at its first instance.
 from __future__ import annotations
 
 import calendar as _calendar
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import MAXYEAR, UTC, date, datetime, time, timedelta
 from itertools import islice
 from zoneinfo import ZoneInfo
 
@@ -40,9 +41,10 @@ def check_crontab(expr: str, timezone: str) -> None:
     """Raise ValueError with a plain reason if `expr` is not a usable 5-field crontab."""
     try:
         CronTrigger.from_crontab(expr, timezone=ZoneInfo(timezone))
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:  # IndexError: APScheduler on a weekday past 7
+        why = exc if isinstance(exc, ValueError) else "a field is out of range"
         # "cron: " first, so a plan file's error names the field schedule.calendar.cron
-        raise ValueError(f"cron: {expr!r} is not a valid crontab ({exc})") from None
+        raise ValueError(f"cron: {expr[:100]!r} is not a valid crontab ({why})") from None
 
 
 def localize(value: datetime | date, tz: ZoneInfo, *, end_of_day: bool = False) -> datetime:
@@ -111,31 +113,43 @@ def is_repeated_wall_time(fire_time: datetime, timezone: str) -> bool:
     return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
+def _next(trigger: Trigger) -> datetime | None:
+    try:
+        return trigger.next()
+    except (OverflowError, ValueError):  # past year 9999: there is no later fire time
+        return None
+
+
 def _fire_times(cal: Calendar, start: datetime, end: datetime | None) -> Iterator[datetime]:
     trigger = _trigger(cal, start, end)
     wall_clock = cal.every is None
-    while (fire_time := trigger.next()) is not None:
+    while (fire_time := _next(trigger)) is not None:
         if wall_clock and is_repeated_wall_time(fire_time, cal.timezone):
             continue
         yield fire_time.astimezone(UTC)
 
 
+def _end_field(cal: Calendar) -> datetime | None:
+    return localize(cal.end, ZoneInfo(cal.timezone), end_of_day=True) if cal.end else None
+
+
 def calendar_end(cal: Calendar, anchor: datetime) -> datetime | None:
-    """The last moment the plan may fire: its `end`, or its `count`-th occurrence if earlier."""
-    tz = ZoneInfo(cal.timezone)
-    end = localize(cal.end, tz, end_of_day=True) if cal.end is not None else None
+    """The last moment the plan may fire: its `end`, or its `count`-th occurrence if earlier.
+    Walks `count` fire times (bounded by limits.MAX_COUNT), keeping only the last."""
+    end = _end_field(cal)
     if cal.count is not None:
-        first_count = list(islice(_fire_times(cal, anchor, end), cal.count))
-        if first_count:
-            end = first_count[-1] if end is None else min(end, first_count[-1])
+        last = deque(islice(_fire_times(cal, anchor, end), cal.count), maxlen=1)
+        if last:
+            end = last[0] if end is None else min(end, last[0])
     return end
 
 
 def calendar_occurrences(cal: Calendar, anchor: datetime) -> Iterator[Occurrence]:
-    """Every occurrence of a calendar plan from its anchor, numbered from 1."""
+    """Every occurrence of a calendar plan from its anchor, numbered from 1. Lazy: taking the
+    first few costs a few fire times, whatever the plan's `count`."""
     require_aware(anchor, "anchor")
-    end = calendar_end(cal, anchor)
-    for step, fire_time in enumerate(_fire_times(cal, anchor, end), start=1):
+    fire_times = islice(_fire_times(cal, anchor, _end_field(cal)), cal.count)
+    for step, fire_time in enumerate(fire_times, start=1):
         yield Occurrence(step, fire_time)
 
 
@@ -183,6 +197,8 @@ def calendar_step(cal: Calendar, anchor: datetime, fire_time: datetime) -> int |
 def _add_months(day: date, months: int) -> date:
     month_index = day.month - 1 + months
     year, month = day.year + month_index // 12, month_index % 12 + 1
+    if year > MAXYEAR:
+        raise OverflowError("past the last date")
     return date(year, month, min(day.day, _calendar.monthrange(year, month)[1]))
 
 
@@ -214,7 +230,10 @@ def relative_due(rule: Relative, start: datetime, tz: ZoneInfo, index: int) -> d
     early = sum(
         1 for slot in range(len(rule.at or ())) if _raw_due(rule, local_start, slot) < start
     )
-    due = _raw_due(rule, local_start, index + early)
+    try:
+        due = _raw_due(rule, local_start, index + early)
+    except OverflowError:  # past year 9999: the plan is over
+        return None
     if rule.duration is not None and due > _shift(local_start, rule.duration).astimezone(UTC):
         return None
     return due
@@ -226,7 +245,10 @@ def _raw_due(rule: Relative, local_start: datetime, raw_index: int) -> datetime:
     first = rule.first_after or rule.every
     if first.unit == rule.every.unit:
         # One shift from the start: Jan 31 + 2 months is Mar 31, not (Jan 31 + 1 month) + 1 month.
-        total = Duration(amount=first.amount + rule.every.amount * period, unit=first.unit)
+        # model_construct: a sum of steps, not a duration a plan wrote (nor bound by its limit)
+        total = Duration.model_construct(
+            amount=first.amount + rule.every.amount * period, unit=first.unit
+        )
         due_local = _shift(local_start, total)
     else:
         due_local = _shift(_shift(local_start, first), rule.every, period)
