@@ -157,7 +157,8 @@ class Daemon:
                 continue
             if plan.is_relative and registration.record.version > 1:
                 await self.store.reschedule_enrollments(plan.id, _next_due_computer(plan))
-            trigger = self._trigger(plan, registration.record)
+            # Up to ~1 s for the slowest legal schedule: off the event loop.
+            trigger = await asyncio.to_thread(self._trigger, plan, registration.record)
             if trigger is None:
                 result.finished.append(plan.id)
                 await self._remove_schedule(plan.id)
