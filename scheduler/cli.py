@@ -60,12 +60,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from scheduler.planfiles import check_plans
 
     policy = Path(args.policy) if args.policy else None
-    checked = check_plans((Path(p) for p in args.paths), datetime.now(UTC), policy)
+    now = datetime.now(UTC)
+    checked = check_plans((Path(p) for p in args.paths), now, policy)
+    warnings = [(str(i.path), w) for i in checked.plans for w in _schedule_warnings(i.plan, now)]
     if args.json:
         report: dict[str, object] = {
             "valid": [{"file": str(i.path), "id": i.plan.id} for i in checked.plans],
             "errors": [
                 {"file": p.file, "field": p.field, "reason": p.reason} for p in checked.problems
+            ],
+            "warnings": [
+                {"file": f, "field": "schedule.calendar", "reason": w} for f, w in warnings
             ],
         }
         if checked.policies:
@@ -76,12 +81,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"ok     {path} (policy)")
         for item in checked.plans:
             print(f"ok     {item.path} ({item.plan.id})")
+        for file, warning in warnings:
+            print(f"warn   {file}: schedule.calendar: {warning}")
         for problem in checked.problems:
             print(f"error  {problem}")
         if not checked.plans and not checked.policies and not checked.problems:
             print("no plan files found")
     found = checked.plans or checked.policies
     return 1 if checked.problems or not found else 0
+
+
+def _schedule_warnings(plan, now: datetime) -> list[str]:  # noqa: ANN001 (a Plan)
+    from scheduler.domain.schedule import calendar_anchor, schedule_warnings
+
+    cal = plan.schedule.calendar
+    return schedule_warnings(cal, calendar_anchor(cal, now)) if cal is not None else []
 
 
 def _mark(run) -> dict[str, str] | None:  # noqa: ANN001 (a rules.DryRun)
@@ -108,6 +122,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
         calendar_anchor,
         calendar_occurrences,
         relative_occurrences,
+        skipped_days,
     )
     from scheduler.planfiles import load_plan_file, load_policy, policy_file_for
 
@@ -144,14 +159,27 @@ def cmd_preview(args: argparse.Namespace) -> int:
                 "rule": _mark(run),
             }
         )
+    skipped, warnings = [], _schedule_warnings(plan, start)
+    if plan.schedule.calendar is not None and rows:
+        until = datetime.fromisoformat(rows[-1]["utc"])
+        skipped = [
+            {"local": moment.astimezone(tz).isoformat(), "reason": why}
+            for moment, why in skipped_days(plan.schedule.calendar, start, until)
+        ]
     if args.json:
-        print(json.dumps({"plan": plan.id, "occurrences": rows}, ensure_ascii=False, indent=2))
+        report = {"plan": plan.id, "occurrences": rows, "skipped": skipped, "warnings": warnings}
+        print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0
     print(
         f"{plan.id}: {plan.name} ({'relative to enrolment' if plan.is_relative else 'calendar'},"
         f" {tz.key})"
     )
+    for warning in warnings:
+        print(f"  warning: {warning}")
+    days_off = {row["local"][:10]: row["reason"] for row in skipped}
     for row in rows:
+        for day in [d for d in days_off if d < row["local"][:10]]:
+            print(f"  skipped   {day}  ({days_off.pop(day)})")
         text = "; ".join(f"{k}={v}" for k, v in row["message"].items())
         print(f"  step {row['step']:>3}  {row['local']}  (UTC {row['utc'][:16]})  {text}")
         if (mark := row["rule"]) is not None:

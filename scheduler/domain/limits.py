@@ -19,6 +19,7 @@ MAX_NODES = 100_000
 # 1,000 is years of messages; longer programmes give an `end` date, or no end.
 MAX_COUNT = 1_000
 MAX_TIMES_PER_DAY = 24  # `at` lists; more often than hourly is what `every` is for
+MAX_DATES = 366  # `except_dates` / `extra_dates`: a year of exceptions each
 # Durations (`every`, `duration`, `first_after`, `grace`, `max_delay`): at most 100 years.
 MAX_DURATION_YEARS = 100
 MAX_DURATION_DAYS = 36_525

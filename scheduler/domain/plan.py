@@ -30,6 +30,7 @@ from pydantic import (
 from scheduler.domain.limits import (
     MAX_CAP,
     MAX_COUNT,
+    MAX_DATES,
     MAX_DURATION_DAYS,
     MAX_DURATION_YEARS,
     MAX_FORMAT_WIDTH,
@@ -278,6 +279,11 @@ class Weekly(Model):
 class Monthly(Model):
     day: int | Literal["last"] = Field(description="Day of the month (1-31) or 'last'.")
     at: AtTimes
+    short_months: Literal["skip", "last_day"] = Field(
+        "skip",
+        description="A month without `day` (day 31 in April, 30 in February): no occurrence "
+        "that month (skip), or one on its last day (last_day).",
+    )
 
     @field_validator("day")
     @classmethod
@@ -291,6 +297,16 @@ class Daily(Model):
     at: AtTimes
 
 
+class Workdays(Model):
+    at: AtTimes
+    calendar: Literal["CN"] = Field(
+        "CN", description="Whose official working days: CN, China's (holidays and 调休)."
+    )
+
+
+DateList = Annotated[list[date], Field(max_length=MAX_DATES)]
+
+
 class Calendar(Model):
     """One timeline for the whole audience, in one time zone. Exactly one of the rule fields."""
 
@@ -299,6 +315,11 @@ class Calendar(Model):
     monthly: Monthly | None = None
     daily: Daily | None = None
     weekdays: Daily | None = Field(None, description="Monday to Friday at the given times.")
+    workdays: Workdays | None = Field(
+        None,
+        description="A country's official working days at the given times: Monday to Friday "
+        "without its statutory holidays, plus the weekend days it works instead (调休).",
+    )
     cron: Text | None = Field(None, description="A 5-field crontab expression, local time.")
     every: DurationText | None = Field(None, description="A fixed interval, e.g. '2 hours'.")
     start: LocalMoment | None = Field(
@@ -306,19 +327,31 @@ class Calendar(Model):
     )
     end: LocalMoment | None = Field(None, description="Last moment (a date means its end).")
     count: Count | None = Field(None, description="How many occurrences in all.")
+    skip_holidays: Literal["CN"] | None = Field(
+        None, description="Leave out the statutory holidays of this country's calendar (CN)."
+    )
+    except_dates: DateList = Field(
+        default_factory=list, description="Local dates on which the plan does not fire."
+    )
+    extra_dates: DateList = Field(
+        default_factory=list,
+        description="Local dates on which it fires too, at the rule's times (not for cron/every).",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_rule(self) -> Calendar:
         rules = [
             n
-            for n in ("weekly", "monthly", "daily", "weekdays", "cron", "every")
+            for n in ("weekly", "monthly", "daily", "weekdays", "workdays", "cron", "every")
             if getattr(self, n)
         ]
         if len(rules) != 1:
             raise ValueError(
-                "give exactly one of weekly, monthly, daily, weekdays, cron or every"
+                "give exactly one of weekly, monthly, daily, weekdays, workdays, cron or every"
                 + (f" (found {', '.join(rules)})" if rules else "")
             )
+        if self.extra_dates and (self.cron is not None or self.every is not None):
+            raise ValueError("extra_dates needs a rule with 'at' times, not cron or every")
         if self.cron is not None:
             from scheduler.domain.schedule import check_crontab  # local import: avoids a cycle
 

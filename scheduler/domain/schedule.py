@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import calendar as _calendar
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import MAXYEAR, UTC, date, datetime, time, timedelta
 from itertools import islice
+from typing import Any
 from zoneinfo import ZoneInfo
 
+from apscheduler._marshalling import marshal_object, unmarshal_object
 from apscheduler.abc import Trigger
 from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from scheduler.domain.official_days import official_day, source, unknown_years
 from scheduler.domain.plan import Calendar, Duration, Plan, Relative
 
 # A plan's fire times are enumerated to number its steps; this bounds the work for plans without a
@@ -70,11 +73,37 @@ def calendar_anchor(cal: Calendar, registered_at: datetime) -> datetime:
 
 
 def _trigger(cal: Calendar, start: datetime, end: datetime | None) -> Trigger:
+    """The plan's rule as an APScheduler trigger, with its day rules (working days, holidays,
+    except/extra dates) applied by `DayRulesTrigger` when it has any."""
+    base, times = _rule_trigger(cal, start, end)
+    if not (cal.workdays or cal.skip_holidays or cal.except_dates or cal.extra_dates):
+        return base
+    tz = ZoneInfo(cal.timezone)
+    extra = sorted(
+        moment
+        for day in cal.extra_dates
+        for t in times
+        if start <= (moment := localize(datetime.combine(day, t), tz))
+        and (end is None or moment <= end)
+    )
+    return DayRulesTrigger(
+        base,
+        cal.timezone,
+        workdays=cal.workdays.calendar if cal.workdays else None,
+        skip_holidays=cal.skip_holidays,
+        except_dates=cal.except_dates,
+        extra=extra,
+    )
+
+
+def _rule_trigger(
+    cal: Calendar, start: datetime, end: datetime | None
+) -> tuple[Trigger, list[time]]:
     tz = ZoneInfo(cal.timezone)
     if cal.every is not None:
         return IntervalTrigger(
             seconds=cal.every.as_timedelta().total_seconds(), start_time=start, end_time=end
-        )
+        ), []
     # APScheduler 4.0.0a6's CronTrigger reads start_time's wall clock as if it were in the
     # trigger's zone (09:00 UTC would "match" 09:00 Shanghai), and returns a start_time inside a
     # matching second as is (09:00:00.5): give it whole seconds in the plan's zone.
@@ -82,19 +111,26 @@ def _trigger(cal: Calendar, start: datetime, end: datetime | None) -> Trigger:
         start = start.replace(microsecond=0) + timedelta(seconds=1)
     start, end = start.astimezone(tz), end.astimezone(tz) if end is not None else None
     if cal.cron is not None:
-        return CronTrigger.from_crontab(cal.cron, start_time=start, end_time=end, timezone=tz)
+        return CronTrigger.from_crontab(cal.cron, start_time=start, end_time=end, timezone=tz), []
+    fields: list[dict[str, str]]
     if cal.weekly is not None:
-        fields, times = {"day_of_week": ",".join(cal.weekly.days)}, cal.weekly.at
+        fields, times = [{"day_of_week": ",".join(cal.weekly.days)}], cal.weekly.at
     elif cal.monthly is not None:
-        fields, times = {"day": str(cal.monthly.day)}, cal.monthly.at
+        fields, times = [{"day": str(cal.monthly.day)}], cal.monthly.at
+        short = _short_months(cal.monthly.day)
+        if short and cal.monthly.short_months == "last_day":  # and the last day of the others
+            fields.append({"month": ",".join(str(m) for m in short), "day": "last"})
     elif cal.weekdays is not None:
-        fields, times = {"day_of_week": "mon-fri"}, cal.weekdays.at
+        fields, times = [{"day_of_week": "mon-fri"}], cal.weekdays.at
+    elif cal.workdays is not None:  # every day: DayRulesTrigger keeps the working ones
+        fields, times = [{}], cal.workdays.at
     else:
         assert cal.daily is not None
-        fields, times = {}, cal.daily.at
+        fields, times = [{}], cal.daily.at
+    times = sorted(set(times))
     triggers = [
         CronTrigger(
-            **fields,
+            **days,
             hour=t.hour,
             minute=t.minute,
             second=t.second,
@@ -102,9 +138,147 @@ def _trigger(cal: Calendar, start: datetime, end: datetime | None) -> Trigger:
             end_time=end,
             timezone=tz,
         )
-        for t in sorted(set(times))
+        for t in times
+        for days in fields
     ]
-    return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
+    return (triggers[0] if len(triggers) == 1 else OrTrigger(triggers)), times
+
+
+NOT_WORKING = "not an official working day"
+
+
+class DayRulesTrigger(Trigger):
+    """A rule's trigger with the plan's day rules: only a country's official working days
+    (`workdays`), none of its statutory holidays (`skip_holidays`), none of `except_dates`, and
+    the fire times of `extra_dates` added. Serialized as JSON by APScheduler's data store."""
+
+    def __init__(
+        self,
+        inner: Trigger,
+        timezone: str,
+        *,
+        workdays: str | None = None,
+        skip_holidays: str | None = None,
+        except_dates: Iterable[date] = (),
+        extra: Iterable[datetime] = (),
+    ):
+        self.inner = inner
+        self.timezone = timezone
+        self.workdays = workdays
+        self.skip_holidays = skip_holidays
+        self.except_dates = frozenset(except_dates)
+        self.extra = sorted(extra)
+        self._extra_index = 0
+        self._candidate: datetime | None = None  # the inner's next fire time, kept, not returned
+        self._inner_done = False
+
+    def why_not(self, fire_time: datetime) -> str | None:
+        """Why a fire time of the rule is left out, or None when it fires."""
+        day = fire_time.astimezone(ZoneInfo(self.timezone)).date()
+        if day in self.except_dates:
+            return "except_dates"
+        if self.workdays is not None:
+            official = official_day(self.workdays, day)
+            if not official.working:
+                return official.holiday or NOT_WORKING
+        if self.skip_holidays is not None:
+            holiday = official_day(self.skip_holidays, day).holiday
+            if holiday is not None:
+                return holiday
+        return None
+
+    def next(self) -> datetime | None:
+        while self._candidate is None and not self._inner_done:
+            fire_time = _next(self.inner)
+            if fire_time is None:
+                self._inner_done = True
+            elif self.why_not(fire_time) is None:
+                self._candidate = fire_time
+        extra = self.extra[self._extra_index] if self._extra_index < len(self.extra) else None
+        if self._candidate is not None and (extra is None or self._candidate <= extra):
+            fire_time, self._candidate = self._candidate, None
+            if extra == fire_time:  # an extra date the rule fires on anyway: once
+                self._extra_index += 1
+            return fire_time
+        if extra is not None:
+            self._extra_index += 1
+        return extra
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "inner": marshal_object(self.inner),
+            "timezone": self.timezone,
+            "workdays": self.workdays,
+            "skip_holidays": self.skip_holidays,
+            "except_dates": sorted(d.isoformat() for d in self.except_dates),
+            "extra": [t.isoformat() for t in self.extra],
+            "extra_index": self._extra_index,
+            "candidate": self._candidate.isoformat() if self._candidate else None,
+            "inner_done": self._inner_done,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.inner = unmarshal_object(*state["inner"])
+        self.timezone = state["timezone"]
+        self.workdays, self.skip_holidays = state["workdays"], state["skip_holidays"]
+        self.except_dates = frozenset(date.fromisoformat(d) for d in state["except_dates"])
+        self.extra = [datetime.fromisoformat(t) for t in state["extra"]]
+        self._extra_index = state["extra_index"]
+        candidate = state["candidate"]
+        self._candidate = datetime.fromisoformat(candidate) if candidate else None
+        self._inner_done = state["inner_done"]
+
+
+def _short_months(day: int | str) -> list[int]:
+    """The months that can lack a monthly `day` (February counted for 29 too: most years)."""
+    if not isinstance(day, int) or day < 29:
+        return []
+    return [2] if day < 31 else [2, 4, 6, 9, 11]
+
+
+def skipped_days(cal: Calendar, start: datetime, until: datetime) -> list[tuple[datetime, str]]:
+    """The rule's fire times in [start, until] that its day rules leave out, with why."""
+    trigger = _trigger(cal, start, until)
+    if not isinstance(trigger, DayRulesTrigger):
+        return []
+    base = _rule_trigger(cal, start, until)[0]
+    extra = set(trigger.extra)
+    out = []
+    while (fire_time := _next(base)) is not None and len(out) < MAX_ENUMERATED_STEPS:
+        why = None if fire_time in extra else trigger.why_not(fire_time)
+        if why is not None and why != NOT_WORKING:  # ordinary weekends go without saying
+            out.append((fire_time.astimezone(UTC), why))
+    return out
+
+
+def schedule_warnings(cal: Calendar, anchor: datetime) -> list[str]:
+    """What a plan's author should know about its schedule: years its official calendar does not
+    know yet (the fallback applies), monthly days some months do not have."""
+    warnings = []
+    country = cal.workdays.calendar if cal.workdays else cal.skip_holidays
+    if country is not None:
+        end = calendar_end(cal, anchor) or anchor + timedelta(days=366)
+        years = unknown_years(country, anchor.date(), end.date())
+        if years:
+            shown = ", ".join(str(y) for y in years[:5]) + (" ..." if len(years) > 5 else "")
+            warnings.append(
+                f"the {country} calendar ({source(country)}) does not know {shown} yet: there"
+                " Monday to Friday are working days and no holiday is skipped; upgrade"
+                " chinesecalendar once the year's notice is published"
+            )
+    monthly = cal.monthly
+    if monthly is not None and monthly.short_months == "skip" and _short_months(monthly.day):
+        months = {29: "February (except in leap years)", 30: "February"}.get(
+            monthly.day,  # type: ignore[arg-type]
+            "February, April, June, September and November",
+        )
+        warnings.append(
+            f"monthly.day {monthly.day}: {months} have no day {monthly.day}, so those months have"
+            " no occurrence; write `short_months: last_day` to send on their last day instead"
+            " (or `day: last` for the last day of every month)"
+        )
+    return warnings
 
 
 def is_repeated_wall_time(fire_time: datetime, timezone: str) -> bool:
