@@ -69,10 +69,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             "errors": [
                 {"file": p.file, "field": p.field, "reason": p.reason} for p in checked.problems
             ],
-            "warnings": [
-                {"file": f, "field": "schedule.calendar", "reason": w} for f, w in warnings
-            ],
         }
+        if warnings:
+            report["warnings"] = [
+                {"file": f, "field": "schedule.calendar", "reason": w} for f, w in warnings
+            ]
         if checked.policies:
             report["policies"] = [str(p) for p in checked.policies]
         print(json.dumps(report, ensure_ascii=False, indent=2))

@@ -143,7 +143,8 @@ BROKEN: list[tuple[str, str, str, str]] = [
         "two-calendar-rules",
         edit(lambda p: calendar(p).update(daily={"at": "08:00"})),
         "schedule.calendar",
-        "exactly one of weekly, monthly, daily, weekdays, cron or every (found monthly, daily)",
+        "exactly one of weekly, monthly, daily, weekdays, workdays, cron or every"
+        " (found monthly, daily)",
     ),
     (
         "no-calendar-rule",
