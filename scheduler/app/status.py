@@ -19,6 +19,7 @@ from scheduler.domain.schedule import (
     calendar_occurrences,
     calendar_trigger,
     is_repeated_wall_time,
+    schedule_warnings,
 )
 from scheduler.store.postgres import Store
 
@@ -113,6 +114,10 @@ async def plan_status(
             {"utc": t.isoformat(), "local": t.astimezone(tz).isoformat()} for t in times
         ]
         report["remaining"] = 0 if ended else remaining_occurrences(plan, row["registered_at"], now)
+        # Years its official calendar does not know yet, months without its monthly day.
+        report["warnings"] = (
+            [] if ended else schedule_warnings(cal, calendar_anchor(cal, row["registered_at"]))
+        )
     else:
         due = await pool.fetch(
             "SELECT next_due_at, count(*) AS users FROM enrollments"
@@ -405,6 +410,8 @@ def render_plan(report: dict[str, Any], replica_rows: list[dict[str, Any]] | Non
     if changed:
         state += f" (since {_when(changed['at'])}, by {changed['by']})"
     out.append(f"  state       {state}")
+    for warning in report.get("warnings", []):
+        out.append(f"  warning     {warning}")
     out.append(
         f"  version     {report['version']} of {report['versions']}, loaded "
         f"{_when(report['loaded_at'])} from {report['source_file']}"
