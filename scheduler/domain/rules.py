@@ -638,10 +638,11 @@ def sample_occurrences(
     return sampled, tz
 
 
-def _busiest(moments: list[datetime], window: str) -> tuple[int, str]:
+def _first_over(moments: list[datetime], window: str, limit: int) -> tuple[int, str] | None:
+    """The first window (a day, an ISO week...) with more than `limit` moments, and its count:
+    the one to fix first (labels sort in time order: 2026-12-21, 2026-W52, 2026-12)."""
     counts = Counter(_WINDOWS[window](m)[0] for m in moments)
-    label, most = max(counts.items(), key=lambda item: (item[1], item[0]), default=("", 0))
-    return most, label
+    return next(((counts[k], k) for k in sorted(counts) if counts[k] > limit), None)
 
 
 _IN = {"day": "on", "week": "in week", "month": "in month", "year": "in"}
@@ -660,8 +661,9 @@ def _schedule_cap_violations(plan: Plan, limits: Limits, local: list[datetime]) 
         checks.append((limits.limited.per, limits.limited.sends, "limited_long_term", what))
     found = []
     for window, limit, rule, what in checks:
-        most, label = _busiest(local, window)
-        if limit is not None and most > limit:
+        over = _first_over(local, window, limit) if limit is not None else None
+        if over is not None:
+            most, label = over
             found.append(
                 Violation(
                     Reason.CAPPED,

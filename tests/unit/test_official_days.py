@@ -201,3 +201,12 @@ def test_validate_warns_about_an_unknown_year_and_still_passes(tmp_path: Path, c
     assert main(["validate", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "warn   " in out and "does not know 2027" in out
+
+
+def test_a_cap_error_names_the_first_week_that_breaks_it(tmp_path: Path, capsys):
+    plan = tmp_path / "commute.yaml"
+    plan.write_text(PLAN.replace("count: 6", "count: 40") % "2026-12-21", encoding="utf-8")
+    assert main(["validate", str(plan), "--policy", "/dev/null"]) == 1
+    out = capsys.readouterr().out
+    # Five working days in each week from 2026-W52 on: the first is the one named.
+    assert "sends 5 messages in week 2026-W52, over the cap of 3 transport" in out
