@@ -21,6 +21,7 @@ from scheduler.domain import wechat_push as push
 from scheduler.domain.consent import Result, Via
 from scheduler.domain.enrolment import OPENID
 from scheduler.domain.plan import ConsentKind
+from scheduler.domain.storable import INT64_MAX, ascii_int, text_problem
 from scheduler.settings import Settings
 from scheduler.store.consent import ConsentReport, ConsentStore, SentResult
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["wechat"])
 
 MAX_AGE_S = 300
+MAX_PARAM = 128  # WeChat's query values are a few dozen characters
 SOURCE = "wechat:callback"
 
 
@@ -42,13 +44,39 @@ def _token(settings: Settings) -> str:
     return settings.wechat_callback_token.get_secret_value()
 
 
+def _aes_key(settings: Settings) -> bytes:
+    if settings.wechat_encoding_aes_key is None:
+        raise ApiError(
+            503,
+            "callback_not_configured",
+            "set REMINDERS_WECHAT_ENCODING_AES_KEY for safe-mode pushes",
+        )
+    try:
+        return push.aes_key(settings.wechat_encoding_aes_key.get_secret_value())
+    except ValueError as exc:
+        raise ApiError(503, "callback_not_configured", str(exc)) from None
+
+
+def _malformed_query(**params: str | None) -> None:
+    for name, value in params.items():
+        if value is not None and (len(value) > MAX_PARAM or text_problem(value)):
+            raise ApiError(
+                400,
+                "malformed_request",
+                f"{name} is not a value WeChat sends (text of at most {MAX_PARAM} characters)",
+            )
+
+
 def _check(settings: Settings, signature: str | None, timestamp: str, nonce: str) -> str:
     token = _token(settings)
     if not signature or not timestamp or not nonce:
         raise ApiError(401, "unauthenticated", "signature, timestamp and nonce are required")
     if not push.signature_ok(signature, token, timestamp, nonce):
         raise ApiError(403, "bad_signature", "the signature does not match the configured Token")
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > MAX_AGE_S:
+    seconds = ascii_int(timestamp, 0, INT64_MAX)
+    if seconds is None:
+        raise ApiError(400, "malformed_request", "timestamp must be unix seconds (ASCII digits)")
+    if abs(time.time() - seconds) > MAX_AGE_S:
         raise ApiError(
             403,
             "stale_request",
@@ -72,6 +100,7 @@ async def verify(
     timestamp: Signed = None,
     nonce: Signed = None,
 ) -> PlainTextResponse:
+    _malformed_query(echostr=echostr, signature=signature, timestamp=timestamp, nonce=nonce)
     _check(request.app.state.settings, signature, timestamp or "", nonce or "")
     return PlainTextResponse(echostr)
 
@@ -90,6 +119,13 @@ async def receive(
     msg_signature: Signed = None,
 ) -> PlainTextResponse:
     settings: Settings = request.app.state.settings
+    _malformed_query(
+        signature=signature,
+        timestamp=timestamp,
+        nonce=nonce,
+        encrypt_type=encrypt_type,
+        msg_signature=msg_signature,
+    )
     token = _check(settings, signature, timestamp or "", nonce or "")
     body = await request.body()
     try:
@@ -104,14 +140,7 @@ async def receive(
                 raise push.PushError(
                     403, "bad_signature", "msg_signature does not match the Token and Encrypt"
                 )
-            if settings.wechat_encoding_aes_key is None:
-                raise push.PushError(
-                    503,
-                    "callback_not_configured",
-                    "set REMINDERS_WECHAT_ENCODING_AES_KEY for safe-mode pushes",
-                )
-            key = push.aes_key(settings.wechat_encoding_aes_key.get_secret_value())
-            inner = push.decrypt(key, sealed.encrypt, settings.wechat_appid)
+            inner = push.decrypt(_aes_key(settings), sealed.encrypt, settings.wechat_appid)
             fmt, doc = push.parse_document(inner, push.detect_format(inner))
         event = push.parse_event(doc)
         if event.event in (push.POPUP, push.CHANGE, push.SENT) and not OPENID.match(
@@ -120,8 +149,6 @@ async def receive(
             raise push.PushError(400, "malformed_event", "FromUserName is not an openid")
     except push.PushError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
-    except ValueError as exc:  # a misconfigured EncodingAESKey
-        raise ApiError(503, "callback_not_configured", str(exc)) from None
 
     store = ConsentStore(request.app.state.store.pool)
     if event.event in (push.POPUP, push.CHANGE):
