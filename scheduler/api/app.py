@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,6 +48,27 @@ class ApiError(Exception):
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # details such as `problems`, `index`
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+# Every route documents the one shape of its refusals (FastAPI's own 422 shape is not ours),
+# as JSON even on the routes that answer plain text (the callback).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "model": ErrorOut,
+        "description": "Refused: `error.code` says why, `message` how",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+    }
+}
 
 
 class ErrorResponse(JSONResponse):
@@ -147,6 +169,7 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
         openapi_url=f"/{API_VERSION}/openapi.json",
         docs_url=f"/{API_VERSION}/docs",
         redoc_url=None,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.store = store
