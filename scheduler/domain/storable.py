@@ -46,4 +46,3 @@ def ascii_int(text: str, low: int, high: int) -> int | None:
         return None
     number = int(text)
     return number if low <= number <= high else None
-

@@ -155,7 +155,7 @@ async def test_hostile_pushes_are_refused_quickly_with_a_reason(api, store):
 async def test_503_only_when_safe_mode_really_is_not_configured(store):
     await register(store, rehab_plan())
     query, body = inner_safe(to_xml(POPUP))
-    async with serve(store, wechat_encoding_aes_key=None) as client:
+    async with serve(store, wechat_encoding_aes_key=None, wechat_push_mode=None) as client:
         response = await client.post(f"/wechat/callback?{query}", content=body)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "callback_not_configured"
