@@ -9,12 +9,13 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from scheduler.errors import ConfigError
 
 Scope = Literal["ingest", "admin", "metrics"]
+PushMode = Literal["plaintext", "compatible", "safe"]
 
 
 class ApiToken(BaseModel):
@@ -118,6 +119,12 @@ class Settings(BaseSettings):
     wechat_encoding_aes_key: SecretStr | None = Field(
         None, description="The EncodingAESKey of the message-push settings (safe mode)."
     )
+    wechat_push_mode: PushMode | None = Field(
+        None,
+        description="The encryption mode of the message-push settings: plaintext, compatible or "
+        "safe (only encrypted pushes with a valid msg_signature). Default: safe when an "
+        "EncodingAESKey is set, else plaintext.",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(
         False, description="Log one JSON object a line (with plan_id, user, outcome...)."
@@ -128,6 +135,21 @@ class Settings(BaseSettings):
     watch_force_polling: bool = Field(
         False, description="Poll the plans folder instead of inotify (network file systems)."
     )
+
+    @property
+    def push_mode(self) -> PushMode:
+        if self.wechat_push_mode is not None:
+            return self.wechat_push_mode
+        return "safe" if self.wechat_encoding_aes_key is not None else "plaintext"
+
+    @model_validator(mode="after")
+    def _push_mode_has_its_key(self) -> Settings:
+        if self.wechat_push_mode in ("compatible", "safe") and not self.wechat_encoding_aes_key:
+            raise ValueError(
+                f"REMINDERS_WECHAT_PUSH_MODE={self.wechat_push_mode} needs "
+                "REMINDERS_WECHAT_ENCODING_AES_KEY (the EncodingAESKey of the push settings)"
+            )
+        return self
 
 
 def variable_of(field: str) -> str:

@@ -84,6 +84,7 @@ def settings(**overrides: Any) -> Settings:
         "wechat_callback_token": TOKEN,
         "wechat_encoding_aes_key": ENCODING_AES_KEY,
         "wechat_appid": APPID,
+        "wechat_push_mode": "compatible",  # plaintext and encrypted pushes; test_push_auth: safe
     }
     values.update(overrides)
     return Settings(**values)

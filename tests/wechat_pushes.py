@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 import struct
 import time
 from typing import Any
@@ -105,10 +106,12 @@ def signed_query(
     *,
     token: str = TOKEN,
     timestamp: int | None = None,
-    nonce: str = "n0nce42",
+    nonce: str | None = None,
     extra: dict[str, str] | None = None,
 ) -> str:
+    """A signed query; a fresh random nonce unless given (each signed query is accepted once)."""
     ts = str(int(time.time()) if timestamp is None else timestamp)
+    nonce = nonce or secrets.token_hex(6)
     params = {"signature": sha1_sign(token, ts, nonce), "timestamp": ts, "nonce": nonce}
     if body_encrypt is not None:
         params["encrypt_type"] = "aes"

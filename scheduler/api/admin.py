@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.api.app import API_VERSION, ApiError, Caller, authenticate, bearer, require
+from scheduler.api.fields import Id, Note, Reason
 from scheduler.app import metrics
 from scheduler.app.control import notify
 from scheduler.app.lifecycle import ActionResult, Lifecycle, LifecycleError
@@ -32,7 +33,7 @@ class Body(BaseModel):
 
 
 class ReasonBody(Body):
-    reason: str = Field(min_length=1, max_length=500, description="Why: kept in the audit log.")
+    reason: Reason
 
 
 class ResumeBody(Body):
@@ -41,12 +42,12 @@ class ResumeBody(Body):
         description="skip: what the pause held back is recorded skipped (paused); catch_up: "
         "what is still within the plan's grace is sent now, the rest recorded missed.",
     )
-    reason: str | None = Field(None, max_length=500)
+    reason: Note | None = None
 
 
 class OptBody(Body):
-    plan: str | None = Field(None, description="A plan id; leave out for every plan.")
-    reason: str | None = Field(None, max_length=500)
+    plan: Id | None = Field(None, description="A plan id; leave out for every plan.")
+    reason: Note | None = None
 
 
 def _store(request: Request) -> Store:
@@ -87,7 +88,7 @@ async def list_fan_outs(request: Request, caller: Admin) -> dict[str, Any]:
 @router.get("/plans/{plan_id}", summary="One plan's status")
 async def get_plan(
     request: Request,
-    plan_id: str,
+    plan_id: Id,
     caller: Admin,
     next: Annotated[int, Query(ge=1, le=100, description="How many next fire times")] = 5,
 ) -> dict[str, Any]:
@@ -99,13 +100,13 @@ async def get_plan(
 
 
 @router.post("/plans/{plan_id}/pause", summary="Pause: nothing new starts; a fan-out stops")
-async def pause(request: Request, plan_id: str, body: ReasonBody, caller: Admin) -> dict:
+async def pause(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict:
     return await _act(_lifecycle(request).pause(plan_id, actor=actor(caller), reason=body.reason))
 
 
 @router.post("/plans/{plan_id}/resume", summary="Resume, skipping or catching up what was held")
 async def resume(
-    request: Request, plan_id: str, caller: Admin, body: ResumeBody | None = None
+    request: Request, plan_id: Id, caller: Admin, body: ResumeBody | None = None
 ) -> dict:
     body = body or ResumeBody()
     return await _act(
@@ -116,12 +117,12 @@ async def resume(
 
 
 @router.post("/plans/{plan_id}/cancel", summary="Cancel for good (history is kept)")
-async def cancel(request: Request, plan_id: str, body: ReasonBody, caller: Admin) -> dict:
+async def cancel(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict:
     return await _act(_lifecycle(request).cancel(plan_id, actor=actor(caller), reason=body.reason))
 
 
 @router.post("/users/{user_id}/opt-out", summary="Stop sends to a user from a plan or all")
-async def opt_out(request: Request, user_id: str, body: OptBody, caller: Admin) -> dict:
+async def opt_out(request: Request, user_id: Id, body: OptBody, caller: Admin) -> dict:
     return await _act(
         _lifecycle(request).opt_out(
             user_id, plan_id=body.plan, actor=actor(caller), reason=body.reason
@@ -130,9 +131,7 @@ async def opt_out(request: Request, user_id: str, body: OptBody, caller: Admin) 
 
 
 @router.post("/users/{user_id}/opt-in", summary="Undo an opt-out")
-async def opt_in(
-    request: Request, user_id: str, caller: Admin, body: OptBody | None = None
-) -> dict:
+async def opt_in(request: Request, user_id: Id, caller: Admin, body: OptBody | None = None) -> dict:
     body = body or OptBody()
     return await _act(
         _lifecycle(request).opt_in(
@@ -142,13 +141,13 @@ async def opt_in(
 
 
 @router.get("/users/{user_id}/opt-outs", summary="The plans a user is opted out of")
-async def user_opt_outs(request: Request, user_id: str, caller: Admin) -> dict[str, Any]:
+async def user_opt_outs(request: Request, user_id: Id, caller: Admin) -> dict[str, Any]:
     return {"user_id": user_id, "opt_outs": await _lifecycle(request).opt_outs(user_id)}
 
 
 @router.post("/enrollments/{plan_id}/{user_id}/stop", summary="End one user's timeline in a plan")
 async def stop_enrollment(
-    request: Request, plan_id: str, user_id: str, body: ReasonBody, caller: Admin
+    request: Request, plan_id: Id, user_id: Id, body: ReasonBody, caller: Admin
 ) -> dict:
     return await _act(
         _lifecycle(request).stop_enrollment(
@@ -161,8 +160,8 @@ async def stop_enrollment(
 async def audit(
     request: Request,
     caller: Admin,
-    plan: str | None = None,
-    user: str | None = None,
+    plan: Id | None = None,
+    user: Id | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> dict[str, Any]:
     events = await _lifecycle(request).audit(plan_id=plan, user_id=user, limit=limit)

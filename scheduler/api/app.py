@@ -7,6 +7,7 @@ its dependencies from `app.state` (set here), so tests can serve the same app on
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,6 +48,36 @@ class ApiError(Exception):
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # details such as `problems`, `index`
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+# Every route documents the one shape of its refusals (FastAPI's own 422 shape is not ours),
+# as JSON even on the routes that answer plain text (the callback).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "model": ErrorOut,
+        "description": "Refused: `error.code` says why, `message` how",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+    }
+}
+
+
+class ErrorResponse(JSONResponse):
+    """A refusal's JSON. Its field names and messages may echo the input (a map's keys, an id),
+    so what UTF-8 cannot encode (a lone surrogate) is written as a JSON escape, not a 500."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "backslashreplace")
 
 
 bearer = HTTPBearer(auto_error=False)
@@ -123,7 +155,7 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        response = JSONResponse(
+        response = ErrorResponse(
             error_body("body_too_large", f"request bodies are limited to {self.limit} bytes"),
             status_code=413,
         )
@@ -147,6 +179,7 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
         openapi_url=f"/{API_VERSION}/openapi.json" if "docs" in settings.api_public else None,
         docs_url=f"/{API_VERSION}/docs" if "docs" in settings.api_public else None,
         redoc_url=None,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.store = store
@@ -156,7 +189,7 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(
+        return ErrorResponse(
             error_body(exc.code, exc.message, **exc.details), exc.status, headers=headers
         )
 
@@ -165,14 +198,14 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
         problems = [
             {"field": ".".join(str(p) for p in e["loc"]), "reason": e["msg"]} for e in exc.errors()
         ]
-        return JSONResponse(
+        return ErrorResponse(
             error_body("invalid_request", "the request does not match the API", problems=problems),
             422,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body("http_error", str(exc.detail)), exc.status_code)
+        return ErrorResponse(error_body("http_error", str(exc.detail)), exc.status_code)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

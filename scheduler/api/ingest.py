@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -21,6 +20,15 @@ from pydantic import (
 )
 
 from scheduler.api.app import ApiError, Caller, require
+from scheduler.api.fields import (
+    MAX_TEMPLATES_PER_POPUP,
+    DeliveryId,
+    Id,
+    Moment,
+    Scene,
+    TimeZoneName,
+    Variables,
+)
 from scheduler.domain.consent import Result, Via
 from scheduler.domain.enrolment import OPENID, Enrolment, EnrolmentError, prepare
 from scheduler.domain.plan import ConsentKind, Plan
@@ -37,6 +45,7 @@ OpenId = Annotated[
         examples=["oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"],
     ),
 ]
+OpenIdPath = Annotated[str, Path(pattern=OPENID.pattern)]
 Choice = Literal["accept", "reject", "ban", "filter"]
 
 
@@ -61,19 +70,18 @@ class Popup(BaseModel):
     model_config = ConfigDict(extra="forbid")
     openid: OpenId
     kind: ConsentKind = Field(description="The kind of the templates requested in this popup.")
-    results: dict[str, Choice] = Field(
+    results: dict[Id, Choice] = Field(
         min_length=1,
+        max_length=MAX_TEMPLATES_PER_POPUP,
         description="Template id -> accept / reject / ban / filter: the success result of "
         "wx.requestSubscribeMessage (its errMsg key is ignored).",
         examples=[{"tmpl_rehab_weekly": "accept"}],
     )
-    at: AwareDatetime | None = Field(
+    at: Moment | None = Field(
         None, description="When the user chose (default: when the report arrives)."
     )
-    id: str | None = Field(
+    id: Id | None = Field(
         None,
-        min_length=1,
-        max_length=128,
         description="Your id for this popup: a retried report with the same id is applied once.",
     )
 
@@ -176,10 +184,10 @@ async def post_consent(batch: ConsentBatch, caller: Ingest, store: Store) -> Con
     summary="A user's current consent and its history",
 )
 async def get_consent(
-    openid: Annotated[str, Path(pattern=OPENID.pattern)],
+    openid: OpenIdPath,
     caller: Ingest,
     store: Store,
-    template_id: str | None = None,
+    template_id: Id | None = None,
 ) -> dict[str, Any]:
     states = await store.states(openid)
     history = await store.history(openid, template_id)
@@ -214,19 +222,16 @@ async def get_consent(
 
 class EnrollmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    plan_id: str
+    plan_id: Id
     openid: OpenId
-    start: AwareDatetime | None = Field(
+    start: Moment | None = Field(
         None, description="When the user's timeline starts, with a UTC offset (default: now)."
     )
-    tz: str | None = Field(
+    tz: TimeZoneName | None = Field(
         None,
         description="The user's IANA time zone (default: the calendar plan's, or Asia/Shanghai).",
-        examples=["Asia/Shanghai"],
     )
-    variables: dict[str, str | int | float] = Field(
-        default_factory=dict, description="The plan's per-user variables."
-    )
+    variables: Variables = Field(default_factory=dict, description="The plan's per-user variables.")
 
 
 class EnrollmentBatch(BaseModel):
@@ -324,7 +329,7 @@ def _out(e: Enrolment) -> EnrollmentOut:
     summary="Stop a user's enrolment (its history and ledger are kept)",
 )
 async def delete_enrollment(
-    plan_id: str, openid: str, caller: Ingest, store: Store
+    plan_id: Id, openid: OpenIdPath, caller: Ingest, store: Store
 ) -> dict[str, str]:
     if not await store.stop_enrollment(plan_id, openid):
         raise ApiError(
@@ -339,14 +344,13 @@ async def delete_enrollment(
 class OpenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     openid: OpenId
-    scene: int = Field(description="The launch scene: 1014 or 1107 (opened from a notification).")
-    rmd: int | None = Field(
+    scene: Scene = Field(description="The launch scene: 1014 or 1107 (opened from a notification).")
+    rmd: DeliveryId | None = Field(
         None,
-        ge=1,
         description=f"The `{TRACKING_PARAM}` query parameter of the launch options: the delivery "
         "the notification came from.",
     )
-    at: AwareDatetime | None = Field(None, description="When it was opened (default: now).")
+    at: Moment | None = Field(None, description="When it was opened (default: now).")
 
 
 class OpensBatch(BaseModel):
@@ -395,7 +399,7 @@ async def post_opens(batch: OpensBatch, caller: Ingest, store: Store) -> dict[st
     summary="How many upcoming steps each enrolment's consent covers",
 )
 async def get_runway(
-    plan_id: str,
+    plan_id: Id,
     caller: Ingest,
     store: Store,
     limit: Annotated[int, Query(ge=0, le=10_000)] = 100,

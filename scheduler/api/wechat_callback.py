@@ -3,7 +3,10 @@
 Authenticated by its signature alone (no API token). A valid push is answered `success` as plain
 text, so WeChat does not retry; WeChat's retries of an event carry the same stable event id and
 are applied once. A request too old (its signed `timestamp` more than `MAX_AGE_S` away from now)
-is refused as a replay, even when its signature is right.
+is refused as a replay, even when its signature is right, and so is a signed query (timestamp,
+nonce, signature) any replica already accepted. `REMINDERS_WECHAT_PUSH_MODE` says what the
+console sends: in safe mode only encrypted pushes with a valid `msg_signature` count (the plain
+`signature` does not cover the body); in compatible mode the encrypted part, when present.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from scheduler.domain import wechat_push as push
 from scheduler.domain.consent import Result, Via
 from scheduler.domain.enrolment import OPENID
 from scheduler.domain.plan import ConsentKind
+from scheduler.domain.storable import INT64_MAX, ascii_int, text_problem
 from scheduler.settings import Settings
 from scheduler.store.consent import ConsentReport, ConsentStore, SentResult
 
@@ -29,32 +33,63 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["wechat"])
 
 MAX_AGE_S = 300
+# A signed query is remembered while its timestamp could still pass as fresh (plus clock skew).
+REPLAY_KEEP_S = 2 * MAX_AGE_S + 60
+MAX_PARAM = 128  # WeChat's query values are a few dozen characters
 SOURCE = "wechat:callback"
+
+
+def _not_configured(message: str) -> ApiError:
+    """The one 503: the callback's settings, not the push, are what is wrong."""
+    return ApiError(503, "callback_not_configured", message)
 
 
 def _token(settings: Settings) -> str:
     if settings.wechat_callback_token is None:
-        raise ApiError(
-            503,
-            "callback_not_configured",
-            "set REMINDERS_WECHAT_CALLBACK_TOKEN to the Token of the message-push settings",
+        raise _not_configured(
+            "set REMINDERS_WECHAT_CALLBACK_TOKEN to the Token of the message-push settings"
         )
     return settings.wechat_callback_token.get_secret_value()
 
 
-def _check(settings: Settings, signature: str | None, timestamp: str, nonce: str) -> str:
+def _aes_key(settings: Settings) -> bytes:
+    secret = settings.wechat_encoding_aes_key
+    assert secret is not None  # compatible and safe mode need one: Settings checks
+    try:
+        return push.aes_key(secret.get_secret_value())
+    except ValueError as exc:
+        raise _not_configured(str(exc)) from None
+
+
+def _malformed_query(**params: str | None) -> None:
+    for name, value in params.items():
+        if value is not None and (len(value) > MAX_PARAM or text_problem(value)):
+            raise ApiError(
+                400,
+                "malformed_request",
+                f"{name} is not a value WeChat sends (text of at most {MAX_PARAM} characters)",
+            )
+
+
+def _check(
+    settings: Settings, signature: str | None, timestamp: str, nonce: str
+) -> tuple[str, int]:
+    """The Token and the signed timestamp, once the signature and its freshness are right."""
     token = _token(settings)
     if not signature or not timestamp or not nonce:
         raise ApiError(401, "unauthenticated", "signature, timestamp and nonce are required")
     if not push.signature_ok(signature, token, timestamp, nonce):
         raise ApiError(403, "bad_signature", "the signature does not match the configured Token")
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > MAX_AGE_S:
+    seconds = ascii_int(timestamp, 0, INT64_MAX)
+    if seconds is None:
+        raise ApiError(400, "malformed_request", "timestamp must be unix seconds (ASCII digits)")
+    if abs(time.time() - seconds) > MAX_AGE_S:
         raise ApiError(
             403,
             "stale_request",
             f"timestamp is more than {MAX_AGE_S} s from now: a replay, or a clock is wrong",
         )
-    return token
+    return token, seconds
 
 
 Signed = Annotated[str | None, Query()]
@@ -72,6 +107,7 @@ async def verify(
     timestamp: Signed = None,
     nonce: Signed = None,
 ) -> PlainTextResponse:
+    _malformed_query(echostr=echostr, signature=signature, timestamp=timestamp, nonce=nonce)
     _check(request.app.state.settings, signature, timestamp or "", nonce or "")
     return PlainTextResponse(echostr)
 
@@ -90,12 +126,33 @@ async def receive(
     msg_signature: Signed = None,
 ) -> PlainTextResponse:
     settings: Settings = request.app.state.settings
-    token = _check(settings, signature, timestamp or "", nonce or "")
+    _malformed_query(
+        signature=signature,
+        timestamp=timestamp,
+        nonce=nonce,
+        encrypt_type=encrypt_type,
+        msg_signature=msg_signature,
+    )
+    token, seconds = _check(settings, signature, timestamp or "", nonce or "")
     body = await request.body()
     try:
         fmt, doc = push.parse_document(body)
         sealed = push.envelope(doc, fmt)
-        if encrypt_type == "aes" or (sealed is not None and msg_signature):
+        encrypted = encrypt_type == "aes" or bool(msg_signature) or sealed is not None
+        if settings.push_mode == "safe" and not (encrypt_type == "aes" and msg_signature):
+            # `signature` does not cover the body: only msg_signature proves it is WeChat's.
+            raise push.PushError(
+                403,
+                "encryption_required",
+                "the message push is in safe mode: only encrypted pushes with a valid "
+                "msg_signature are accepted",
+            )
+        if encrypted:  # in compatible mode too, the encrypted part is what counts
+            if settings.push_mode == "plaintext":
+                raise _not_configured(
+                    "the push is encrypted: set REMINDERS_WECHAT_PUSH_MODE and "
+                    "REMINDERS_WECHAT_ENCODING_AES_KEY as in the message-push settings"
+                )
             if sealed is None:
                 raise push.PushError(400, "malformed_body", "safe mode needs an Encrypt field")
             if not push.signature_ok(
@@ -104,14 +161,7 @@ async def receive(
                 raise push.PushError(
                     403, "bad_signature", "msg_signature does not match the Token and Encrypt"
                 )
-            if settings.wechat_encoding_aes_key is None:
-                raise push.PushError(
-                    503,
-                    "callback_not_configured",
-                    "set REMINDERS_WECHAT_ENCODING_AES_KEY for safe-mode pushes",
-                )
-            key = push.aes_key(settings.wechat_encoding_aes_key.get_secret_value())
-            inner = push.decrypt(key, sealed.encrypt, settings.wechat_appid)
+            inner = push.decrypt(_aes_key(settings), sealed.encrypt, settings.wechat_appid)
             fmt, doc = push.parse_document(inner, push.detect_format(inner))
         event = push.parse_event(doc)
         if event.event in (push.POPUP, push.CHANGE, push.SENT) and not OPENID.match(
@@ -120,10 +170,24 @@ async def receive(
             raise push.PushError(400, "malformed_event", "FromUserName is not an openid")
     except push.PushError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
-    except ValueError as exc:  # a misconfigured EncodingAESKey
-        raise ApiError(503, "callback_not_configured", str(exc)) from None
 
     store = ConsentStore(request.app.state.store.pool)
+    signed = (seconds, nonce or "", (signature or "").lower())
+    if not await store.first_use(*signed, keep_s=REPLAY_KEEP_S):
+        raise ApiError(
+            403,
+            "replayed_request",
+            "this timestamp, nonce and signature were already used: each push is accepted once",
+        )
+    try:
+        await _apply(store, event, doc)
+    except Exception:
+        await store.forget_use(*signed)  # not applied: WeChat's retry must not be a replay
+        raise
+    return PlainTextResponse("success")
+
+
+async def _apply(store: ConsentStore, event: push.PushEvent, doc: dict) -> None:
     if event.event in (push.POPUP, push.CHANGE):
         await _consent(store, event, doc)
     elif event.event == push.SENT:
@@ -137,7 +201,6 @@ async def receive(
             log.info("sent event: %d of %d msgids matched", matched, len(event.sent))
     else:
         log.debug("ignored pushed event %r", event.event)
-    return PlainTextResponse("success")
 
 
 async def _consent(store: ConsentStore, event: push.PushEvent, doc: dict) -> None:

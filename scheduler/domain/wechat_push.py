@@ -10,8 +10,11 @@ developer can act on.
   PKCS#7 padding to 32-byte blocks; the plaintext is 16 random bytes, a 4-byte big-endian length,
   the message, then the appid.
 - Bodies: XML or JSON; `List` as one object or an array; inside a per-event wrapper element
-  (`SubscribeMsgPopupEvent`, ...) or not. XML with a DOCTYPE is refused outright: WeChat never
-  sends one, and refusing it rules out entity tricks without a dependency (defusedxml).
+  (`SubscribeMsgPopupEvent`, ...) or not. Bodies are hostile until proven otherwise: XML is read
+  by defusedxml with any DTD or entity refused (in every encoding: expat reports the DOCTYPE
+  whatever the bytes look like), both formats are bounded in size, element count and depth while
+  they are read (linear time, so a push never holds the event loop for long), text must be
+  storable and numbers ASCII digits within their column's range.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import os
 import struct
 import xml.etree.ElementTree as ET
@@ -28,6 +32,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import DefusedXMLParser
+
+from scheduler.domain.storable import (
+    EARLIEST,
+    INT32_MAX,
+    INT64_MAX,
+    LATEST,
+    ascii_int,
+    text_problem,
+)
 
 BLOCK = 32  # WeChat pads to 32 bytes, not AES's 16
 
@@ -41,6 +56,12 @@ _WRAPPERS = {
 }
 
 Format = Literal["xml", "json"]
+
+# WeChat's pushes are a few hundred bytes, four levels deep, a dozen elements per template.
+MAX_BODY_BYTES = 64 * 1024
+MAX_ELEMENTS = 1000
+MAX_DEPTH = 8
+_CREATE_TIME_RANGE = (int(EARLIEST.timestamp()), int(LATEST.timestamp()) - 1)
 
 
 class PushError(Exception):
@@ -135,41 +156,103 @@ def detect_format(body: bytes) -> Format:
 
 def parse_document(body: bytes, fmt: Format | None = None) -> tuple[Format, dict[str, Any]]:
     """The body as a dict (XML elements become keys; repeated elements become lists)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise PushError(413, "body_too_large", f"pushes are limited to {MAX_BODY_BYTES} bytes")
     fmt = fmt or detect_format(body)
-    if fmt == "json":
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PushError(400, "malformed_body", f"the JSON body does not parse: {exc}") from None
-        if not isinstance(doc, dict):
-            raise PushError(400, "malformed_body", "the JSON body must be an object")
-        return fmt, doc
-    upper = body.upper()
-    if b"<!DOCTYPE" in upper or b"<!ENTITY" in upper:
-        raise PushError(400, "malformed_body", "XML with a DOCTYPE or entities is not accepted")
+    doc = _parse_json(body) if fmt == "json" else _parse_xml(body)
+    if not isinstance(doc, dict):
+        raise PushError(400, "malformed_body", f"the {fmt.upper()} body must be an object")
+    return fmt, doc
+
+
+def _malformed(reason: str) -> PushError:
+    return PushError(400, "malformed_body", reason)
+
+
+def _no_constant(name: str) -> float:
+    raise _malformed(f"the JSON body has {name}, which is not a number WeChat sends")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _malformed(f"the JSON number {text[:40]} is out of range")
+    return value
+
+
+def _parse_json(body: bytes) -> Any:
     try:
-        root = ET.fromstring(body)
-    except ET.ParseError as exc:
-        raise PushError(400, "malformed_body", f"the XML body does not parse: {exc}") from None
-    value = _element(root)
-    return fmt, value if isinstance(value, dict) else {}
+        doc = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        if isinstance(exc, PushError):
+            raise
+        raise _malformed(f"the JSON body does not parse: {exc}") from None
+    # Walk it without recursion: bounded, and every text storable (jsonb keeps the raw push).
+    count, pending = 0, [(doc, 1)]
+    while pending:
+        value, depth = pending.pop()
+        count += 1
+        if count > MAX_ELEMENTS or depth > MAX_DEPTH:
+            raise _malformed(f"pushes are limited to {MAX_ELEMENTS} values, {MAX_DEPTH} deep")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _storable(key)
+                pending.append((item, depth + 1))
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _storable(value)
+    return doc
 
 
-def _element(element: ET.Element) -> dict[str, Any] | str:
-    children = list(element)
-    if not children:
-        return (element.text or "").strip()
-    out: dict[str, Any] = {}
-    for child in children:
-        value = _element(child)
-        if child.tag == "List":  # a list even with one entry
-            out.setdefault("List", []).append(value)
-        elif child.tag in out:
-            previous = out[child.tag]
-            out[child.tag] = [*previous, value] if isinstance(previous, list) else [previous, value]
+def _storable(text: str) -> None:
+    if problem := text_problem(text):
+        raise _malformed(f"a text in the body {problem}")
+
+
+class _DictBuilder:
+    """Builds the dict while expat reads the XML: bounded as it goes, linear, never recursive."""
+
+    def __init__(self) -> None:
+        self._open: list[tuple[str, dict[str, Any], list[str]]] = [("", {}, [])]
+        self._count = 0
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        self._count += 1
+        if self._count > MAX_ELEMENTS or len(self._open) > MAX_DEPTH:
+            raise _malformed(f"pushes are limited to {MAX_ELEMENTS} elements, {MAX_DEPTH} deep")
+        self._open.append((tag, {}, []))
+
+    def data(self, text: str) -> None:
+        self._open[-1][2].append(text)
+
+    def end(self, tag: str) -> None:
+        _, children, texts = self._open.pop()
+        value: Any = children or "".join(texts).strip()
+        parent = self._open[-1][1]
+        if tag == "List":  # a list even with one entry
+            parent.setdefault("List", []).append(value)
+        elif tag not in parent:
+            parent[tag] = value
+        elif isinstance(parent[tag], list):
+            parent[tag].append(value)
         else:
-            out[child.tag] = value
-    return out
+            parent[tag] = [parent[tag], value]
+
+    def close(self) -> Any:
+        root = self._open[0][1]
+        return next(iter(root.values()), {})
+
+
+def _parse_xml(body: bytes) -> Any:
+    parser = DefusedXMLParser(target=_DictBuilder(), forbid_dtd=True)
+    try:
+        parser.feed(body)
+        return parser.close()
+    except DefusedXmlException:
+        raise _malformed("XML with a DOCTYPE or entities is not accepted") from None
+    except ET.ParseError as exc:
+        raise _malformed(f"the XML body does not parse: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +306,10 @@ class PushEvent:
 
 def _text(doc: dict[str, Any], name: str, *, required: bool = True) -> str:
     value = doc.get(name)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        value = str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
     if value is None or value == "":
         if required:
             raise PushError(400, "malformed_event", f"the event has no {name}")
@@ -232,6 +317,18 @@ def _text(doc: dict[str, Any], name: str, *, required: bool = True) -> str:
     if not isinstance(value, str):
         raise PushError(400, "malformed_event", f"{name} must be text")
     return value
+
+
+def _number(
+    doc: dict[str, Any], name: str, low: int, high: int, what: str, default: str | None = None
+) -> int:
+    text = _text(doc, name, required=default is None) or default or ""
+    number = ascii_int(text, low, high)
+    if number is None:
+        raise PushError(
+            400, "malformed_event", f"{name} must be {what}: ASCII digits from {low} to {high}"
+        )
+    return number
 
 
 def _items(doc: dict[str, Any], event: str) -> list[dict[str, Any]]:
@@ -252,14 +349,11 @@ def parse_event(doc: dict[str, Any]) -> PushEvent:
     """One pushed message as a `PushEvent` (events other than subscribe events: no items)."""
     msg_type = _text(doc, "MsgType", required=False)
     event = _text(doc, "Event", required=msg_type == "event")
-    created = _text(doc, "CreateTime")
-    if not created.isdigit():
-        raise PushError(400, "malformed_event", "CreateTime must be unix seconds")
     base = {
         "event": event,
         "to_user": _text(doc, "ToUserName", required=False),
         "from_user": _text(doc, "FromUserName"),
-        "create_time": int(created),
+        "create_time": _number(doc, "CreateTime", *_CREATE_TIME_RANGE, "unix seconds"),
     }
     if event in (POPUP, CHANGE):
         choices = []
@@ -280,14 +374,11 @@ def parse_event(doc: dict[str, Any]) -> PushEvent:
     if event == SENT:
         reports = []
         for item in _items(doc, event):
-            msgid, code = _text(item, "MsgID"), _text(item, "ErrorCode", required=False) or "0"
-            if not msgid.isdigit() or not code.lstrip("-").isdigit():
-                raise PushError(400, "malformed_event", "MsgID and ErrorCode must be numbers")
             reports.append(
                 SentReport(
                     _text(item, "TemplateId"),
-                    int(msgid),
-                    int(code),
+                    _number(item, "MsgID", 0, INT64_MAX, "a message id"),
+                    _number(item, "ErrorCode", -INT32_MAX - 1, INT32_MAX, "an errcode", "0"),
                     _text(item, "ErrorStatus", required=False) or None,
                 )
             )

@@ -1,4 +1,5 @@
-"""Consent, enrolments, opens and WeChat's delivery results in PostgreSQL (asyncpg).
+"""Consent, enrolments, opens, WeChat's delivery results and its pushes' signed queries in
+PostgreSQL (asyncpg).
 
 The accounting rules are `scheduler.domain.consent`; this module keeps their history and cache:
 every change is appended to `consent_events` and applied to the `consent` cache in the same
@@ -520,6 +521,35 @@ class ConsentStore:
             [r.template_id for r in results],
         )
         return int(status.split()[-1])
+
+    # --- WeChat's pushes: each signed query once ------------------------------------------------
+
+    async def first_use(self, timestamp: int, nonce: str, signature: str, keep_s: float) -> bool:
+        """Record a push's signed (timestamp, nonce, signature); False if any replica already
+        had it. Rows older than `keep_s` (past the freshness window) are pruned on the way."""
+        return (
+            await self.pool.fetchval(
+                "WITH pruned AS (DELETE FROM push_replay"
+                "  WHERE received_at < now() - make_interval(secs => $4))"
+                " INSERT INTO push_replay (timestamp, nonce, signature) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                timestamp,
+                nonce,
+                signature,
+                keep_s,
+            )
+            is True
+        )
+
+    async def forget_use(self, timestamp: int, nonce: str, signature: str) -> None:
+        """Undo `first_use` for a push that could not be applied, so WeChat's retry is not
+        taken for a replay."""
+        await self.pool.execute(
+            "DELETE FROM push_replay WHERE timestamp = $1 AND nonce = $2 AND signature = $3",
+            timestamp,
+            nonce,
+            signature,
+        )
 
 
 def _relative_steps(plan: Plan, r: Any) -> Iterator[tuple[int, datetime]]:

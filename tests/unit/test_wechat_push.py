@@ -102,7 +102,8 @@ def test_change_event_in_xml():
 def test_other_events_parse_without_items():
     body = (
         b"<xml><ToUserName>gh_1</ToUserName><FromUserName>o1</FromUserName>"
-        b"<CreateTime>1</CreateTime><MsgType>event</MsgType><Event>user_enter_tempsession</Event>"
+        b"<CreateTime>1700000000</CreateTime><MsgType>event</MsgType>"
+        b"<Event>user_enter_tempsession</Event>"
         b"</xml>"
     )
     parsed = push.parse_event(push.parse_document(body)[1])
