@@ -346,9 +346,12 @@ async def _count(
         PLAN_ID,
     )
     statuses = Counter(
-        {r["status"]: r["n"] for r in await conn.fetch(
-            "SELECT status, count(*) AS n FROM deliveries GROUP BY status"
-        )}
+        {
+            r["status"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT status, count(*) AS n FROM deliveries GROUP BY status"
+            )
+        }
     )
     shares = {
         r["claimed_by"]: r["n"]

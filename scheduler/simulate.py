@@ -613,6 +613,7 @@ def render(report: Report, *, lines: int = 8) -> str:
         "",
         "consent runway (what /v1/plans/{id}/runway said along the way):",
     ]
+    width = max((len(p) for p, _ in report.runway), default=0)
     for (plan_id, user), way in sorted(report.runway.items()):
         tz = report.zones[user]
         if way.dry_step is None:
@@ -620,12 +621,13 @@ def render(report: Report, *, lines: int = 8) -> str:
         else:
             steps = "1 step" if way.covered == 1 else f"{way.covered} steps"
             text = f"covers {steps} from the start; step {way.dry_step} is not covered"
-        out.append(f"  {plan_id}  {user}: {text}")
+        out.append(f"  {plan_id:<{width}}  {user}: {text}")
         if way.warned_at is not None and way.warned_due is not None:
             out.append(
                 f"      warned {local(way.warned_at, tz)}: step {way.warned_step}, due "
                 f"{local(way.warned_due, tz)}, will be skipped no_consent (ask again before it)"
             )
+    width = max((len(p) for p in report.counts), default=0)
     for user, tz in report.zones.items():
         timeline = report.timeline.get(user, [])
         shown = timeline[:lines]
@@ -634,15 +636,23 @@ def render(report: Report, *, lines: int = 8) -> str:
             outcome = label((row.status, row.reason))
             if row.deferred is not None:
                 outcome += f" (deferred first: {row.deferred})"
-            out.append(f"  {local(row.at, tz)}  {row.plan}  step {row.step:>3}  {outcome}")
-    if report.left:
-        out += ["", f"rows still pending or deferred after the last retry: {len(report.left)}"]
-        out += [
+            out.append(f"  {local(row.at, tz)}  {row.plan:<{width}}  step {row.step:>3}  {outcome}")
+    return "\n".join(out + render_left(report))
+
+
+def render_left(report: Report) -> list[str]:
+    """The rows still pending or deferred after the last retry (none, normally)."""
+    if not report.left:
+        return []
+    return [
+        "",
+        f"rows still pending or deferred after the last retry: {len(report.left)}",
+        *(
             f"  {r['plan_id']} {r['user_id']} due {r['due_at']:%Y-%m-%d %H:%M} UTC: {r['status']}"
             f" ({r['reason']}) until {r['defer_until']:%Y-%m-%d %H:%M} UTC"
             for r in report.left
-        ]
-    return "\n".join(out)
+        ),
+    ]
 
 
 def as_json(report: Report) -> dict[str, Any]:

@@ -44,13 +44,13 @@ def temporary_embedded(prefix: str = "reminders-") -> Iterator[str]:
 
 
 def _server(data_dir: Path):  # noqa: ANN202 (a pgserver.PostgresServer)
-    try:
-        import pgserver
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise ConfigError("DATABASE_URL is unset and pgserver is not installed") from exc
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        try:
+            import pgserver
+        except ImportError as exc:  # pragma: no cover - it is a declared dependency
+            raise ConfigError("DATABASE_URL is unset and pgserver is not installed") from exc
         try:
             return pgserver.get_server(data_dir, cleanup_mode="stop")
         except Exception as exc:  # pgserver raises plain exceptions with the server's log
