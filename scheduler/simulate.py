@@ -21,7 +21,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
@@ -604,9 +604,10 @@ def local(moment: datetime, tz: str) -> str:
 def render(report: Report, *, lines: int = 8) -> str:
     """The human report of `reminders simulate`: counts, runway, each user's first lines."""
     zone = next(iter(report.zones.values()), "UTC")
+    users = f"{len(report.zones)} user{'s' if len(report.zones) != 1 else ''}"
     out = [
         f"{local(report.start, zone)} to {local(report.end, zone)} ({zone}), "
-        f"{len(report.zones)} users: {report.fires} calendar fires, {report.sweeps} sweeps, "
+        f"{users}: {report.fires} calendar fires, {report.sweeps} sweeps, "
         f"{report.retries} deferred retries, {report.seconds:.1f} s",
         "",
         render_table(report) if report.counts else "no step fell due in the window",
@@ -656,10 +657,10 @@ def render_left(report: Report) -> list[str]:
 
 
 def as_json(report: Report) -> dict[str, Any]:
-    """The machine-readable report (`reminders simulate --json`)."""
+    """The machine-readable report (`reminders simulate --json`), times in UTC."""
 
     def when(moment: datetime | None) -> str | None:
-        return None if moment is None else moment.isoformat()
+        return None if moment is None else moment.astimezone(UTC).isoformat()
 
     return {
         "start": when(report.start),
