@@ -47,7 +47,7 @@ from scheduler.domain.schedule import (
 from scheduler.errors import RemindersError, StoreError
 from scheduler.fake_wechat import FakeWeChat
 from scheduler.planfiles import LoadedPlan
-from scheduler.store.consent import ConsentReport, ConsentStore
+from scheduler.store.consent import RUNWAY_LOOKAHEAD, ConsentReport, ConsentStore
 from scheduler.store.embedded import temporary_embedded
 from scheduler.store.postgres import Store
 
@@ -504,7 +504,8 @@ def audience(
     variables: dict[str, str],
 ) -> tuple[User, ...]:
     """`users` users o-sim-1... in zone `tz`, each enrolled in every plan at `start`, with the
-    consent `consent` gives them; a variable not in `variables` is "<name>-<n>" for user n."""
+    consent `consent` gives them; a variable not in `variables` is "<name> A" for user 1, "<name>
+    B" for user 2... (no digits: a `name` field refuses them)."""
     declared = {v for p in plans for v in p.variables}
     if unknown := sorted(set(variables) - declared):
         raise SimulationError(
@@ -518,7 +519,7 @@ def audience(
         if plan.consent == ConsentKind.LONG_TERM:
             members.append((plan, {"long_term": choice != "none"}))
         elif choice is None:
-            members.append((plan, {"credits": _steps_within(plan, start, end, zone)}))
+            members.append((plan, {"credits": _every_step(plan, start, end, zone)}))
         else:
             members.append((plan, {"credits": 0 if choice == "none" else int(choice)}))
     return tuple(
@@ -528,7 +529,7 @@ def audience(
             tuple(
                 Member(
                     plan.id,
-                    variables={v: variables.get(v, f"{v}-{n}") for v in plan.variables},
+                    variables={v: variables.get(v, f"{v} {_letters(n)}") for v in plan.variables},
                     **grant,
                 )
                 for plan, grant in members
@@ -538,14 +539,28 @@ def audience(
     )
 
 
-def _steps_within(plan: Plan, start: datetime, end: datetime, tz: ZoneInfo) -> int:
+def _every_step(plan: Plan, start: datetime, end: datetime, tz: ZoneInfo) -> int:
+    """One credit for each step from `start`: all of the plan's, or those before `end` when the
+    plan never ends (at most the runway's look-ahead)."""
     if (cal := plan.schedule.calendar) is not None:
         occurrences = calendar_occurrences(cal, calendar_anchor(cal, start))
+        ends = cal.count is not None or cal.end is not None
     else:
         occurrences = relative_occurrences(plan, start, tz)
-    return sum(
-        o.due_at >= start for o in itertools.takewhile(lambda o: o.due_at < end, occurrences)
-    )
+        ends = True  # a relative plan has a count or a duration
+    steps = (o for o in occurrences if o.due_at >= start)
+    if not ends:
+        steps = itertools.takewhile(lambda o: o.due_at < end, steps)
+    return sum(1 for _ in itertools.islice(steps, RUNWAY_LOOKAHEAD))
+
+
+def _letters(n: int) -> str:
+    """1 -> A, 26 -> Z, 27 -> AA (spreadsheet columns)."""
+    text = ""
+    while n:
+        n, rest = divmod(n - 1, 26)
+        text = chr(ord("A") + rest) + text
+    return text
 
 
 def default_start(plans: Sequence[Plan], now: datetime) -> datetime:
@@ -614,23 +629,23 @@ def render(report: Report, *, lines: int = 8) -> str:
         "",
         "consent runway (what /v1/plans/{id}/runway said along the way):",
     ]
-    width = max((len(p) for p, _ in report.runway), default=0)
+    # Users whose runway reads the same are one line: "3 users" when they are all of them.
+    said: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
     for (plan_id, user), way in sorted(report.runway.items()):
-        tz = report.zones[user]
-        if way.dry_step is None:
-            text = "covers every step"
-        else:
-            steps = "1 step" if way.covered == 1 else f"{way.covered} steps"
-            text = f"covers {steps} from the start; step {way.dry_step} is not covered"
-        out.append(f"  {plan_id:<{width}}  {user}: {text}")
-        if way.warned_at is not None and way.warned_due is not None:
-            out.append(
-                f"      warned {local(way.warned_at, tz)}: step {way.warned_step}, due "
-                f"{local(way.warned_due, tz)}, will be skipped no_consent (ask again before it)"
-            )
+        said[(plan_id, _runway_text(way, report.zones[user]))].append(user)
+    width = max((len(p) for p, _ in said), default=0)
+    for (plan_id, text), who in said.items():
+        everyone = len(who) == sum(plan_id == p for p, _ in report.runway)
+        names = f"{len(who)} users" if everyone and len(who) > 1 else ", ".join(who)
+        out.append(f"  {plan_id:<{width}}  {names}: {text[0]}")
+        out += [f"  {'':<{width}}    {more}" for more in text[1:]]
     width = max((len(p) for p in report.counts), default=0)
+    seen: dict[tuple[Line, ...], str] = {}  # a timeline already printed -> whose
     for user, tz in report.zones.items():
         timeline = report.timeline.get(user, [])
+        if (twin := seen.setdefault(tuple(timeline), user)) != user:
+            out += ["", f"{user} ({tz}): the same {len(timeline)} ledger rows as {twin}"]
+            continue
         shown = timeline[:lines]
         out += ["", f"{user} ({tz}): first {len(shown)} of {len(timeline)} ledger rows"]
         for row in shown:
@@ -639,6 +654,20 @@ def render(report: Report, *, lines: int = 8) -> str:
                 outcome += f" (deferred first: {row.deferred})"
             out.append(f"  {local(row.at, tz)}  {row.plan:<{width}}  step {row.step:>3}  {outcome}")
     return "\n".join(out + render_left(report))
+
+
+def _runway_text(way: Runway, tz: str) -> tuple[str, ...]:
+    if way.dry_step is None:
+        return ("covers every step",)
+    steps = "1 step" if way.covered == 1 else f"{way.covered} steps"
+    text = (f"covers {steps} from the start; step {way.dry_step} is not covered",)
+    if way.warned_at is None or way.warned_due is None:
+        return text
+    return (
+        *text,
+        f"warned {local(way.warned_at, tz)}: step {way.warned_step} "
+        f"({local(way.warned_due, tz)}) will be skipped no_consent, ask again",
+    )
 
 
 def render_left(report: Report) -> list[str]:

@@ -239,7 +239,9 @@ def test_the_command_as_a_process(tmp_path, pg_url):
     lines = done.stdout.splitlines()
     assert lines[0].startswith("2026-12-07 Mon 00:00+08:00 to 2027-01-18 Mon 00:00+08:00")
     assert Counter(line.split()[:3] == ["weekly", "6", "6"] for line in lines)[True] == 1
+    assert "  weekly  2 users: covers 3 steps from the start; step 4 is not covered" in lines
     assert (
-        "      warned 2026-12-21 Mon 09:00+08:00: step 4, due 2026-12-28 Mon 09:00+08:00, "
-        "will be skipped no_consent (ask again before it)"
+        "            warned 2026-12-21 Mon 09:00+08:00: step 4 (2026-12-28 Mon 09:00+08:00) "
+        "will be skipped no_consent, ask again"
     ) in lines
+    assert "o-sim-2 (Asia/Shanghai): the same 6 ledger rows as o-sim-1" in lines
