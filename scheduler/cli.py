@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.cli_ops import add_commands as add_operating_commands
 
     add_operating_commands(sub)
+
+    from scheduler.cli_simulate import add_commands as add_simulate
+
+    add_simulate(sub)
     return parser
 
 

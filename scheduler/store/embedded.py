@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from scheduler.errors import ConfigError
@@ -17,23 +21,42 @@ def start_embedded(data_dir: Path) -> str:
     pgserver runs the server as an unprivileged user by itself when we are root, since
     PostgreSQL refuses to run as root. The server stops when the last process using it exits.
     """
+    url = _server(data_dir.resolve()).get_uri()
+    log.info("embedded PostgreSQL running with data in %s", data_dir)
+    return url
+
+
+@contextmanager
+def temporary_embedded(prefix: str = "reminders-") -> Iterator[str]:
+    """A throwaway embedded PostgreSQL in a new temporary folder, stopped and removed on exit;
+    yields its URL."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        import pgserver
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise ConfigError("DATABASE_URL is unset and pgserver is not installed") from exc
-    data_dir = data_dir.resolve()
+        server = _server(data_dir)
+        try:
+            yield server.get_uri()
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # platformdirs again
+                server.cleanup()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _server(data_dir: Path):  # noqa: ANN202 (a pgserver.PostgresServer)
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         try:
-            server = pgserver.get_server(data_dir, cleanup_mode="stop")
+            import pgserver
+        except ImportError as exc:  # pragma: no cover - it is a declared dependency
+            raise ConfigError("DATABASE_URL is unset and pgserver is not installed") from exc
+        try:
+            return pgserver.get_server(data_dir, cleanup_mode="stop")
         except Exception as exc:  # pgserver raises plain exceptions with the server's log
             raise ConfigError(
                 f"could not start the embedded PostgreSQL in {data_dir}: {exc}"
             ) from exc
-    url = server.get_uri()
-    log.info("embedded PostgreSQL running with data in %s", data_dir)
-    return url
 
 
 def sqlalchemy_url(url: str) -> str:
