@@ -12,7 +12,7 @@ import re
 import string
 from datetime import date, datetime, time, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -71,7 +71,8 @@ _MAX_AMOUNT = {
     "week": MAX_DURATION_DAYS // 7,
     "month": MAX_DURATION_YEARS * 12,
 }
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[str, ...] = get_args(Weekday)
 
 
 class Model(BaseModel):
@@ -254,8 +255,8 @@ def _sorted_unique(times: list[time]) -> list[time]:
 
 class Weekly(Model):
     # Not `on`: YAML 1.1 reads a bare `on` key as the boolean true.
-    days: Annotated[  # type: ignore[valid-type]
-        list[Literal[WEEKDAYS]],
+    days: Annotated[
+        list[Weekday],
         BeforeValidator(_at_list),
         Field(min_length=1),
         WithJsonSchema(
@@ -583,10 +584,10 @@ class Plan(Model):
             if step < 1 or (count is not None and step > count):
                 runs = f"steps run 1..{count}" if count is not None else "steps start at 1"
                 raise ValueError(f"message.steps.{step}: no such step ({runs})")
-        key = self.delivery.limit_key
-        if key is not None and key not in self.variables and key not in keys:
+        limit_key = self.delivery.limit_key
+        if limit_key is not None and limit_key not in self.variables and limit_key not in keys:
             raise ValueError(
-                f"delivery.limit_key: {key!r} is neither one of the plan's variables "
+                f"delivery.limit_key: {limit_key!r} is neither one of the plan's variables "
                 "nor a template field"
             )
         return self

@@ -102,7 +102,9 @@ def _rule_trigger(
     tz = ZoneInfo(cal.timezone)
     if cal.every is not None:
         return IntervalTrigger(
-            seconds=cal.every.as_timedelta().total_seconds(), start_time=start, end_time=end
+            seconds=cal.every.as_timedelta().total_seconds(),
+            start_time=start,
+            end_time=end,  # type: ignore[arg-type]  # None is its default; the stub omits it
         ), []
     # APScheduler 4.0.0a6's CronTrigger reads start_time's wall clock as if it were in the
     # trigger's zone (09:00 UTC would "match" 09:00 Shanghai), and returns a start_time inside a
@@ -128,14 +130,14 @@ def _rule_trigger(
         assert cal.daily is not None
         fields, times = [{}], cal.daily.at
     times = sorted(set(times))
-    triggers = [
+    triggers: list[Trigger] = [
         CronTrigger(
             **days,
             hour=t.hour,
             minute=t.minute,
             second=t.second,
             start_time=start,
-            end_time=end,
+            end_time=end,  # type: ignore[arg-type]  # as above
             timezone=tz,
         )
         for t in times
@@ -244,7 +246,7 @@ def skipped_days(cal: Calendar, start: datetime, until: datetime) -> list[tuple[
         return []
     base = _rule_trigger(cal, start, until)[0]
     extra = set(trigger.extra)
-    out = []
+    out: list[tuple[datetime, str]] = []
     while (fire_time := _next(base)) is not None and len(out) < MAX_ENUMERATED_STEPS:
         why = None if fire_time in extra else trigger.why_not(fire_time)
         if why is not None and why != NOT_WORKING:  # ordinary weekends go without saying

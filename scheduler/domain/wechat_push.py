@@ -28,7 +28,7 @@ import math
 import os
 import struct
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -349,12 +349,12 @@ def parse_event(doc: dict[str, Any]) -> PushEvent:
     """One pushed message as a `PushEvent` (events other than subscribe events: no items)."""
     msg_type = _text(doc, "MsgType", required=False)
     event = _text(doc, "Event", required=msg_type == "event")
-    base = {
-        "event": event,
-        "to_user": _text(doc, "ToUserName", required=False),
-        "from_user": _text(doc, "FromUserName"),
-        "create_time": _number(doc, "CreateTime", *_CREATE_TIME_RANGE, "unix seconds"),
-    }
+    base = PushEvent(
+        event,
+        _text(doc, "ToUserName", required=False),
+        _text(doc, "FromUserName"),
+        _number(doc, "CreateTime", *_CREATE_TIME_RANGE, "unix seconds"),
+    )
     if event in (POPUP, CHANGE):
         choices = []
         for item in _items(doc, event):
@@ -370,7 +370,7 @@ def parse_event(doc: dict[str, Any]) -> PushEvent:
                     _text(item, "PopupScene", required=False) or None,
                 )
             )
-        return PushEvent(**base, choices=tuple(choices))
+        return replace(base, choices=tuple(choices))
     if event == SENT:
         reports = []
         for item in _items(doc, event):
@@ -382,5 +382,5 @@ def parse_event(doc: dict[str, Any]) -> PushEvent:
                     _text(item, "ErrorStatus", required=False) or None,
                 )
             )
-        return PushEvent(**base, sent=tuple(reports))
-    return PushEvent(**base)
+        return replace(base, sent=tuple(reports))
+    return base
