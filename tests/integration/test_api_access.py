@@ -96,15 +96,19 @@ def test_a_bad_setting_is_one_line_naming_the_variable(monkeypatch, variable, va
     assert str(raised.value).startswith(says) and "\n" not in str(raised.value)
 
 
-def test_the_cli_reports_a_bad_setting_without_a_traceback(tmp_path):
-    env = {**os.environ, "REMINDERS_API_TOKENS": "{bad", "REMINDERS_PLANS_DIR": str(tmp_path)}
-    done = subprocess.run(
+def reminders_run(**env: str) -> subprocess.CompletedProcess[str]:
+    """`reminders run` as a process with these settings added to the environment."""
+    return subprocess.run(
         [sys.executable, "-m", "scheduler.cli", "run"],
-        env=env,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
+
+
+def test_the_cli_reports_a_bad_setting_without_a_traceback(tmp_path):
+    done = reminders_run(REMINDERS_API_TOKENS="{bad", REMINDERS_PLANS_DIR=str(tmp_path))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "reminders: REMINDERS_API_TOKENS: not valid JSON: Expecting property name enclosed in"
@@ -116,19 +120,11 @@ def test_a_taken_api_port_is_one_line_and_exit_1(db_url, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "REMINDERS_PLANS_DIR": str(tmp_path),
-            "REMINDERS_API_PORT": str(taken.getsockname()[1]),
-            "REMINDERS_LOG_LEVEL": "ERROR",
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "scheduler.cli", "run"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        done = reminders_run(
+            DATABASE_URL=db_url,
+            REMINDERS_PLANS_DIR=str(tmp_path),
+            REMINDERS_API_PORT=str(taken.getsockname()[1]),
+            REMINDERS_LOG_LEVEL="ERROR",
         )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
