@@ -172,7 +172,8 @@ class Caps(Model):
         default_factory=lambda: dict(_WEEKLY),
         description="Per user per category per local ISO week.",
     )
-    category_week_default: PositiveInt = Field(3, description="For categories not listed.")
+    # Categories without a ceiling in the guidance: as many as the daily cap allows (2 x 7).
+    category_week_default: PositiveInt = Field(14, description="For categories not listed.")
     plan_day: PositiveInt | None = Field(None, description="Per user per plan per local day.")
     plan_week: PositiveInt | None = Field(None, description="Per user per plan per ISO week.")
 

@@ -174,18 +174,9 @@ message:
 """
 
 
-POLICY = """\
-exceptions:
-  commute:
-    reason: "one per working day"
-    category_week: 6
-"""
-
-
 def test_preview_shows_the_holiday_week_skipped(tmp_path: Path, capsys):
     plan = tmp_path / "commute.yaml"
     plan.write_text(PLAN % "2026-09-29", encoding="utf-8")
-    (tmp_path / "policy.yaml").write_text(POLICY, encoding="utf-8")
     assert main(["preview", str(plan), "--from", "2026-09-29T00:00+08:00"]) == 0
     out = capsys.readouterr().out
     assert "skipped   2026-10-01  (National Day)" in out
@@ -197,7 +188,6 @@ def test_preview_shows_the_holiday_week_skipped(tmp_path: Path, capsys):
 def test_validate_warns_about_an_unknown_year_and_still_passes(tmp_path: Path, capsys):
     plan = tmp_path / "commute.yaml"
     plan.write_text(PLAN % "2027-03-01", encoding="utf-8")
-    (tmp_path / "policy.yaml").write_text(POLICY, encoding="utf-8")
     assert main(["validate", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "warn   " in out and "does not know 2027" in out
@@ -206,7 +196,9 @@ def test_validate_warns_about_an_unknown_year_and_still_passes(tmp_path: Path, c
 def test_a_cap_error_names_the_first_week_that_breaks_it(tmp_path: Path, capsys):
     plan = tmp_path / "commute.yaml"
     plan.write_text(PLAN.replace("count: 6", "count: 40") % "2026-12-21", encoding="utf-8")
-    assert main(["validate", str(plan), "--policy", "/dev/null"]) == 1
+    policy = tmp_path / "strict.yaml"
+    policy.write_text("caps:\n  category_week: {transport: 3}\n", encoding="utf-8")
+    assert main(["validate", str(plan), "--policy", str(policy)]) == 1
     out = capsys.readouterr().out
     # Five working days in each week from 2026-W52 on: the first is the one named.
     assert "sends 5 messages in week 2026-W52, over the cap of 3 transport" in out

@@ -271,7 +271,7 @@ def test_plan_caps_and_the_finance_key_add_counters() -> None:
     counters = keys(finance, datetime(2026, 12, 31, 23, 59, tzinfo=SH), SH)
     assert counters == {
         "user-day:u1:2026-12-31": (1, datetime(2027, 1, 1, tzinfo=SH)),
-        "user-category-week:u1:finance:2026-W53": (3, datetime(2027, 1, 4, tzinfo=SH)),
+        "user-category-week:u1:finance:2026-W53": (14, datetime(2027, 1, 4, tzinfo=SH)),
         "plan-week:p:u1:2026-W53": (1, datetime(2027, 1, 4, tzinfo=SH)),
         "limit-key:finance:u1:P7:2026-12": (1, datetime(2027, 1, 1, tzinfo=SH)),
     }
@@ -302,12 +302,12 @@ def test_every_cap_window_resets_after_the_send_and_keys_match_local_calendar(
 
 LIMIT_CASES = [
     # (policy, plan delivery caps, expected user_day, category_week, plan_week)
-    ({}, {}, 2, 3, None),
-    ({}, {"user_day": 1, "plan_week": 2}, 1, 3, 2),
-    ({}, {"user_day": 5}, 2, 3, None),  # looser than the policy: ignored (and reported)
-    ({"exceptions": {"p": {"reason": "r", "user_day": 3}}}, {}, 3, 3, None),
-    ({"exceptions": {"p": {"reason": "r", "user_day": 3}}}, {"user_day": 3}, 3, 3, None),
-    ({"exceptions": {"other": {"reason": "r", "user_day": 3}}}, {}, 2, 3, None),
+    ({}, {}, 2, 14, None),
+    ({}, {"user_day": 1, "plan_week": 2}, 1, 14, 2),
+    ({}, {"user_day": 5}, 2, 14, None),  # looser than the policy: ignored (and reported)
+    ({"exceptions": {"p": {"reason": "r", "user_day": 3}}}, {}, 3, 14, None),
+    ({"exceptions": {"p": {"reason": "r", "user_day": 3}}}, {"user_day": 3}, 3, 14, None),
+    ({"exceptions": {"other": {"reason": "r", "user_day": 3}}}, {}, 2, 14, None),
 ]
 
 
