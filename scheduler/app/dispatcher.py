@@ -210,6 +210,9 @@ class Dispatcher:
         )
         if active.plan.is_relative:
             return await self.sweep(active)
+        # Sends deferred to this moment go before the new occurrence's: when they compete for a
+        # cap, the older message wins, as `preview` (rules.dry_run) says.
+        await self.retry_deferred(plan_id)
         return await self.fan_out(active, fire_time)
 
     # --- calendar plans -------------------------------------------------------------------------

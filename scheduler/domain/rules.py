@@ -19,6 +19,7 @@ against the caps and quiet hours, and its fixed message text. `dry_run` is `prev
 from __future__ import annotations
 
 import functools
+import heapq
 import re
 import unicodedata
 from collections import Counter
@@ -575,38 +576,88 @@ def dry_run(
     variables: Mapping[str, object],
     user: str = "preview-user",
 ) -> Iterator[DryRun]:
-    """One user's occurrences through the gate, with caps counted from this plan's own sends only
-    (the other plans a user is in are not known here)."""
+    """One user's occurrences through the gate, in step order, with caps counted from this plan's
+    own sends only (the other plans a user is in are not known here).
+
+    Sends are decided in time order, as the daemon meets them: a deferred send competes for a cap
+    with the occurrences due before it goes. At one moment a send deferred earlier goes before a
+    new one, and deferred sends go in the order they were due (Dispatcher.fire retries the due
+    deferrals before it fans out; tests/integration/test_gate_properties.py holds both to it)."""
     counts: Counter[str] = Counter()
-    for occurrence in occurrences:
+    upcoming = iter(occurrences)
+    waiting: list[tuple[datetime, int, datetime, int, _Pending]] = []  # a heap, see _Pending
+    done: dict[int, DryRun] = {}
+    order: list[int] = []  # steps in the order they came
+
+    def take(occurrence: Occurrence) -> None:
+        order.append(occurrence.step)
         try:
             message = render(plan, occurrence.step, occurrence.due_at, tz, user, variables)
         except RenderError as exc:
-            yield DryRun(occurrence, None, str(exc), Decision(), None)
-            continue
-        now, deferred = occurrence.due_at, None
-        for _ in range(4):  # a deferral may meet the next rule: quiet hours, then a cap
-            decision = check_send(
-                plan,
-                policy,
-                user=user,
-                rendered=message,
-                variables=variables,
-                due_at=occurrence.due_at,
-                now=now,
-                tz=tz,
-            )
-            full = next((c for c in decision.counters if counts[c.key] >= c.limit), None)
-            if full is not None:
-                decision = on_capped(plan, full, occurrence.due_at)
-            if decision.defer_until is None:
-                break
-            deferred = deferred or decision.violation
-            now = decision.defer_until
-        if decision.go:
-            counts.update(c.key for c in decision.counters)
-        sent_at = now if decision.go else None
-        yield DryRun(occurrence, message, None, decision, sent_at, deferred)
+            done[occurrence.step] = DryRun(occurrence, None, str(exc), Decision(), None)
+            return
+        due = occurrence.due_at
+        heapq.heappush(waiting, (due, 1, due, occurrence.step, _Pending(occurrence, message)))
+
+    following = next(upcoming, None)
+    while waiting or following is not None:
+        # Every occurrence due by the earliest waiting send joins first: it may be decided first.
+        while following is not None and (not waiting or following.due_at <= waiting[0][0]):
+            take(following)
+            following = next(upcoming, None)
+        if waiting:
+            now, _, due, step, pending = heapq.heappop(waiting)
+            decision = _decide(plan, policy, pending, now, tz, user, variables, counts)
+            if decision.defer_until is not None and pending.deferrals < 4:
+                # a deferral may meet the next rule: quiet hours, then a cap
+                pending.deferrals += 1
+                pending.deferred = pending.deferred or decision.violation
+                heapq.heappush(waiting, (decision.defer_until, 0, due, step, pending))
+            else:
+                if decision.go:
+                    counts.update(c.key for c in decision.counters)
+                sent_at = now if decision.go else None
+                done[step] = DryRun(
+                    pending.occurrence, pending.message, None, decision, sent_at, pending.deferred
+                )
+        while order and order[0] in done:  # in step order, each as soon as it is final
+            yield done.pop(order.pop(0))
+
+
+@dataclass
+class _Pending:
+    """A send of `dry_run` waiting for its moment. Heap entries are (moment, 0 for a deferred
+    send and 1 for a new one, due time, step, this): the order the daemon decides them in."""
+
+    occurrence: Occurrence
+    message: dict[str, str]
+    deferrals: int = 0
+    deferred: Violation | None = None
+
+
+def _decide(
+    plan: Plan,
+    policy: Policy,
+    pending: _Pending,
+    now: datetime,
+    tz: ZoneInfo,
+    user: str,
+    variables: Mapping[str, object],
+    counts: Counter[str],
+) -> Decision:
+    """What the gate does with one send at `now`: go, defer (quiet hours, then a cap) or skip."""
+    decision = check_send(
+        plan,
+        policy,
+        user=user,
+        rendered=pending.message,
+        variables=variables,
+        due_at=pending.occurrence.due_at,
+        now=now,
+        tz=tz,
+    )
+    full = next((c for c in decision.counters if counts[c.key] >= c.limit), None)
+    return on_capped(plan, full, pending.occurrence.due_at) if full is not None else decision
 
 
 # --- static checks (`reminders validate`) -------------------------------------------------------

@@ -480,7 +480,8 @@ class Store:
                 " FROM deliveries d LEFT JOIN enrollments e"
                 "  ON e.plan_id = d.plan_id AND e.user_id = d.user_id"
                 " WHERE d.plan_id = $1 AND d.status = 'deferred' AND d.defer_until <= $2"
-                " ORDER BY d.defer_until LIMIT $3 FOR UPDATE OF d SKIP LOCKED",
+                # Earliest moment first, then the earliest due: the order rules.dry_run decides in.
+                " ORDER BY d.defer_until, d.due_at LIMIT $3 FOR UPDATE OF d SKIP LOCKED",
                 plan_id,
                 now,
                 batch_size,

@@ -26,8 +26,8 @@ from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.outcomes import Outcome
 from scheduler.domain.plan import Category, Plan
 from scheduler.domain.policy import Policy
-from scheduler.domain.rules import Limits, plan_limits
-from scheduler.domain.schedule import calendar_anchor, calendar_occurrences
+from scheduler.domain.rules import Limits, dry_run, plan_limits
+from scheduler.domain.schedule import Occurrence, calendar_anchor, calendar_occurrences
 from scheduler.fake_wechat import FakeWeChat
 from scheduler.planfiles import content_hash
 from scheduler.store.postgres import Store
@@ -115,7 +115,7 @@ def plans(draw: st.DrawFn, index: int, first_day: date) -> Plan:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> Scenario:
+def scenarios(draw: st.DrawFn, max_plans: int = 4) -> Scenario:
     policy = Policy.model_validate(
         {
             "caps": {
@@ -133,7 +133,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     # From early March to early April 2026: New York (Mar 8), London (Mar 29) and Auckland
     # (Apr 5) change their clocks in there.
     first_day = draw(st.dates(date(2026, 3, 4), date(2026, 4, 8)))
-    n_plans = draw(st.integers(1, 4))
+    n_plans = draw(st.integers(1, max_plans))
     drawn = [draw(plans(i, first_day)) for i in range(n_plans)]
     zones = draw(st.lists(st.sampled_from(ZONES), min_size=1, max_size=6))
     users = {f"o-{i}": zone for i, zone in enumerate(zones)}
@@ -161,6 +161,7 @@ class Sent:
     user: str
     plan: Plan
     ref: str
+    step: int
 
 
 @dataclass
@@ -176,8 +177,8 @@ class Recorder:
         result = await self.inner.send(message)
         if result.outcome == Outcome.SENT:
             plan = self.by_template[message.template_id]
-            ref = message.data["thing1"].rsplit(" ", 1)[-1]
-            self.sent.append(Sent(self.clock(), message.touser, plan, ref))
+            _, step, _, ref = message.data["thing1"].split(" ")  # "Step {step} ref {ref}"
+            self.sent.append(Sent(self.clock(), message.touser, plan, ref, int(step)))
         return result
 
     async def quota(self) -> None:
@@ -209,7 +210,7 @@ async def prepare(store: Store, s: Scenario) -> None:
             await store.record_consent(user, f"tmpl_{plan_id}", "long_term", "accept", "test")
 
 
-def fire_times(s: Scenario, plan: Plan) -> list[datetime]:
+def occurrences(s: Scenario, plan: Plan) -> list[Occurrence]:
     """Every occurrence of the plan from its first local day up to the scenario's end."""
     cal = plan.schedule.calendar
     assert cal is not None
@@ -217,8 +218,12 @@ def fire_times(s: Scenario, plan: Plan) -> list[datetime]:
     for occurrence in calendar_occurrences(cal, calendar_anchor(cal, s.end)):
         if occurrence.due_at >= s.end:
             break
-        found.append(occurrence.due_at)
+        found.append(occurrence)
     return found
+
+
+def fire_times(s: Scenario, plan: Plan) -> list[datetime]:
+    return [occurrence.due_at for occurrence in occurrences(s, plan)]
 
 
 async def next_deferral(store: Store) -> datetime | None:
@@ -387,3 +392,41 @@ async def test_random_plans_and_users_never_exceed_a_cap(store, fake, channel, s
     rows = await run(store, d, clock, s)
 
     await check(store, fake, recorder, s, rows)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(s=scenarios(max_plans=1))
+async def test_preview_and_the_gate_agree_on_one_plan(store, fake, channel, s: Scenario):
+    """One owner per rule, checked: `preview` and `simulate` decide caps, quiet hours and
+    defer-or-skip in Python (`rules.dry_run`), the daemon in the SQL gate. For one plan (dry_run
+    counts only that plan's sends), each user's steps go at the same moments, or not at all."""
+    await reset(store)
+    fake.messages.clear()
+    await prepare(store, s)
+    [plan] = s.plans
+    clock = Clock(datetime.combine(s.first_day - timedelta(days=1), time(), UTC))
+    recorder = Recorder(channel, clock, {plan.template.id: plan})
+    d = Dispatcher(store, recorder, replica_id="prop", clock=clock, policy=s.policy, batch_size=4)
+
+    await run(store, d, clock, s)
+
+    gate = Counter((m.user, m.step, m.at) for m in recorder.sent)
+    python = Counter(
+        (user, run_.occurrence.step, run_.sent_at)
+        for user, chosen in s.enrolments.items()
+        for run_ in dry_run(
+            plan,
+            s.policy,
+            occurrences(s, plan),
+            ZoneInfo(s.users[user]),
+            {"ref": chosen[plan.id]},
+            user,
+        )
+        if run_.sent_at is not None
+    )
+    assert gate == python, f"plan {plan.model_dump_json()}, caps {s.policy.caps}, users {s.users}"
