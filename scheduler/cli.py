@@ -225,6 +225,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_consent(args: argparse.Namespace) -> int:
     from scheduler.domain.consent import consent_problem
     from scheduler.domain.plan import ConsentKind
+
     async def work(store) -> dict | None:  # noqa: ANN001
         # The API's rule (POST /v1/consent answers 422): only templates the plans use, as the
         # kind they declare.

@@ -31,6 +31,7 @@ from scheduler.store.abc import ClusterGaugeReads, ControlNotifications, StatusR
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
 from scheduler.store.metrics import MetricsStore
+from scheduler.store.simulation import SimulationStore
 from scheduler.store.status import StatusStore
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class Store:
         self.metrics: ClusterGaugeReads = MetricsStore(pool)
         self.control: ControlNotifications = ControlChannel(pool, CONTROL_CHANNEL)
         self.consent = ConsentStore(pool)
+        self.simulation = SimulationStore(pool)  # what `reminders simulate` reads between moments
 
     @classmethod
     @asynccontextmanager

@@ -66,9 +66,7 @@ REPLICAS = (
     " FROM replicas WHERE last_seen > now() - interval '1 day' OR last_seen = '-infinity'"
     " ORDER BY alive DESC, id"
 )
-REPLICA_ALIVE = (
-    "SELECT last_seen > now() - make_interval(secs => $2) FROM replicas WHERE id = $1"
-)
+REPLICA_ALIVE = "SELECT last_seen > now() - make_interval(secs => $2) FROM replicas WHERE id = $1"
 LIVE_REPLICA_COUNT = (
     "SELECT count(*) FROM replicas WHERE last_seen > now() - make_interval(secs => $1)"
 )
@@ -87,9 +85,7 @@ ACTIVE_ENROLMENTS_PER_PLAN = (
     "SELECT plan_id, count(*) AS n FROM enrollments WHERE status = 'active' GROUP BY plan_id"
 )
 FILE_PROBLEMS = "SELECT source_file, plan_id, problems, first_seen FROM plan_problems ORDER BY 1"
-FIRST_DUE_STEP = (
-    "SELECT min(next_due_at) FROM enrollments WHERE plan_id = $1 AND status = 'active'"
-)
+FIRST_DUE_STEP = "SELECT min(next_due_at) FROM enrollments WHERE plan_id = $1 AND status = 'active'"
 
 
 class StatusStore:
