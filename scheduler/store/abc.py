@@ -102,3 +102,28 @@ class ControlNotifications(Protocol):
         self, heard: Callable[[str], None]
     ) -> AbstractAsyncContextManager[ListeningConnection]:
         """Listen while the block runs; `heard(payload)` gets each notification's payload."""
+
+
+class SimulationReads(Protocol):
+    """What `reminders simulate` reads between moments of virtual time, and its one write
+    (`scheduler.store.simulation.SimulationStore`)."""
+
+    async def register_all_at(self, moment: datetime) -> None:
+        """Stamp every plan as registered at `moment` (virtual time)."""
+
+    async def next_relative_due(
+        self, plan_ids: Sequence[str], after: datetime, before: datetime
+    ) -> datetime | None:
+        """The earliest next step of an active enrolment in `plan_ids` in (after, before)."""
+
+    async def next_deferred_retry(self, after: datetime) -> datetime | None:
+        """The earliest moment after `after` a deferred send is to be tried again."""
+
+    async def deferred(self) -> list[dict[str, Any]]:
+        """Every deferred ledger row now."""
+
+    async def ledger(self) -> list[dict[str, Any]]:
+        """Every ledger row, by due time, plan and user."""
+
+    async def unfinished(self) -> list[dict[str, Any]]:
+        """Ledger rows still pending or deferred."""

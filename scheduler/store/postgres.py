@@ -27,7 +27,12 @@ from tenacity import (
 )
 
 from scheduler.errors import StoreError
-from scheduler.store.abc import ClusterGaugeReads, ControlNotifications, StatusReads
+from scheduler.store.abc import (
+    ClusterGaugeReads,
+    ControlNotifications,
+    SimulationReads,
+    StatusReads,
+)
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
 from scheduler.store.metrics import MetricsStore
@@ -161,7 +166,7 @@ class Store:
         self.metrics: ClusterGaugeReads = MetricsStore(pool)
         self.control: ControlNotifications = ControlChannel(pool, CONTROL_CHANNEL)
         self.consent = ConsentStore(pool)
-        self.simulation = SimulationStore(pool)  # what `reminders simulate` reads between moments
+        self.simulation: SimulationReads = SimulationStore(pool)  # `reminders simulate` only
 
     @classmethod
     @asynccontextmanager
