@@ -225,12 +225,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_consent(args: argparse.Namespace) -> int:
     from scheduler.domain.consent import consent_problem
     from scheduler.domain.plan import ConsentKind
-    from scheduler.store.consent import ConsentStore
 
     async def work(store) -> dict | None:  # noqa: ANN001
         # The API's rule (POST /v1/consent answers 422): only templates the plans use, as the
         # kind they declare.
-        known = await ConsentStore(store.pool).template_kinds()
+        known = await store.consent.template_kinds()
         problem = consent_problem(known, args.template, ConsentKind(args.kind))
         if problem is not None:
             raise UsageError(f"consent not recorded: {problem}")
@@ -278,12 +277,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     replica = replica_identity(settings)
 
     async def work(store) -> bool:  # noqa: ANN001
-        return bool(
-            await store.pool.fetchval(
-                "SELECT last_seen > now() - interval '30 seconds' FROM replicas WHERE id = $1",
-                replica,
-            )
-        )
+        return await store.status.replica_alive(replica)
 
     healthy = asyncio.run(_with_store(settings, work))
     print(f"replica {replica}: {'healthy' if healthy else 'no recent heartbeat'}")

@@ -161,13 +161,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from scheduler.app.control import notify
-
     async def work(store):  # noqa: ANN001, ANN202
-        await notify(store.pool, "reload")
-        return await store.pool.fetchval(
-            "SELECT count(*) FROM replicas WHERE last_seen > now() - interval '30 seconds'"
-        )
+        await store.control.notify("reload")
+        return await store.status.live_replica_count()
 
     alive = _run(args, work)
     print(f"reload requested; {alive} live replica(s) will rescan their plans folder")

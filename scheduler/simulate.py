@@ -16,17 +16,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
-
-import asyncpg
 
 from scheduler.app.dispatcher import Dispatcher
 from scheduler.app.lifecycle import Lifecycle
@@ -44,12 +40,13 @@ from scheduler.domain.schedule import (
     relative_due,
     relative_occurrences,
 )
-from scheduler.errors import RemindersError, StoreError
+from scheduler.errors import RemindersError
 from scheduler.fake_wechat import FakeWeChat
 from scheduler.planfiles import LoadedPlan
-from scheduler.store.consent import RUNWAY_LOOKAHEAD, ConsentReport, ConsentStore
+from scheduler.store.consent import RUNWAY_LOOKAHEAD, ConsentReport
 from scheduler.store.embedded import temporary_embedded
 from scheduler.store.postgres import Store
+from scheduler.store.scratch import scratch_database
 
 T = TypeVar("T")
 Key = tuple[str, str | None]  # (status, reason) of a ledger row
@@ -188,7 +185,7 @@ async def _grant(store: Store, user: User, plan: Plan, member: Member) -> None:
         for _ in range(accepts)
     ]
     if reports:
-        await ConsentStore(store.pool).record(reports)
+        await store.consent.record(reports)
 
 
 async def _setup(
@@ -209,7 +206,7 @@ async def _setup(
         )
     # The store stamps registered_at with the real clock; a calendar plan without a start date
     # counts its steps from it: loaded at the run's start in virtual time instead.
-    await store.pool.execute("UPDATE plans SET registered_at = $1", start)
+    await store.simulation.register_all_at(start)
     for user in users:
         for member in user.plans:
             plan = plans[member.plan]
@@ -315,18 +312,8 @@ class _Drive:
         i = 0
         while True:
             candidates = fire_times[i : i + 1]
-            next_due = await store.pool.fetchval(
-                "SELECT min(next_due_at) FROM enrollments WHERE status = 'active'"
-                " AND plan_id = ANY($1) AND next_due_at > $2 AND next_due_at < $3",
-                relative,
-                prev,
-                report.end,
-            )
-            next_retry = await store.pool.fetchval(
-                "SELECT min(defer_until) FROM deliveries WHERE status = 'deferred'"
-                " AND defer_until > $1",
-                prev,
-            )
+            next_due = await store.simulation.next_relative_due(relative, prev, report.end)
+            next_retry = await store.simulation.next_deferred_retry(prev)
             candidates += [t for t in (next_due, next_retry) if t is not None]
             if not candidates:
                 break
@@ -350,19 +337,16 @@ class _Drive:
                 for plan_id in relative:
                     await self.dispatcher.fire(plan_id, now)
                     report.sweeps += 1
-            for row in await store.pool.fetch(
-                "SELECT id, reason, defer_until FROM deliveries WHERE status = 'deferred'"
-            ):
+            for row in await store.simulation.deferred():
                 first = self.deferred.get(row["id"], (row["reason"], now))[0]
                 self.deferred[row["id"]] = (first, row["defer_until"])
             await self._read_runway(plans)
             prev = now
 
     async def _read_runway(self, plans: Sequence[Plan], *, first: bool = False) -> None:
-        consent = ConsentStore(self.store.pool)
         now = self.clock.now
         for plan in plans:
-            runway = await consent.runway(plan.id, now=now, limit=10_000)
+            runway = await self.store.consent.runway(plan.id, now=now, limit=10_000)
             if runway is None:
                 continue
             dry = {u.user_id: u for u in runway.runs_dry}
@@ -386,11 +370,7 @@ class _Drive:
 async def _read_ledger(
     store: Store, report: Report, deferred: dict[int, tuple[str, datetime]]
 ) -> None:
-    rows = await store.pool.fetch(
-        "SELECT id, plan_id, user_id, step, due_at, status, reason FROM deliveries"
-        " ORDER BY due_at, plan_id, user_id"
-    )
-    for row in rows:
+    for row in await store.simulation.ledger():
         key = (row["status"], row["reason"])
         report.counts.setdefault(row["plan_id"], Counter())[key] += 1
         report.by_user.setdefault((row["user_id"], row["plan_id"]), Counter())[key] += 1
@@ -402,13 +382,7 @@ async def _read_ledger(
         report.timeline.setdefault(row["user_id"], []).append(line)
     for lines in report.timeline.values():
         lines.sort(key=lambda line: (line.at, line.plan))
-    report.left = [
-        dict(r)
-        for r in await store.pool.fetch(
-            "SELECT plan_id, user_id, occurrence, due_at, status, reason, defer_until"
-            " FROM deliveries WHERE status IN ('pending', 'deferred') ORDER BY plan_id, user_id"
-        )
-    ]
+    report.left = await store.simulation.unfinished()
 
 
 # --- on a database of its own -------------------------------------------------------------------
@@ -424,25 +398,8 @@ def on_scratch_database(server_url: str | None, work: Callable[[str], Awaitable[
 
 
 async def _scratch(server_url: str, work: Callable[[str], Awaitable[T]]) -> T:
-    name = f"reminders_sim_{secrets.token_hex(6)}"
-    await _admin(server_url, f"CREATE DATABASE {name}")
-    try:
-        # Nothing here needs to survive a crash: commits need not wait for the disk.
-        await _admin(server_url, f"ALTER DATABASE {name} SET synchronous_commit = off")
-        return await work(urlunsplit(urlsplit(server_url)._replace(path="/" + name)))
-    finally:
-        await _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-async def _admin(server_url: str, statement: str) -> None:
-    try:
-        conn = await asyncpg.connect(server_url)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
+    async with scratch_database(server_url) as url:
+        return await work(url)
 
 
 # --- the simulated users of `reminders simulate` ------------------------------------------------

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from scheduler.api.app import API_VERSION, ApiError, Caller, authenticate, bearer, require
 from scheduler.api.fields import Id, Note, Reason
 from scheduler.app import metrics
-from scheduler.app.control import notify
 from scheduler.app.lifecycle import ActionResult, Lifecycle, LifecycleError
 from scheduler.app.status import overview, plan_status, replicas
 from scheduler.store.postgres import Store
@@ -170,7 +169,7 @@ async def audit(
 
 @router.post("/reload", summary="Rescan the plans folder on every replica")
 async def reload(request: Request, caller: Admin) -> dict[str, str]:
-    await notify(_store(request).pool, "reload")
+    await _store(request).control.notify("reload")
     return {"status": "requested"}
 
 

@@ -214,7 +214,7 @@ def create_app(settings: Settings, store: Store, **state: Any) -> FastAPI:
     @app.get("/readyz", tags=["health"], summary="The database answers")
     async def readyz() -> JSONResponse:
         try:
-            await store.pool.fetchval("SELECT 1")
+            await store.status.ping()
         except Exception as exc:  # any failure means not ready
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, 503)
         return JSONResponse({"status": "ready"})

@@ -171,7 +171,7 @@ async def receive(
     except push.PushError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
 
-    store = ConsentStore(request.app.state.store.pool)
+    store = request.app.state.store.consent
     signed = (seconds, nonce or "", (signature or "").lower())
     if not await store.first_use(*signed, keep_s=REPLAY_KEEP_S):
         raise ApiError(

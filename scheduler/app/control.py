@@ -6,7 +6,7 @@ their transaction, so the notification means "committed"). Each daemon replica h
 
     {"kind": "reload"}                    rescan the plans folder (like SIGHUP, on every replica)
     {"kind": "catch_up", "plan": ID}      fan out the occurrences a resume queued (one replica
-                                          takes each, FOR UPDATE SKIP LOCKED)
+                                          takes each; the others skip its locked row)
     {"kind": "state", "plan": ID, ...}    a plan changed state: drop the schedule of a plan that
                                           is over; a resumed plan's chunks are taken again
     {"kind": "work"}                      an occurrence was recorded: every replica takes chunks
@@ -23,19 +23,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from scheduler.app.lifecycle import process_catch_up
-from scheduler.store.postgres import CONTROL_CHANNEL
 
 if TYPE_CHECKING:
     from scheduler.app.daemon import Daemon
     from scheduler.app.watcher import PlanWatcher
+    from scheduler.store.abc import ListeningConnection
 
 log = logging.getLogger(__name__)
-
-
-async def notify(pool: Any, kind: str, **fields: Any) -> None:
-    await pool.execute(
-        "SELECT pg_notify($1, $2)", CONTROL_CHANNEL, json.dumps({"kind": kind, **fields})
-    )
 
 
 class ControlLoop:
@@ -45,7 +39,7 @@ class ControlLoop:
         self.poll_s = poll_s
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    def _heard(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+    def _heard(self, payload: str) -> None:
         try:
             message = json.loads(payload)
         except ValueError:
@@ -56,25 +50,21 @@ class ControlLoop:
         """Listen (reconnecting when the connection drops) and act, until cancelled."""
         while True:
             try:
-                async with self.daemon.store.pool.acquire() as conn:
-                    await conn.add_listener(CONTROL_CHANNEL, self._heard)
-                    try:
-                        await self._serve(conn)
-                    finally:
-                        await conn.remove_listener(CONTROL_CHANNEL, self._heard)
+                async with self.daemon.store.control.listen(self._heard) as listening:
+                    await self._serve(listening)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("control channel: %s; reconnecting in %.0f s", exc, self.poll_s)
                 await asyncio.sleep(self.poll_s)
 
-    async def _serve(self, conn: Any) -> None:
+    async def _serve(self, listening: ListeningConnection) -> None:
         await self.catch_up()  # whatever was queued while no replica was listening
         while True:
             try:
                 message = await asyncio.wait_for(self._inbox.get(), self.poll_s)
             except TimeoutError:
-                await conn.execute("SELECT 1")  # a dead connection raises here: reconnect
+                await listening.ping()  # a dead connection raises here: reconnect
                 await self.catch_up()
                 continue
             await self.handle(message)

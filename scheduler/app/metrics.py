@@ -137,22 +137,8 @@ def observe_fire(kind: str, lag_seconds: float) -> None:
 
 
 async def refresh_gauges(store: Any) -> None:
-    """Read the cluster-wide gauges from PostgreSQL (indexed, cheap queries)."""
-    async with store.pool.acquire() as conn:
-        steps = await conn.fetch(
-            "SELECT plan_id, count(*) AS n FROM enrollments"
-            " WHERE status = 'active' AND next_due_at <= now() GROUP BY plan_id"
-        )
-        catch_up = await conn.fetch("SELECT plan_id, count(*) AS n FROM catch_up GROUP BY plan_id")
-        in_flight = await conn.fetch(
-            "SELECT plan_id, count(*) AS n FROM deliveries WHERE status = 'pending'"
-            " GROUP BY plan_id"
-        )
-        states = await conn.fetch("SELECT state, count(*) AS n FROM plans GROUP BY state")
-        alive = await conn.fetchval(
-            "SELECT count(*) FROM replicas WHERE last_seen > now() - interval '30 seconds'"
-        )
-        problems = await conn.fetchval("SELECT count(*) FROM plan_problems")
+    """Read the cluster-wide gauges from PostgreSQL (`store.metrics`, `store.fanout`)."""
+    gauges = await store.metrics.cluster_gauges()
     fan_outs = await store.fanout.progress()
     FAN_OUTS.clear()
     FAN_OUT_LEFT.clear()
@@ -162,16 +148,20 @@ async def refresh_gauges(store: Any) -> None:
                 FAN_OUTS.labels(f["plan_id"], condition).inc()
         FAN_OUT_LEFT.labels(f["plan_id"]).inc(max(f["total"] - f["recorded"], 0))
     DUE_BACKLOG.clear()
-    for kind, rows in (("steps", steps), ("catch_up", catch_up), ("in_flight", in_flight)):
-        for r in rows:
-            DUE_BACKLOG.labels(r["plan_id"], kind).set(r["n"])
+    for kind, per_plan in (
+        ("steps", gauges.due_steps),
+        ("catch_up", gauges.catch_up),
+        ("in_flight", gauges.in_flight),
+    ):
+        for plan_id, n in per_plan.items():
+            DUE_BACKLOG.labels(plan_id, kind).set(n)
     PLANS.clear()
     for state in ("active", "paused", "cancelled", "completed"):
         PLANS.labels(state).set(0)
-    for r in states:
-        PLANS.labels(r["state"]).set(r["n"])
-    REPLICAS_ALIVE.set(alive)
-    PLAN_FILE_PROBLEMS.set(problems)
+    for state, n in gauges.plans.items():
+        PLANS.labels(state).set(n)
+    REPLICAS_ALIVE.set(gauges.replicas_alive)
+    PLAN_FILE_PROBLEMS.set(gauges.plan_file_problems)
 
 
 async def render(store: Any | None) -> bytes:

@@ -9,7 +9,7 @@ counts are by due time: "last 24 h" is what was due in the last 24 hours and how
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -25,8 +25,6 @@ from scheduler.store.postgres import Store
 
 log = logging.getLogger(__name__)
 
-WINDOWS = (("24h", timedelta(hours=24)), ("7d", timedelta(days=7)))
-REPLICA_ALIVE_S = 30
 STATE_ACTIONS = ("pause", "resume", "cancel", "complete", "completed", "paused", "cancelled")
 
 
@@ -63,24 +61,12 @@ async def plan_status(
     store: Store, plan_id: str, *, now: datetime, next_n: int = 5, errors_n: int = 5
 ) -> dict[str, Any] | None:
     """One plan's full status, or None when no such plan is loaded."""
-    pool = store.pool
-    row = await pool.fetchrow(
-        "SELECT p.id, p.state, p.state_reason, p.kind, p.current_version, p.registered_at,"
-        " p.paused_at, p.updated_at, v.definition, v.source_file, v.loaded_at,"
-        " (SELECT count(*) FROM plan_versions w WHERE w.plan_id = p.id) AS versions"
-        " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-        " WHERE p.id = $1",
-        plan_id,
-    )
+    reads = store.status
+    row = await reads.plan(plan_id)
     if row is None:
         return None
     plan = Plan.model_validate(row["definition"])
-    changed = await pool.fetchrow(
-        "SELECT action, actor, reason, recorded_at FROM plan_events"
-        " WHERE plan_id = $1 AND action = ANY ($2::text[]) ORDER BY id DESC LIMIT 1",
-        plan_id,
-        list(STATE_ACTIONS),
-    )
+    changed = await reads.last_state_change(plan_id, STATE_ACTIONS)
     report: dict[str, Any] = {
         "id": plan_id,
         "name": plan.name,
@@ -119,34 +105,14 @@ async def plan_status(
             [] if ended else schedule_warnings(cal, calendar_anchor(cal, row["registered_at"]))
         )
     else:
-        due = await pool.fetch(
-            "SELECT next_due_at, count(*) AS users FROM enrollments"
-            " WHERE plan_id = $1 AND status = 'active' AND next_due_at > $2"
-            " GROUP BY next_due_at ORDER BY next_due_at LIMIT $3",
-            plan_id,
-            now,
-            next_n,
-        )
+        due = await reads.upcoming_steps(plan_id, now, next_n)
         report["next_fires"] = [
             {"utc": r["next_due_at"].isoformat(), "users": r["users"]} for r in due
         ]
-        report["overdue_steps"] = await pool.fetchval(
-            "SELECT count(*) FROM enrollments"
-            " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2",
-            plan_id,
-            now,
-        )
+        report["overdue_steps"] = await reads.overdue_steps(plan_id, now)
     report["held"] = row["state"] == "paused"
-    report["catch_up_queued"] = await pool.fetchval(
-        "SELECT count(*) FROM catch_up WHERE plan_id = $1", plan_id
-    )
-    report["enrollments"] = {
-        r["status"]: r["n"]
-        for r in await pool.fetch(
-            "SELECT status, count(*) AS n FROM enrollments WHERE plan_id = $1 GROUP BY status",
-            plan_id,
-        )
-    }
+    report["catch_up_queued"] = await reads.catch_up_queued(plan_id)
+    report["enrollments"] = await reads.enrolments_by_status(plan_id)
     report["outcomes"] = await outcome_counts(store, plan_id, now)
     report["last_errors"] = [
         {
@@ -159,13 +125,7 @@ async def plan_status(
             "detail": r["detail"],
             "version": r["plan_version"],
         }
-        for r in await pool.fetch(
-            "SELECT coalesce(finished_at, claimed_at) AS at, user_id, occurrence, status, reason,"
-            " errcode, detail, plan_version FROM deliveries"
-            " WHERE plan_id = $1 AND status IN ('failed', 'unknown') ORDER BY id DESC LIMIT $2",
-            plan_id,
-            errors_n,
-        )
+        for r in await reads.last_errors(plan_id, errors_n)
     ]
     report["file_problems"] = await _problems(store, plan_id, row["source_file"])
     report["runway"] = await _runway(store, plan_id, now)
@@ -174,16 +134,7 @@ async def plan_status(
 
 async def outcome_counts(store: Store, plan_id: str | None, now: datetime) -> list[dict[str, Any]]:
     """Rows of {outcome, reason, 24h, 7d, all}, by due time, for one plan or all of them."""
-    rows = await store.pool.fetch(
-        "SELECT status, reason,"
-        " count(*) FILTER (WHERE due_at > $2::timestamptz - interval '24 hours') AS d1,"
-        " count(*) FILTER (WHERE due_at > $2::timestamptz - interval '7 days') AS d7,"
-        " count(*) AS total"
-        " FROM deliveries WHERE ($1::text IS NULL OR plan_id = $1) AND due_at <= $2"
-        " GROUP BY status, reason ORDER BY status, reason NULLS FIRST",
-        plan_id,
-        now,
-    )
+    rows = await store.status.outcome_counts(plan_id, now)
     return [
         {
             "outcome": r["status"],
@@ -197,12 +148,7 @@ async def outcome_counts(store: Store, plan_id: str | None, now: datetime) -> li
 
 
 async def _problems(store: Store, plan_id: str, source: str | None) -> list[dict[str, Any]]:
-    rows = await store.pool.fetch(
-        "SELECT source_file, problems, first_seen, last_seen FROM plan_problems"
-        " WHERE plan_id = $1 OR source_file = $2 ORDER BY source_file",
-        plan_id,
-        source,
-    )
+    rows = await store.status.file_problems_of(plan_id, source)
     return [
         {
             "file": r["source_file"],
@@ -215,13 +161,9 @@ async def _problems(store: Store, plan_id: str, source: str | None) -> list[dict
 
 
 async def _runway(store: Store, plan_id: str, now: datetime) -> dict[str, Any] | None:
-    """The consent runway (scheduler.store.consent.runway), when that module provides it."""
+    """The consent runway (`ConsentStore.runway`), or the reason it could not be read."""
     try:
-        from scheduler.store.consent import runway
-    except ImportError:  # pragma: no cover - the consent module ships with the package
-        return None
-    try:
-        report = await runway(store.pool, plan_id, now=now, limit=5)
+        report = await store.consent.runway(plan_id, now=now, limit=5)
     except Exception as exc:  # status must show the rest even if this part fails
         log.warning("consent runway of %s not available: %s", plan_id, exc)
         return {"error": str(exc)}
@@ -230,14 +172,7 @@ async def _runway(store: Store, plan_id: str, now: datetime) -> dict[str, Any] |
 
 async def replicas(store: Store) -> list[dict[str, Any]]:
     """Replicas seen in the last day, alive (heartbeat within 30 s) or not."""
-    rows = await store.pool.fetch(
-        "SELECT id, host, pid, started_at,"
-        " CASE WHEN last_seen = '-infinity' THEN NULL ELSE last_seen END AS last_seen,"
-        " last_seen > now() - make_interval(secs => $1) AS alive"
-        " FROM replicas WHERE last_seen > now() - interval '1 day' OR last_seen = '-infinity'"
-        " ORDER BY alive DESC, id",
-        REPLICA_ALIVE_S,
-    )
+    rows = await store.status.replicas()
     return [
         {
             "id": r["id"],
@@ -253,32 +188,14 @@ async def replicas(store: Store) -> list[dict[str, Any]]:
 
 async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
     """Every plan in one line each, the unattached file problems, and the replicas."""
-    pool = store.pool
-    plans = await pool.fetch(
-        "SELECT p.id, p.state, p.state_reason, p.current_version, p.registered_at, v.definition"
-        " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-        " ORDER BY p.id"
-    )
+    reads = store.status
+    plans = await reads.plans()
     counts: dict[str, dict[str, dict[str, int]]] = {}
-    for r in await pool.fetch(
-        "SELECT plan_id, status,"
-        " count(*) FILTER (WHERE due_at > $1::timestamptz - interval '24 hours') AS d1,"
-        " count(*) FILTER (WHERE due_at > $1::timestamptz - interval '7 days') AS d7,"
-        " count(*) AS total FROM deliveries WHERE due_at <= $1 GROUP BY plan_id, status",
-        now,
-    ):
+    for r in await reads.outcome_counts_per_plan(now):
         per = counts.setdefault(r["plan_id"], {})
         per[r["status"]] = {"24h": r["d1"], "7d": r["d7"], "all": r["total"]}
-    enrolled = {
-        r["plan_id"]: r["n"]
-        for r in await pool.fetch(
-            "SELECT plan_id, count(*) AS n FROM enrollments WHERE status = 'active'"
-            " GROUP BY plan_id"
-        )
-    }
-    problem_rows = await pool.fetch(
-        "SELECT source_file, plan_id, problems, first_seen FROM plan_problems ORDER BY 1"
-    )
+    enrolled = await reads.active_enrolments_per_plan()
+    problem_rows = await reads.file_problems()
     lines = []
     for p in plans:
         plan = Plan.model_validate(p["definition"])
@@ -288,12 +205,7 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
                 times = next_fire_times(plan, p["registered_at"], now, 1)
                 nxt = times[0].isoformat() if times else None
             else:
-                first = await pool.fetchval(
-                    "SELECT min(next_due_at) FROM enrollments"
-                    " WHERE plan_id = $1 AND status = 'active'",
-                    p["id"],
-                )
-                nxt = _iso(first)
+                nxt = _iso(await reads.first_due_step(p["id"]))
         lines.append(
             {
                 "id": p["id"],

@@ -27,6 +27,17 @@ from tenacity import (
 )
 
 from scheduler.errors import StoreError
+from scheduler.store.abc import (
+    ClusterGaugeReads,
+    ControlNotifications,
+    SimulationReads,
+    StatusReads,
+)
+from scheduler.store.consent import ConsentStore
+from scheduler.store.control import ControlChannel
+from scheduler.store.metrics import MetricsStore
+from scheduler.store.simulation import SimulationStore
+from scheduler.store.status import StatusStore
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +161,12 @@ class Store:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
         self.fanout = FanOutStore(pool)
+        # The read models and the control channel: app code reaches the database through these.
+        self.status: StatusReads = StatusStore(pool)
+        self.metrics: ClusterGaugeReads = MetricsStore(pool)
+        self.control: ControlNotifications = ControlChannel(pool, CONTROL_CHANNEL)
+        self.consent = ConsentStore(pool)
+        self.simulation: SimulationReads = SimulationStore(pool)  # `reminders simulate` only
 
     @classmethod
     @asynccontextmanager

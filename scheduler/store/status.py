@@ -1,0 +1,184 @@
+"""The read models behind `reminders status`, the admin API and `reminders health` / `reload`.
+
+Read-only queries, one per question the status reports ask. Each returns plain dicts (or
+scalars) keyed as the columns are named, so the reports in `scheduler.app.status` shape them
+without knowing the tables. Outcome counts are by due time: "24h" is what was due in the last
+24 hours and how it ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+REPLICA_ALIVE_S = 30  # a replica whose heartbeat is older than this is gone
+
+PING = "SELECT 1"
+
+PLAN = (
+    "SELECT p.id, p.state, p.state_reason, p.kind, p.current_version, p.registered_at,"
+    " p.paused_at, p.updated_at, v.definition, v.source_file, v.loaded_at,"
+    " (SELECT count(*) FROM plan_versions w WHERE w.plan_id = p.id) AS versions"
+    " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+    " WHERE p.id = $1"
+)
+LAST_STATE_CHANGE = (
+    "SELECT action, actor, reason, recorded_at FROM plan_events"
+    " WHERE plan_id = $1 AND action = ANY ($2::text[]) ORDER BY id DESC LIMIT 1"
+)
+UPCOMING_STEPS = (
+    "SELECT next_due_at, count(*) AS users FROM enrollments"
+    " WHERE plan_id = $1 AND status = 'active' AND next_due_at > $2"
+    " GROUP BY next_due_at ORDER BY next_due_at LIMIT $3"
+)
+OVERDUE_STEPS = (
+    "SELECT count(*) FROM enrollments"
+    " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2"
+)
+CATCH_UP_QUEUED = "SELECT count(*) FROM catch_up WHERE plan_id = $1"
+ENROLMENTS_BY_STATUS = (
+    "SELECT status, count(*) AS n FROM enrollments WHERE plan_id = $1 GROUP BY status"
+)
+OUTCOME_COUNTS = (
+    "SELECT status, reason,"
+    " count(*) FILTER (WHERE due_at > $2::timestamptz - interval '24 hours') AS d1,"
+    " count(*) FILTER (WHERE due_at > $2::timestamptz - interval '7 days') AS d7,"
+    " count(*) AS total"
+    " FROM deliveries WHERE ($1::text IS NULL OR plan_id = $1) AND due_at <= $2"
+    " GROUP BY status, reason ORDER BY status, reason NULLS FIRST"
+)
+LAST_ERRORS = (
+    "SELECT coalesce(finished_at, claimed_at) AS at, user_id, occurrence, status, reason,"
+    " errcode, detail, plan_version FROM deliveries"
+    " WHERE plan_id = $1 AND status IN ('failed', 'unknown') ORDER BY id DESC LIMIT $2"
+)
+FILE_PROBLEMS_OF_PLAN = (
+    "SELECT source_file, problems, first_seen, last_seen FROM plan_problems"
+    " WHERE plan_id = $1 OR source_file = $2 ORDER BY source_file"
+)
+REPLICAS = (
+    "SELECT id, host, pid, started_at,"
+    " CASE WHEN last_seen = '-infinity' THEN NULL ELSE last_seen END AS last_seen,"
+    " last_seen > now() - make_interval(secs => $1) AS alive"
+    " FROM replicas WHERE last_seen > now() - interval '1 day' OR last_seen = '-infinity'"
+    " ORDER BY alive DESC, id"
+)
+REPLICA_ALIVE = "SELECT last_seen > now() - make_interval(secs => $2) FROM replicas WHERE id = $1"
+LIVE_REPLICA_COUNT = (
+    "SELECT count(*) FROM replicas WHERE last_seen > now() - make_interval(secs => $1)"
+)
+PLANS = (
+    "SELECT p.id, p.state, p.state_reason, p.current_version, p.registered_at, v.definition"
+    " FROM plans p JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+    " ORDER BY p.id"
+)
+OUTCOME_COUNTS_PER_PLAN = (
+    "SELECT plan_id, status,"
+    " count(*) FILTER (WHERE due_at > $1::timestamptz - interval '24 hours') AS d1,"
+    " count(*) FILTER (WHERE due_at > $1::timestamptz - interval '7 days') AS d7,"
+    " count(*) AS total FROM deliveries WHERE due_at <= $1 GROUP BY plan_id, status"
+)
+ACTIVE_ENROLMENTS_PER_PLAN = (
+    "SELECT plan_id, count(*) AS n FROM enrollments WHERE status = 'active' GROUP BY plan_id"
+)
+FILE_PROBLEMS = "SELECT source_file, plan_id, problems, first_seen FROM plan_problems ORDER BY 1"
+FIRST_DUE_STEP = "SELECT min(next_due_at) FROM enrollments WHERE plan_id = $1 AND status = 'active'"
+
+
+class StatusStore:
+    """What plans, the ledger, enrolments and replicas look like now (reads only)."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+
+    async def ping(self) -> None:
+        """One round trip: raises when the database does not answer."""
+        await self._pool.fetchval(PING)
+
+    # --- one plan -------------------------------------------------------------------------------
+
+    async def plan(self, plan_id: str) -> dict[str, Any] | None:
+        """The plan row with its current version's definition, source file and load time, and
+        how many versions it has had; None when no such plan is loaded."""
+        row = await self._pool.fetchrow(PLAN, plan_id)
+        return dict(row) if row is not None else None
+
+    async def last_state_change(
+        self, plan_id: str, actions: Sequence[str]
+    ) -> dict[str, Any] | None:
+        """The newest audit event of the plan among `actions` (action, actor, reason,
+        recorded_at), or None."""
+        row = await self._pool.fetchrow(LAST_STATE_CHANGE, plan_id, list(actions))
+        return dict(row) if row is not None else None
+
+    async def upcoming_steps(self, plan_id: str, now: datetime, limit: int) -> list[dict[str, Any]]:
+        """A relative plan's next `limit` due times after `now` with how many active enrolments
+        are due at each (next_due_at, users)."""
+        return [dict(r) for r in await self._pool.fetch(UPCOMING_STEPS, plan_id, now, limit)]
+
+    async def overdue_steps(self, plan_id: str, now: datetime) -> int:
+        """Active enrolments of the plan whose next step is due at or before `now`."""
+        return await self._pool.fetchval(OVERDUE_STEPS, plan_id, now)
+
+    async def catch_up_queued(self, plan_id: str) -> int:
+        """Occurrences a resume queued for catching up and not yet fanned out."""
+        return await self._pool.fetchval(CATCH_UP_QUEUED, plan_id)
+
+    async def enrolments_by_status(self, plan_id: str) -> dict[str, int]:
+        """The plan's enrolments counted by status."""
+        return {r["status"]: r["n"] for r in await self._pool.fetch(ENROLMENTS_BY_STATUS, plan_id)}
+
+    async def outcome_counts(self, plan_id: str | None, now: datetime) -> list[dict[str, Any]]:
+        """Ledger rows due by `now` by (status, reason): d1 / d7 due in the last 24 hours / 7 days,
+        total all of them; for one plan, or all plans when `plan_id` is None."""
+        return [dict(r) for r in await self._pool.fetch(OUTCOME_COUNTS, plan_id, now)]
+
+    async def last_errors(self, plan_id: str, limit: int) -> list[dict[str, Any]]:
+        """The plan's newest `limit` failed or unknown sends, newest first (`at`: when they
+        finished, or were claimed when they never finished)."""
+        return [dict(r) for r in await self._pool.fetch(LAST_ERRORS, plan_id, limit)]
+
+    async def file_problems_of(self, plan_id: str, source_file: str | None) -> list[dict[str, Any]]:
+        """Rejected plan files of this plan, or at its source file, by file name."""
+        rows = await self._pool.fetch(FILE_PROBLEMS_OF_PLAN, plan_id, source_file)
+        return [dict(r) for r in rows]
+
+    async def first_due_step(self, plan_id: str) -> datetime | None:
+        """The earliest next step of the plan's active enrolments (None: nobody is enrolled)."""
+        return await self._pool.fetchval(FIRST_DUE_STEP, plan_id)
+
+    # --- every plan -----------------------------------------------------------------------------
+
+    async def plans(self) -> list[dict[str, Any]]:
+        """Every plan with its current version's definition, by id."""
+        return [dict(r) for r in await self._pool.fetch(PLANS)]
+
+    async def outcome_counts_per_plan(self, now: datetime) -> list[dict[str, Any]]:
+        """Ledger rows due by `now` by (plan_id, status): d1 / d7 / total as `outcome_counts`."""
+        return [dict(r) for r in await self._pool.fetch(OUTCOME_COUNTS_PER_PLAN, now)]
+
+    async def active_enrolments_per_plan(self) -> dict[str, int]:
+        """Active enrolments by plan (plans without any are left out)."""
+        return {r["plan_id"]: r["n"] for r in await self._pool.fetch(ACTIVE_ENROLMENTS_PER_PLAN)}
+
+    async def file_problems(self) -> list[dict[str, Any]]:
+        """Every rejected plan file (source_file, plan_id, problems, first_seen), by file."""
+        return [dict(r) for r in await self._pool.fetch(FILE_PROBLEMS)]
+
+    # --- replicas -------------------------------------------------------------------------------
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        """Replicas seen in the last day or stopped cleanly, alive ones first: id, host, pid,
+        started_at, last_seen (None: stopped cleanly) and alive."""
+        return [dict(r) for r in await self._pool.fetch(REPLICAS, REPLICA_ALIVE_S)]
+
+    async def replica_alive(self, replica_id: str) -> bool:
+        """Whether this replica's heartbeat is recent (False too when it never ran)."""
+        return bool(await self._pool.fetchval(REPLICA_ALIVE, replica_id, REPLICA_ALIVE_S))
+
+    async def live_replica_count(self) -> int:
+        """How many replicas have a recent heartbeat."""
+        return await self._pool.fetchval(LIVE_REPLICA_COUNT, REPLICA_ALIVE_S)
