@@ -101,7 +101,7 @@ class FlightRecorder:
             try:
                 async for attempt in retry_transient(what="recording the sends in flight"):
                     with attempt:
-                        async with self._store.pool.acquire() as conn:
+                        async with self._store.held_connection() as conn:
                             while self._candidates or self._results:
                                 await self._round_trip(conn)
             except Exception:  # not an outage: a fault worth a traceback; try again soon

@@ -778,6 +778,13 @@ class FanOutStore:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
 
+    @asynccontextmanager
+    async def held_connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """One connection for a run of round trips (`record_flight(conn=...)`): a pool checkout
+        per round trip would cost as much as the round trip."""
+        async with self.pool.acquire() as conn:
+            yield conn
+
     async def record_occurrence(
         self, plan_id: str, occurrence: str, step: int, fire_time: datetime, chunk_size: int
     ) -> int:

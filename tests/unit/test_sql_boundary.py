@@ -17,12 +17,8 @@ ALLOWLIST = {
     "scheduler/app/lifecycle.py",
     "scheduler/app/watcher.py",
     "scheduler/app/dispatcher.py",
-    "scheduler/app/daemon.py",
     "scheduler/cli_ingest.py",
     "scheduler/api/ingest.py",
-    # The flight recorder holds one pool connection across its round trips; no part of the
-    # issue has taken its move yet.
-    "scheduler/app/flight.py",
 }
 
 # Uppercase keywords only: prose ("select from the list") is not a statement.
