@@ -167,7 +167,7 @@ class FakeProcess:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.fake_wechat", "--port", "0"],
+            [sys.executable, "-m", "scheduler.testing.fake_wechat", "--port", "0"],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -112,7 +112,7 @@ async def _start_fake() -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "scheduler.fake_wechat",
+        "scheduler.testing.fake_wechat",
         "--no-keep-messages",
         stdout=asyncio.subprocess.PIPE,
     )

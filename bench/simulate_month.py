@@ -27,9 +27,9 @@ from scheduler.app.lifecycle import Lifecycle, process_catch_up  # noqa: E402
 from scheduler.app.status import overview, plan_status, render_overview, render_plan  # noqa: E402
 from scheduler.channels.wechat import WeChatChannel  # noqa: E402
 from scheduler.domain.schedule import calendar_anchor, calendar_occurrences, relative_due  # noqa: E402
-from scheduler.fake_wechat import FakeWeChat  # noqa: E402
 from scheduler.planfiles import load_plans, load_policy  # noqa: E402
 from scheduler.store.postgres import Store  # noqa: E402
+from scheduler.testing.fake_wechat import FakeWeChat  # noqa: E402
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 START = datetime(2026, 12, 1, tzinfo=SHANGHAI).astimezone(UTC)

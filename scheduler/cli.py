@@ -285,7 +285,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_fake_wechat(args: argparse.Namespace) -> int:
-    from scheduler.fake_wechat import serve
+    from scheduler.testing.fake_wechat import serve
 
     try:
         asyncio.run(serve(args.host, args.port, check_consent=args.check_consent))

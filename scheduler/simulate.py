@@ -41,12 +41,12 @@ from scheduler.domain.schedule import (
     relative_occurrences,
 )
 from scheduler.errors import RemindersError
-from scheduler.fake_wechat import FakeWeChat
 from scheduler.planfiles import LoadedPlan
 from scheduler.store.consent import RUNWAY_LOOKAHEAD, ConsentReport
 from scheduler.store.embedded import temporary_embedded
 from scheduler.store.postgres import Store
 from scheduler.store.scratch import scratch_database
+from scheduler.testing.fake_wechat import FakeWeChat
 
 T = TypeVar("T")
 Key = tuple[str, str | None]  # (status, reason) of a ledger row

@@ -12,7 +12,7 @@ import pytest
 
 from bench.crash_trials import PERMISSIVE_POLICY
 from scheduler.channels.wechat import WeChatChannel
-from scheduler.fake_wechat import FakeWeChat
+from scheduler.testing.fake_wechat import FakeWeChat
 
 
 @pytest.fixture(name="fake")
@@ -48,7 +48,7 @@ async def eventually(check, within_s: float = 10.0, what: str = "condition") -> 
 def fake_url_fixture() -> Iterator[str]:
     """A fake WeChat in its own process on loopback; yields its base URL."""
     with subprocess.Popen(
-        [sys.executable, "-m", "scheduler.fake_wechat", "--port", "0"],
+        [sys.executable, "-m", "scheduler.testing.fake_wechat", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     ) as proc:

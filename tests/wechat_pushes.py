@@ -1,6 +1,6 @@
 """Sample WeChat message pushes built from the field tables of wechat-api.md §6, signed with the
 test's own SHA-1 and, for safe mode, encrypted with the test's own AES-256-CBC (independently of
-`scheduler.domain.wechat_push`, so a shared mistake cannot hide)."""
+`scheduler.channels.wechat_push`, so a shared mistake cannot hide)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from scheduler.api.app import ApiError
-from scheduler.domain import wechat_push as push
+from scheduler.channels import wechat_push as push
 from scheduler.domain.consent import Result, Via
 from scheduler.domain.enrolment import OPENID
 from scheduler.domain.plan import ConsentKind

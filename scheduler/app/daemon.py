@@ -322,7 +322,7 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
         settings.wechat_secret,
     )
     if not has_credentials(settings):
-        from scheduler.fake_wechat import FakeWeChat
+        from scheduler.testing.fake_wechat import FakeWeChat
 
         fake = FakeWeChat(log_messages=True)
         base_url = await fake.start("127.0.0.1", settings.fake_wechat_port)

@@ -11,7 +11,7 @@ import pytest
 from scheduler.channels.base import OutgoingMessage
 from scheduler.channels.wechat import WeChatChannel, send_body
 from scheduler.domain.outcomes import Outcome, Reason
-from scheduler.fake_wechat import FakeWeChat
+from scheduler.testing.fake_wechat import FakeWeChat
 
 MESSAGE = OutgoingMessage(
     touser="o-user-1",

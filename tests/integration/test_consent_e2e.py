@@ -9,9 +9,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from scheduler.app.dispatcher import Dispatcher
 from scheduler.channels.wechat import WeChatChannel
-from scheduler.fake_wechat import FakeWeChat
 from scheduler.store.consent import ConsentStore
 from scheduler.store.postgres import Store
+from scheduler.testing.fake_wechat import FakeWeChat
 from tests.ingest_helpers import INGEST, ONE_TIME_TEMPLATE, register, rehab_plan, serve
 from tests.integration.test_dispatch import Clock
 from tests.ops_helpers import fake_fixture  # noqa: F401 - a fixture

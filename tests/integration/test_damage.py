@@ -12,7 +12,7 @@ from scheduler.app.lifecycle import Lifecycle
 from scheduler.app.status import plan_status, render_plan
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
-from scheduler.fake_wechat import FakeWeChat
+from scheduler.testing.fake_wechat import FakeWeChat
 from tests.integration.test_dispatch import T0, Clock, calendar_plan, dispatcher, register
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
 

@@ -12,9 +12,9 @@ from scheduler.app.dispatcher import Dispatcher, FanOutReport
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import relative_due
-from scheduler.fake_wechat import FakeWeChat
 from scheduler.planfiles import content_hash
 from scheduler.store.postgres import Store
+from scheduler.testing.fake_wechat import FakeWeChat
 
 T0 = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)  # Monday 09:00 in Shanghai
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from scheduler.fake_wechat import FakeWeChat, serve
+from scheduler.testing.fake_wechat import FakeWeChat, serve
 
 SEND = "/cgi-bin/message/subscribe/send"
 CREDENTIALS = {"grant_type": "client_credential", "appid": "wx-test", "secret": "s3cret"}

@@ -28,9 +28,9 @@ from scheduler.domain.plan import Category, Plan
 from scheduler.domain.policy import Policy
 from scheduler.domain.rules import Limits, dry_run, plan_limits
 from scheduler.domain.schedule import Occurrence, calendar_anchor, calendar_occurrences
-from scheduler.fake_wechat import FakeWeChat
 from scheduler.planfiles import content_hash
 from scheduler.store.postgres import Store
+from scheduler.testing.fake_wechat import FakeWeChat
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
 
 ZONES = ("America/New_York", "Asia/Shanghai", "Europe/London", "Pacific/Auckland", "Asia/Kolkata")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.domain import wechat_push as push
+from scheduler.channels import wechat_push as push
 from tests.wechat_pushes import (
     APPID,
     ENCODING_AES_KEY,
