@@ -3,10 +3,11 @@
 RemindersError
 ├── PlanError            a plan file is invalid (carries file, field path and reason)
 ├── ConfigError          settings or the environment cannot work
-├── StoreError           the database refused or failed
-└── ChannelError         a message could not be handed to the channel
-    ├── TransientChannelError   worth retrying (timeouts, 5xx, errcode -1)
-    └── PermanentChannelError   retrying unchanged will not help
+└── StoreError           the database refused or failed (store/ translates asyncpg's errors;
+                         `store.postgres.is_transient` says which are worth a retry)
+
+The channel raises none: every WeChat or network failure is a `SendResult` (an outcome and a
+`Reason`), decided once in channels/wechat.py; HTTP status codes are chosen only in api/.
 """
 
 from __future__ import annotations
@@ -40,16 +41,4 @@ class ConfigError(RemindersError):
 
 
 class StoreError(RemindersError):
-    pass
-
-
-class ChannelError(RemindersError):
-    pass
-
-
-class TransientChannelError(ChannelError):
-    pass
-
-
-class PermanentChannelError(ChannelError):
     pass
