@@ -261,11 +261,17 @@ async def run(
             WeChatChannel(base_url=fake.base_url, appid="sim", secret="sim", retries=1), clock
         )
         try:
+            lifecycle = Lifecycle(store, clock=clock)
             dispatcher = Dispatcher(
-                store, channel, replica_id="simulate", clock=clock, policy=policy
+                store,
+                channel,
+                replica_id="simulate",
+                clock=clock,
+                policy=policy,
+                lifecycle=lifecycle,
             )
             await _setup(store, loaded, users, start)
-            drive = _Drive(store, dispatcher, Lifecycle(store, clock=clock), clock, report, users)
+            drive = _Drive(store, dispatcher, lifecycle, clock, report, users)
             await drive.run(plans, _calendar_events(plans, start, end), sorted(opt_outs))
             await _read_ledger(store, report, drive.deferred)
             report.sends = [(s.user_id, template_plan[s.template_id], s.at) for s in channel.sends]

@@ -113,6 +113,7 @@ class Daemon:
         self.scheduler = scheduler
         self.replica_id = replica_id
         self.clock = clock
+        self.lifecycle = Lifecycle(store, clock=clock)
         self.dispatcher = Dispatcher(
             store,
             channel,
@@ -132,8 +133,8 @@ class Daemon:
                 "normal": settings.quota_reserve_normal,
                 "high": 0.0,
             },
+            lifecycle=self.lifecycle,
         )
-        self.lifecycle = Lifecycle(store, clock=clock)
         self.work_available = asyncio.Event()
 
     async def sync_plans(self, loaded: list[LoadedPlan]) -> SyncResult:

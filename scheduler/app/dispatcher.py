@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from scheduler.app import metrics
 from scheduler.app.damage import DamageControl, scope_of
 from scheduler.app.flight import FlightRecorder
-from scheduler.app.lifecycle import Lifecycle
+from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.app.quota import QuotaWatch, quota_reset_after
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
@@ -142,11 +142,15 @@ class Dispatcher:
         send_rate: SendRate | None = None,
         quota_check_s: float = 60.0,
         quota_reserves: dict[str, float] | None = None,
+        lifecycle: Lifecycle | None = None,
     ):
         self.store = store
+        # Plan and enrolment states change only through the lifecycle (its transitions, audit
+        # row and NOTIFY): completing a plan and the damage stops go through the daemon's.
+        self.lifecycle = lifecycle or Lifecycle(store, clock=clock)
         self.chunk_size = chunk_size
         self.recorder = FlightRecorder(store.fanout, replica_id, concurrency, rate=send_rate)
-        self.damage = DamageControl(store, Lifecycle(store, clock=clock), replica_id)
+        self.damage = DamageControl(store, self.lifecycle, replica_id)
         self._busy: set[int] = set()  # the chunks this replica is working on
         self._taking = asyncio.Lock()
         self._queued: set[int] = set()  # claimed rows in this process's pipelines, not done
@@ -449,12 +453,14 @@ class Dispatcher:
         assert cal is not None
         anchor = calendar_anchor(cal, active.record.registered_at)
         if calendar_trigger(cal, anchor, chunk.fire_time + timedelta(microseconds=1)) is None:
-            await self.store.set_plan_state(
-                chunk.plan_id,
-                "completed",
-                self.replica_id,
-                f"all {chunk.step} occurrences are due",
-            )
+            try:
+                await self.lifecycle.complete(
+                    chunk.plan_id,
+                    actor=self.replica_id,
+                    reason=f"all {chunk.step} occurrences are due",
+                )
+            except LifecycleError as refused:  # cancelled or paused meanwhile: that state stays
+                log.info("plan %s not completed: %s", chunk.plan_id, refused.message)
 
     # --- relative plans -------------------------------------------------------------------------
 

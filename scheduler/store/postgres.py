@@ -299,27 +299,6 @@ class Store:
         )
         return [r["plan_id"] for r in rows]
 
-    async def set_plan_state(
-        self, plan_id: str, state: str, actor: str, reason: str | None
-    ) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            version = await conn.fetchval(
-                "UPDATE plans SET state = $2, state_reason = $3, updated_at = now()"
-                " WHERE id = $1 RETURNING current_version",
-                plan_id,
-                state,
-                reason,
-            )
-            await conn.execute(
-                "INSERT INTO plan_events (plan_id, action, actor, reason, plan_version)"
-                " VALUES ($1, $2, $3, $4, $5)",
-                plan_id,
-                state,
-                actor,
-                reason,
-                version,
-            )
-
     # --- enrolments -----------------------------------------------------------------------------
 
     async def enroll(

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from scheduler.app.dispatcher import Dispatcher, FanOutReport
+from scheduler.app.lifecycle import Lifecycle
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import relative_due
@@ -203,7 +204,7 @@ async def test_paused_plan_sends_nothing(store, fake, channel):
     await register(store, plan)
     await store.enroll(plan.id, "o-a", T0, "Asia/Shanghai", {"who": "a"}, None)
     await store.record_consent("o-a", "tmpl_alert", "long_term", "accept", "test")
-    await store.set_plan_state(plan.id, "paused", "admin", "testing")
+    await Lifecycle(store).pause(plan.id, actor="admin", reason="testing")
 
     report = await dispatcher(store, channel, Clock(T0)).fire(
         plan.id, datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
