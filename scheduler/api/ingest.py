@@ -29,6 +29,7 @@ from scheduler.api.fields import (
     TimeZoneName,
     Variables,
 )
+from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.domain.consent import Result, Via
 from scheduler.domain.enrolment import OPENID, Enrolment, EnrolmentError, prepare
 from scheduler.domain.plan import ConsentKind, Plan
@@ -329,12 +330,21 @@ def _out(e: Enrolment) -> EnrollmentOut:
     summary="Stop a user's enrolment (its history and ledger are kept)",
 )
 async def delete_enrollment(
-    plan_id: Id, openid: OpenIdPath, caller: Ingest, store: Store
+    plan_id: Id, openid: OpenIdPath, caller: Ingest, request: Request
 ) -> dict[str, str]:
-    if not await store.stop_enrollment(plan_id, openid):
-        raise ApiError(
-            404, "unknown_enrollment", f"{openid} is not enrolled in {plan_id}", plan_id=plan_id
+    # Through the lifecycle, the one writer of enrolment states: it writes the audit row.
+    lifecycle = getattr(request.app.state, "lifecycle", None) or Lifecycle(request.app.state.store)
+    try:
+        await lifecycle.stop_enrollment(
+            plan_id, openid, actor=f"api:{caller.name}", reason="stopped through the ingest API"
         )
+    except LifecycleError as refused:
+        if refused.code == "unknown_enrollment":
+            raise ApiError(
+                404, "unknown_enrollment", f"{openid} is not enrolled in {plan_id}", plan_id=plan_id
+            ) from None
+        if refused.code != "invalid_transition":  # already stopped or finished: done already
+            raise ApiError(refused.status, refused.code, refused.message) from None
     return {"plan_id": plan_id, "openid": openid, "status": "stopped"}
 
 

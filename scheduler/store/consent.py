@@ -378,16 +378,6 @@ class ConsentStore:
             raise StoreError("an enrolment names a plan that is not loaded") from None
         return int(status.split()[-1])
 
-    async def stop_enrollment(self, plan_id: str, user_id: str) -> bool:
-        """Stop one enrolment (kept, with its ledger, for the record); False if there is none."""
-        status = await self.pool.execute(
-            "UPDATE enrollments SET status = 'stopped', next_due_at = NULL, updated_at = now()"
-            " WHERE plan_id = $1 AND user_id = $2",
-            plan_id,
-            user_id,
-        )
-        return status != "UPDATE 0"
-
     # --- the runway -----------------------------------------------------------------------------
 
     async def runway(

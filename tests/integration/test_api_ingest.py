@@ -372,6 +372,13 @@ async def test_delete_stops_an_enrolment(api, store):
     response = await api.delete(f"/v1/enrollments/rehab/{U1}", headers=INGEST)
     assert response.json() == {"plan_id": "rehab", "openid": U1, "status": "stopped"}
     assert await store.pool.fetchval("SELECT status FROM enrollments") == "stopped"
+    # one writer: the stop is in the audit, by the token that asked
+    audit = await store.pool.fetch("SELECT action, actor, user_id FROM plan_events")
+    assert [tuple(r) for r in audit if r["action"] == "stop_enrollment"] == [
+        ("stop_enrollment", "api:crm", U1)
+    ]
+    twice = await api.delete(f"/v1/enrollments/rehab/{U1}", headers=INGEST)
+    assert twice.status_code == 200  # DELETE is idempotent
     again = await api.delete(f"/v1/enrollments/rehab/{U1}x", headers=INGEST)
     assert again.status_code == 404 and again.json()["error"]["code"] == "unknown_enrollment"
 
