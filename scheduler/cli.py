@@ -223,21 +223,28 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_consent(args: argparse.Namespace) -> int:
-    from scheduler.domain.consent import consent_problem
+    from scheduler.domain.consent import Result, consent_problem
     from scheduler.domain.plan import ConsentKind
+    from scheduler.store.consent import ConsentReport
 
-    async def work(store) -> dict | None:  # noqa: ANN001
+    kind = ConsentKind(args.kind)
+
+    async def work(store):  # noqa: ANN001, ANN202
         # The API's rule (POST /v1/consent answers 422): only templates the plans use, as the
-        # kind they declare.
-        known = await store.consent.template_kinds()
-        problem = consent_problem(known, args.template, ConsentKind(args.kind))
+        # kind they declare; recorded through the same writer.
+        problem = consent_problem(await store.consent.template_kinds(), args.template, kind)
         if problem is not None:
-            raise UsageError(f"consent not recorded: {problem}")
-        await store.record_consent(args.user, args.template, args.kind, args.result, "cli")
-        return await store.consent_of(args.user, args.template)
+            raise UsageError(f"consent not recorded: {problem.message}")
+        report = ConsentReport(args.user, args.template, Result(args.result), "cli", kind=kind)
+        recorded = await store.consent.record([report])
+        return recorded.states[(args.user, args.template)]
 
     state = asyncio.run(_with_store(_settings(args), work))
-    print(f"recorded {args.result} ({args.kind}) for {args.user} on {args.template}: {state}")
+    print(
+        f"recorded {args.result} ({args.kind}) for {args.user} on {args.template}: "
+        f"{state.credits} one-time credit(s), long-term {'on' if state.long_term else 'off'}"
+        f"{', banned' if state.banned else ''}"
+    )
     return 0
 
 

@@ -30,7 +30,7 @@ from scheduler.api.fields import (
     Variables,
 )
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
-from scheduler.domain.consent import Result, Via
+from scheduler.domain.consent import Result, Via, consent_problem
 from scheduler.domain.enrolment import OPENID, Enrolment, EnrolmentError, prepare
 from scheduler.domain.plan import ConsentKind, Plan
 from scheduler.domain.tracking import NOTIFICATION_SCENES, TRACKING_PARAM
@@ -125,26 +125,17 @@ class ConsentRecorded(BaseModel):
 )
 async def post_consent(batch: ConsentBatch, caller: Ingest, store: Store) -> ConsentRecorded:
     known = await store.template_kinds()
-    unknown = sorted({t for p in batch.popups for t in p.results} - known.keys())
-    if unknown:
-        raise ApiError(
-            422,
-            "unknown_template",
-            f"no loaded plan uses template(s) {', '.join(unknown)}",
-            unknown=unknown,
-            known=sorted(known),
-        )
     for index, popup in enumerate(batch.popups):
         for template_id in popup.results:
-            if popup.kind not in known[template_id]:
-                declared = "/".join(sorted(k.value for k in known[template_id]))
+            problem = consent_problem(known, template_id, popup.kind)
+            if problem is not None:
                 raise ApiError(
                     422,
-                    "kind_mismatch",
-                    f"popups.{index}: template {template_id} is {declared} in its plans, "
-                    f"not {popup.kind.value}",
+                    problem.code,
+                    f"popups.{index}: {problem.message}",
                     index=index,
                     template_id=template_id,
+                    known=sorted(known),
                 )
     reports = [
         ConsentReport(

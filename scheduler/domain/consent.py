@@ -74,18 +74,30 @@ class ConsentState:
 NONE = ConsentState()
 
 
+@dataclass(frozen=True, slots=True)
+class ConsentProblem:
+    code: str  # unknown_template | kind_mismatch
+    message: str
+
+
 def consent_problem(
     known: Mapping[str, set[ConsentKind]], template_id: str, kind: ConsentKind
-) -> str | None:
+) -> ConsentProblem | None:
     """Why a popup result for `template_id` must not be recorded: no loaded plan uses the
     template, or its plans declare another consent kind (a typo would put credits on a template
-    no plan sends). `known` is what the plans declare (ConsentStore.template_kinds)."""
+    no plan sends). `known` is what the plans declare (ConsentStore.template_kinds). The one
+    check behind `POST /v1/consent` and `reminders consent`."""
     if template_id not in known:
         listed = ", ".join(sorted(known)) or "none is loaded"
-        return f"no loaded plan uses template {template_id} (templates in use: {listed})"
+        return ConsentProblem(
+            "unknown_template",
+            f"no loaded plan uses template {template_id} (templates in use: {listed})",
+        )
     if kind not in known[template_id]:
         declared = "/".join(sorted(k.value for k in known[template_id]))
-        return f"template {template_id} is {declared} in its plans, not {kind.value}"
+        return ConsentProblem(
+            "kind_mismatch", f"template {template_id} is {declared} in its plans, not {kind.value}"
+        )
     return None
 
 
