@@ -43,7 +43,6 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `scheduler` i
 
 from bench.fanout import admin_execute, with_database
 from scheduler.domain.plan import Plan
-from scheduler.planfiles import content_hash
 from scheduler.store.embedded import start_embedded
 from scheduler.store.postgres import Store
 
@@ -128,9 +127,7 @@ def write_csv(path: Path, rows: int) -> None:
 async def bench(args: argparse.Namespace, db_url: str, work: Path) -> str:
     async with Store.open(db_url) as store:
         await store.migrate()
-        await store.register_plan(
-            PLAN.id, "relative", content_hash(PLAN), PLAN.model_dump(mode="json"), "bench"
-        )
+        await store.register_plan(PLAN, "bench")
 
     port = free_port()
     server = await asyncio.create_subprocess_exec(

@@ -200,9 +200,7 @@ async def enrol(db_url: str, plans_dir: Path, users: int) -> None:
     item = load_plan_file(plans_dir / f"{PLAN_ID}.yaml")
     async with Store.open(db_url) as store:
         await store.migrate()
-        await store.register_plan(
-            PLAN_ID, "calendar", item.content_hash, item.plan.model_dump(mode="json"), "trial"
-        )
+        await store.register_plan(item.plan, "trial")
         await store.pool.execute(
             "INSERT INTO enrollments (plan_id, user_id, start_at, tz)"
             " SELECT $1, 'o-' || lpad(i::text, 7, '0'), now(), 'UTC'"

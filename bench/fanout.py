@@ -81,7 +81,6 @@ from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.messages import render
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import calendar_anchor, calendar_occurrences
-from scheduler.planfiles import content_hash
 from scheduler.store.embedded import start_embedded
 from scheduler.store.postgres import SendRate, Store
 
@@ -130,9 +129,7 @@ async def admin_execute(server_url: str, sql: str) -> None:
 
 async def load(store: Store, db_url: str, n: int) -> None:
     """Register the plan and COPY n enrolments and n long-term consents (streamed, not listed)."""
-    await store.register_plan(
-        PLAN.id, "calendar", content_hash(PLAN), PLAN.model_dump(mode="json"), "bench"
-    )
+    await store.register_plan(PLAN, "bench")
     enrolments: Iterator[tuple[Any, ...]] = (
         (PLAN.id, user_id(i), START, TZ, json.dumps({"line": str(2 + i % 3)})) for i in range(n)
     )

@@ -65,13 +65,7 @@ async def simulate(url: str) -> None:
         plans = {item.plan.id: item.plan for item in loaded}
         for item in loaded:
             plan = item.plan
-            await store.register_plan(
-                plan.id,
-                "relative" if plan.is_relative else "calendar",
-                item.content_hash,
-                plan.model_dump(mode="json"),
-                f"plans/{item.path.name}",
-            )
+            await store.register_plan(plan, f"plans/{item.path.name}")
             for i, user in enumerate(USERS):
                 start = START + timedelta(days=i * 3, hours=2)  # rehab: surgeries 3 days apart
                 due = (

@@ -106,7 +106,7 @@ def read_csv(
 
 
 async def _plan_for(store: Any, settings: Settings, plan_id: str) -> Plan:
-    from scheduler.planfiles import content_hash, load_plans
+    from scheduler.planfiles import load_plans
 
     record = await store.plan(plan_id)
     if record is None:  # not loaded by a daemon yet: take it from the plans folder
@@ -115,13 +115,7 @@ async def _plan_for(store: Any, settings: Settings, plan_id: str) -> Plan:
         if not match:
             raise UsageError(f"no plan {plan_id!r} in the database or in {settings.plans_dir}/")
         plan = match[0].plan
-        registration = await store.register_plan(
-            plan.id,
-            "relative" if plan.is_relative else "calendar",
-            content_hash(plan),
-            plan.model_dump(mode="json"),
-            str(match[0].path),
-        )
+        registration = await store.register_plan(plan, str(match[0].path))
         record = registration.record
     return Plan.model_validate(record.definition)
 

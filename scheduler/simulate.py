@@ -197,13 +197,7 @@ async def _setup(
     plans = {item.plan.id: item.plan for item in loaded}
     for item in loaded:
         plan = item.plan
-        await store.register_plan(
-            plan.id,
-            "relative" if plan.is_relative else "calendar",
-            item.content_hash,
-            plan.model_dump(mode="json"),
-            f"plans/{item.path.name}",
-        )
+        await store.register_plan(plan, f"plans/{item.path.name}")
     # The store stamps registered_at with the real clock; a calendar plan without a start date
     # counts its steps from it: loaded at the run's start in virtual time instead.
     await store.simulation.register_all_at(start)

@@ -11,7 +11,6 @@ import httpx
 from scheduler.api.app import create_app
 from scheduler.api.server import ApiServer
 from scheduler.domain.plan import Plan
-from scheduler.planfiles import content_hash
 from scheduler.settings import Settings
 from scheduler.store.postgres import Store
 from tests.wechat_pushes import APPID, ENCODING_AES_KEY, TOKEN
@@ -68,13 +67,7 @@ def alerts_plan() -> Plan:
 
 
 async def register(store: Store, plan: Plan) -> None:
-    await store.register_plan(
-        plan.id,
-        "relative" if plan.is_relative else "calendar",
-        content_hash(plan),
-        plan.model_dump(mode="json"),
-        "test",
-    )
+    await store.register_plan(plan, "test")
 
 
 def settings(**overrides: Any) -> Settings:

@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from scheduler.domain.plan import Plan
-from scheduler.planfiles import content_hash
 from scheduler.store.postgres import Store
 
 Now = TypeVar("Now", datetime, float)
@@ -29,13 +28,7 @@ def plan_of(document: dict[str, Any]) -> Plan:
 
 async def register(store: Store, plan: Plan) -> None:
     """Load a plan as the daemon would from a file (source `test`)."""
-    await store.register_plan(
-        plan.id,
-        "relative" if plan.is_relative else "calendar",
-        content_hash(plan),
-        plan.model_dump(mode="json"),
-        "test",
-    )
+    await store.register_plan(plan, "test")
 
 
 async def reset_database(store: Store) -> None:

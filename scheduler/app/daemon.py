@@ -142,13 +142,7 @@ class Daemon:
         result = SyncResult([], [], [])
         for item in loaded:
             plan = item.plan
-            registration = await self.store.register_plan(
-                plan.id,
-                "relative" if plan.is_relative else "calendar",
-                item.content_hash,
-                plan.model_dump(mode="json"),
-                str(item.path),
-            )
+            registration = await self.store.register_plan(plan, str(item.path))
             if registration.record.state in ("cancelled", "completed"):
                 await self._remove_schedule(plan.id)  # over: an edit does not revive it
                 result.unchanged.append(plan.id)

@@ -26,7 +26,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from scheduler.domain.plan import Plan
 from scheduler.errors import StoreError
+from scheduler.planfiles import content_hash as plan_content_hash
 from scheduler.store.abc import (
     ClusterGaugeReads,
     ControlNotifications,
@@ -224,10 +226,11 @@ class Store:
 
     # --- plans ----------------------------------------------------------------------------------
 
-    async def register_plan(
-        self, plan_id: str, kind: str, content_hash: str, definition: dict[str, Any], source: str
-    ) -> Registration:
-        """Record this content as the plan's current version (a new version if it changed)."""
+    async def register_plan(self, plan: Plan, source: str) -> Registration:
+        """Record this content as the plan's current version (a new version if it changed):
+        the one way a loaded plan (a file, a test's, the demo's) reaches the database."""
+        plan_id, kind = plan.id, "relative" if plan.is_relative else "calendar"
+        content_hash, definition = plan_content_hash(plan), plan.model_dump(mode="json")
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO plans (id, kind) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",

@@ -57,9 +57,7 @@ async def audience(store: Store, plans_dir: Path, db_url: str) -> Store:
     from scheduler.planfiles import load_plan_file
 
     item = load_plan_file(plans_dir / "ticker.yaml")
-    await store.register_plan(
-        "ticker", "calendar", item.content_hash, item.plan.model_dump(mode="json"), str(item.path)
-    )
+    await store.register_plan(item.plan, str(item.path))
     now = datetime.now(UTC)
     for user in USERS:
         await store.enroll("ticker", user, now, "Asia/Shanghai", {}, None)

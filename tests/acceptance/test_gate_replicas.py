@@ -14,7 +14,7 @@ from scheduler.app.dispatcher import Dispatcher
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import Policy
-from scheduler.planfiles import content_hash, load_plan_file
+from scheduler.planfiles import load_plan_file
 from scheduler.store.postgres import Store
 from tests.acceptance.test_daemon import Daemon, fake_messages, wait_for
 from tests.ops_helpers import fake_fixture, fake_url_fixture  # noqa: F401 - fixtures
@@ -75,9 +75,7 @@ async def test_four_dispatchers_at_once_never_pass_the_daily_cap(store: Store, f
     policy = Policy()
     assert policy.caps.user_day == 2
     for plan in PLANS:
-        await store.register_plan(
-            plan.id, "calendar", content_hash(plan), plan.model_dump(mode="json"), "test"
-        )
+        await store.register_plan(plan, "test")
         for user in AUDIENCES[plan.id]:
             start = datetime.combine(FIRST_DAY, time(), UTC)
             await store.enroll(plan.id, user, start, ZONES[user], {}, None)
@@ -209,9 +207,7 @@ async def test_two_daemons_sending_to_shared_users_never_pass_the_daily_cap(
     write_plans(plans_dir)
     for plan_id in DAEMON_PLANS:  # registered and enrolled as `reminders enroll` would
         item = load_plan_file(plans_dir / f"{plan_id}.yaml")
-        await store.register_plan(
-            plan_id, "calendar", item.content_hash, item.plan.model_dump(mode="json"), "test"
-        )
+        await store.register_plan(item.plan, "test")
         for user in DAEMON_USERS:
             await store.enroll(plan_id, user, datetime.now(UTC), "Asia/Shanghai", {}, None)
             await store.record_consent(user, f"tmpl_{plan_id}", "long_term", "accept", "test")

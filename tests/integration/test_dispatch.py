@@ -13,7 +13,6 @@ from scheduler.app.lifecycle import Lifecycle
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import relative_due
-from scheduler.planfiles import content_hash
 from scheduler.store.postgres import Store
 from scheduler.testing.fake_wechat import FakeWeChat
 
@@ -89,13 +88,7 @@ async def channel(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
 
 
 async def register(store: Store, plan: Plan, registered_at: datetime = T0) -> None:
-    await store.register_plan(
-        plan.id,
-        "relative" if plan.is_relative else "calendar",
-        content_hash(plan),
-        plan.model_dump(mode="json"),
-        "test",
-    )
+    await store.register_plan(plan, "test")
 
 
 async def ledger(store: Store, plan_id: str) -> list[dict]:

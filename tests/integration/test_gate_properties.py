@@ -28,7 +28,6 @@ from scheduler.domain.plan import Category, Plan
 from scheduler.domain.policy import Policy
 from scheduler.domain.rules import Limits, dry_run, plan_limits
 from scheduler.domain.schedule import Occurrence, calendar_anchor, calendar_occurrences
-from scheduler.planfiles import content_hash
 from scheduler.store.postgres import Store
 from scheduler.testing.fake_wechat import FakeWeChat
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
@@ -200,9 +199,7 @@ async def reset(store: Store) -> None:
 
 async def prepare(store: Store, s: Scenario) -> None:
     for plan in s.plans:
-        await store.register_plan(
-            plan.id, "calendar", content_hash(plan), plan.model_dump(mode="json"), "test"
-        )
+        await store.register_plan(plan, "test")
     start = datetime.combine(s.first_day - timedelta(days=1), time(), UTC)
     for user, chosen in s.enrolments.items():
         for plan_id, ref in chosen.items():
