@@ -13,6 +13,7 @@ from scheduler.api.server import ApiServer
 from scheduler.domain.plan import Plan
 from scheduler.settings import Settings
 from scheduler.store.postgres import Store
+from tests.support import register  # noqa: F401 - the ingest tests take it from here
 from tests.wechat_pushes import APPID, ENCODING_AES_KEY, TOKEN
 
 TOKENS = {
@@ -64,10 +65,6 @@ def alerts_plan() -> Plan:
             "message": {"default": {"thing1": "Line 2 delayed"}},
         }
     )
-
-
-async def register(store: Store, plan: Plan) -> None:
-    await store.register_plan(plan, "test")
 
 
 def settings(**overrides: Any) -> Settings:

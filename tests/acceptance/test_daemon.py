@@ -4,11 +4,7 @@ process on loopback and a real PostgreSQL: delivery, restarts, two replicas, a k
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,6 +15,7 @@ import pytest
 
 from scheduler.store.postgres import Store
 from tests.ops_helpers import fake_url_fixture, permissive_policy_in  # noqa: F401 - a fixture
+from tests.support import DaemonProcess, fake_messages, wait_for
 
 PLAN = """
 id: ticker
@@ -65,39 +62,12 @@ async def audience(store: Store, plans_dir: Path, db_url: str) -> Store:
     return store
 
 
-class Daemon:
-    def __init__(self, replica: str, db_url: str, plans_dir: Path, fake_url: str, log: Path):
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "REMINDERS_PLANS_DIR": str(plans_dir),
-            "REMINDERS_WECHAT_API_BASE": fake_url,
-            "REMINDERS_WECHAT_APPID": "wx-test",
-            "REMINDERS_WECHAT_SECRET": "secret",
-            "REMINDERS_REPLICA_ID": replica,
-            "REMINDERS_SWEEP_SECONDS": "1",
-            "REMINDERS_BATCH_SIZE": "3",
-            "REMINDERS_API_PORT": "0",
-        }
-        with log.open("a") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "scheduler.cli", "run"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-
 @pytest.fixture
 def daemons(db_url: str, plans_dir: Path, fake_url: str, tmp_path: Path) -> Iterator:
-    started: list[Daemon] = []
+    started: list[DaemonProcess] = []
 
-    def start(replica: str) -> Daemon:
-        daemon = Daemon(replica, db_url, plans_dir, fake_url, tmp_path / f"{replica}.log")
+    def start(replica: str) -> DaemonProcess:
+        daemon = DaemonProcess(replica, db_url, plans_dir, fake_url, tmp_path / f"{replica}.log")
         started.append(daemon)
         return daemon
 
@@ -106,20 +76,6 @@ def daemons(db_url: str, plans_dir: Path, fake_url: str, tmp_path: Path) -> Iter
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(10)
-
-
-async def fake_messages(fake_url: str) -> list[dict]:
-    async with httpx.AsyncClient() as client:
-        return (await client.get(f"{fake_url}/fake/messages")).json()
-
-
-async def wait_for(predicate, within_s: float = 40.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def sent_occurrences(store: Store) -> int:

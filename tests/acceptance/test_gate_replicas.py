@@ -16,8 +16,8 @@ from scheduler.domain.plan import Plan
 from scheduler.domain.policy import Policy
 from scheduler.planfiles import load_plan_file
 from scheduler.store.postgres import Store
-from tests.acceptance.test_daemon import Daemon, fake_messages, wait_for
 from tests.ops_helpers import fake_fixture, fake_url_fixture  # noqa: F401 - fixtures
+from tests.support import Clock, DaemonProcess, fake_messages, wait_for
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 FINAL = {"sent", "skipped", "failed", "missed", "unknown"}
@@ -61,14 +61,6 @@ PLANS = [
     # A capped message of this plan waits for the next day (and its quiet hours) instead.
     daily_plan("school", "education", on_capped="defer", max_delay="1 day"),
 ]
-
-
-class Clock:
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 async def test_four_dispatchers_at_once_never_pass_the_daily_cap(store: Store, fake):
@@ -213,7 +205,7 @@ async def test_two_daemons_sending_to_shared_users_never_pass_the_daily_cap(
             await store.record_consent(user, f"tmpl_{plan_id}", "long_term", "accept", "test")
     days = {datetime.now(SHANGHAI).date()}
     logs = {r: tmp_path / f"{r}.log" for r in ("r1", "r2")}
-    daemons = {r: Daemon(r, db_url, plans_dir, fake_url, log) for r, log in logs.items()}
+    daemons = {r: DaemonProcess(r, db_url, plans_dir, fake_url, log) for r, log in logs.items()}
     try:
 
         async def everyone_capped() -> bool:

@@ -14,8 +14,7 @@ from scheduler.api.server import ApiServer
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.settings import Settings
 from scheduler.store.postgres import Store
-from tests.integration.test_dispatch import Clock, register
-from tests.integration.test_lifecycle import audience, daily
+from tests.support import Clock, audience, daily, register
 
 TOKENS = {
     "crm": {"token": "ingest-secret-123", "scopes": ["ingest"]},

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from scheduler.app.status import plan_status, render_plan
 from scheduler.domain.plan import Plan
-from tests.integration.test_dispatch import calendar_plan, register
+from tests.support import calendar_plan, register
 
 
 async def test_status_warns_about_a_year_the_calendar_does_not_know(store):

@@ -13,8 +13,8 @@ from scheduler.store.consent import ConsentStore
 from scheduler.store.postgres import Store
 from scheduler.testing.fake_wechat import FakeWeChat
 from tests.ingest_helpers import INGEST, ONE_TIME_TEMPLATE, register, rehab_plan, serve
-from tests.integration.test_dispatch import Clock
 from tests.ops_helpers import fake_fixture  # noqa: F401 - a fixture
+from tests.support import Clock
 from tests.wechat_pushes import event, popup, signed_query, to_xml
 
 USER = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"

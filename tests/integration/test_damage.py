@@ -13,8 +13,8 @@ from scheduler.app.status import plan_status, render_plan
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.testing.fake_wechat import FakeWeChat
-from tests.integration.test_dispatch import T0, Clock, calendar_plan, dispatcher, register
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
+from tests.support import T0, Clock, calendar_plan, dispatcher, enrol, register
 
 FIRE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
 OCCURRENCE = FIRE.isoformat()
@@ -24,12 +24,6 @@ def variant(plan_id: str, template_id: str = "tmpl_alert", page: str | None = No
     data = calendar_plan().model_dump(mode="json")
     data["id"], data["template"]["id"], data["template"]["page"] = plan_id, template_id, page
     return Plan.model_validate(data)
-
-
-async def enrol(store, plan: Plan, users: list[str]) -> None:
-    for user in users:
-        await store.enroll(plan.id, user, T0, "Asia/Shanghai", {"who": user}, None)
-        await store.record_consent(user, plan.template.id, "long_term", "accept", "test")
 
 
 async def outcomes(store, plan_id: str) -> Counter:

@@ -8,61 +8,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from scheduler.app.dispatcher import Dispatcher, FanOutReport
+from scheduler.app.dispatcher import FanOutReport
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.channels.wechat import WeChatChannel
-from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import relative_due
-from scheduler.store.postgres import Store
 from scheduler.testing.fake_wechat import FakeWeChat
-
-T0 = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)  # Monday 09:00 in Shanghai
-
-
-def calendar_plan(consent: str = "long_term") -> Plan:
-    return Plan.model_validate(
-        {
-            "id": "alerts",
-            "name": "Alerts",
-            "category": "transport",
-            "consent": consent,
-            "schedule": {
-                "calendar": {
-                    "timezone": "Asia/Shanghai",
-                    "daily": {"at": "09:00"},
-                    "start": "2026-03-01",
-                }
-            },
-            "template": {"id": "tmpl_alert", "fields": {"thing1": "thing", "number2": "number"}},
-            "message": {"default": {"thing1": "Alert for {who}", "number2": "{step}"}},
-            "variables": ["who"],
-        }
-    )
-
-
-def relative_plan() -> Plan:
-    return Plan.model_validate(
-        {
-            "id": "rehab",
-            "name": "Rehab",
-            "category": "medical",
-            "consent": "one_time",
-            "schedule": {
-                "relative": {"every": "1 week", "count": 3, "at": "09:00"},
-                "grace": "2 hours",
-            },
-            "template": {"id": "tmpl_rehab", "fields": {"thing1": "thing"}},
-            "message": {"default": {"thing1": "Week {step} 仅供参考"}},
-        }
-    )
-
-
-class Clock:
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.support import T0, Clock, calendar_plan, dispatcher, ledger, register, weekly_relative
 
 
 @pytest.fixture
@@ -85,25 +36,6 @@ async def channel(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
     )
     yield channel
     await channel.aclose()
-
-
-async def register(store: Store, plan: Plan, registered_at: datetime = T0) -> None:
-    await store.register_plan(plan, "test")
-
-
-async def ledger(store: Store, plan_id: str) -> list[dict]:
-    rows = await store.pool.fetch(
-        "SELECT occurrence, user_id, step, status, reason, errcode, msgid, message"
-        " FROM deliveries WHERE plan_id = $1 ORDER BY occurrence, user_id",
-        plan_id,
-    )
-    return [dict(r) for r in rows]
-
-
-def dispatcher(
-    store: Store, channel: WeChatChannel, clock: Clock, *, replica_id: str = "test", **kw
-) -> Dispatcher:
-    return Dispatcher(store, channel, replica_id=replica_id, clock=clock, **kw)
 
 
 async def test_fan_out_sends_once_per_user_and_records_every_outcome(store, fake, channel):
@@ -207,7 +139,7 @@ async def test_paused_plan_sends_nothing(store, fake, channel):
 
 
 async def test_relative_plan_sweeps_each_users_due_steps_in_virtual_time(store, fake, channel):
-    plan = relative_plan()
+    plan = weekly_relative()
     await register(store, plan)
     tz = ZoneInfo("Asia/Shanghai")
     starts = {"o-early": T0, "o-late": T0 + timedelta(days=2)}

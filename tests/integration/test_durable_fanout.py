@@ -14,8 +14,8 @@ from scheduler.app.lifecycle import Lifecycle
 from scheduler.app.status import overview, render_overview
 from scheduler.domain.plan import Plan
 from scheduler.store.postgres import Fenced, SendRate, Store
-from tests.integration.test_dispatch import Clock, calendar_plan, dispatcher, register
 from tests.ops_helpers import channel_fixture, eventually, fake_fixture  # noqa: F401 - fixtures
+from tests.support import Clock, calendar_plan, dispatcher, register
 
 FIRE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
 

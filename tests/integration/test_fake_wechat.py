@@ -12,25 +12,16 @@ import httpx
 import pytest
 
 from scheduler.testing.fake_wechat import FakeWeChat, serve
+from tests.support import Clock
 
 SEND = "/cgi-bin/message/subscribe/send"
 CREDENTIALS = {"grant_type": "client_credential", "appid": "wx-test", "secret": "s3cret"}
 RID = re.compile(r" rid: [0-9a-f]+-[0-9a-f]+$")
 
 
-class Clock:
-    """A clock the test moves by hand, for token lifetimes."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1000.0)
 
 
 @pytest.fixture

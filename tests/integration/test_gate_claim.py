@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from scheduler.store.postgres import CapUse, Stop, Store
-from tests.integration.test_dispatch import calendar_plan, register, relative_plan
+from tests.support import calendar_plan, register, weekly_relative
 
 DUE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
 MIDNIGHT = datetime(2026, 3, 2, 16, 0, tzinfo=UTC)  # the next local day in Shanghai
@@ -148,7 +148,7 @@ async def test_a_row_already_sent_is_never_claimed_again(store: Store):
 
 
 async def test_rule_stops_are_recorded_and_take_no_one_time_credit(store: Store):
-    plan = relative_plan()
+    plan = weekly_relative()
     await register(store, plan)
     users = ["o-content", "o-quiet", "o-go"]
     for user in users:
@@ -182,7 +182,7 @@ async def test_rule_stops_are_recorded_and_take_no_one_time_credit(store: Store)
 
 
 async def test_no_consent_comes_before_the_rules(store: Store):
-    plan = relative_plan()
+    plan = weekly_relative()
     await register(store, plan)
     stop = Stop("deferred", "quiet_hours", "quiet", DUE + timedelta(hours=1))
 

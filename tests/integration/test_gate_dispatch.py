@@ -10,8 +10,8 @@ from scheduler.domain.plan import Plan
 from scheduler.domain.policy import Policy
 from scheduler.store.consent import ConsentStore
 from scheduler.store.postgres import Store
-from tests.integration.test_dispatch import Clock, dispatcher, ledger, register
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
+from tests.support import Clock, dispatcher, ledger, register
 
 # 23:00 in Shanghai: inside the default quiet hours (22:00-08:00) there, 15:00 in London.
 LATE = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)

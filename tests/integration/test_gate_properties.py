@@ -31,6 +31,7 @@ from scheduler.domain.schedule import Occurrence, calendar_anchor, calendar_occu
 from scheduler.store.postgres import Store
 from scheduler.testing.fake_wechat import FakeWeChat
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
+from tests.support import Clock, reset_database
 
 ZONES = ("America/New_York", "Asia/Shanghai", "Europe/London", "Pacific/Auckland", "Asia/Kolkata")
 CATEGORIES = (
@@ -146,14 +147,6 @@ def scenarios(draw: st.DrawFn, max_plans: int = 4) -> Scenario:
 # --- running one scenario -------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @dataclass
 class Sent:
     at: datetime  # the virtual moment it was handed to the channel
@@ -185,16 +178,6 @@ class Recorder:
 
     async def aclose(self) -> None:
         pass
-
-
-async def reset(store: Store) -> None:
-    """Hypothesis runs many examples in one test (one database): start each from empty."""
-    tables = await store.pool.fetch(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-        " AND tablename <> 'schema_migrations'"
-    )
-    names = ", ".join(f'"{t["tablename"]}"' for t in tables)
-    await store.pool.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
 
 
 async def prepare(store: Store, s: Scenario) -> None:
@@ -379,7 +362,7 @@ async def check(store: Store, fake: FakeWeChat, recorder: Recorder, s: Scenario,
 )
 @given(s=scenarios())
 async def test_random_plans_and_users_never_exceed_a_cap(store, fake, channel, s: Scenario):
-    await reset(store)
+    await reset_database(store)
     fake.messages.clear()
     await prepare(store, s)
     clock = Clock(datetime.combine(s.first_day - timedelta(days=1), time(), UTC))
@@ -402,7 +385,7 @@ async def test_preview_and_the_gate_agree_on_one_plan(store, fake, channel, s: S
     """One owner per rule, checked: `preview` and `simulate` decide caps, quiet hours and
     defer-or-skip in Python (`rules.dry_run`), the daemon in the SQL gate. For one plan (dry_run
     counts only that plan's sends), each user's steps go at the same moments, or not at all."""
-    await reset(store)
+    await reset_database(store)
     fake.messages.clear()
     await prepare(store, s)
     [plan] = s.plans

@@ -10,68 +10,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from scheduler.app.lifecycle import Lifecycle, LifecycleError, process_catch_up
-from scheduler.domain.plan import Plan
-from scheduler.domain.schedule import relative_due
-from tests.integration.test_dispatch import Clock, dispatcher, register
 from tests.ops_helpers import channel_fixture, eventually, fake_fixture  # noqa: F401 - fixtures
+from tests.support import USERS, Clock, audience, daily, dispatcher, register, weekly_relative
 
 # Tuesday 2026-03-03 08:00 in Shanghai; the plan fires daily at 09:00 local (01:00 UTC).
 PAUSED_AT = datetime(2026, 3, 3, 0, 0, tzinfo=UTC)
 RESUMED_AT = datetime(2026, 3, 5, 2, 0, tzinfo=UTC)  # an hour after the 5th's occurrence
-USERS = [f"o-{i:02d}" for i in range(6)]
-
-
-def daily(grace: str = "1 hour", consent: str = "long_term", **calendar) -> Plan:
-    return Plan.model_validate(
-        {
-            "id": "daily",
-            "name": "Daily",
-            "category": "transport",
-            "consent": consent,
-            "schedule": {
-                "calendar": {
-                    "timezone": "Asia/Shanghai",
-                    "daily": {"at": "09:00"},
-                    "start": "2026-03-01",
-                    **calendar,
-                },
-                "grace": grace,
-            },
-            "template": {"id": "tmpl", "fields": {"thing1": "thing"}},
-            "message": {"default": {"thing1": "Day {step}"}},
-        }
-    )
-
-
-def weekly_relative(grace: str = "2 hours") -> Plan:
-    return Plan.model_validate(
-        {
-            "id": "rehab",
-            "name": "Rehab",
-            "category": "medical",
-            "consent": "one_time",
-            "schedule": {
-                "relative": {"every": "1 week", "count": 3, "at": "09:00"},
-                "grace": grace,
-            },
-            "template": {"id": "tmpl_rehab", "fields": {"thing1": "thing"}},
-            "message": {"default": {"thing1": "Week {step} 仅供参考"}},
-        }
-    )
-
-
-async def audience(store, plan: Plan, users=USERS, *, credits: int = 5) -> None:
-    start = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
-    for user in users:
-        due = None
-        if plan.schedule.relative is not None:
-            from zoneinfo import ZoneInfo
-
-            due = relative_due(plan.schedule.relative, start, ZoneInfo("Asia/Shanghai"), 0)
-        await store.enroll(plan.id, user, start, "Asia/Shanghai", {}, due)
-        kind = plan.consent.value
-        for _ in range(credits if kind == "one_time" else 1):
-            await store.record_consent(user, plan.template.id, kind, "accept", "test")
 
 
 async def outcomes(store, plan_id: str) -> dict[tuple[str, str, str | None], int]:

@@ -4,8 +4,7 @@ never schedules a past occurrence."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,25 +12,9 @@ import pytest
 from apscheduler import AsyncScheduler, ScheduleLookupError
 
 from scheduler.app.daemon import Daemon, build_scheduler, schedule_id
-from scheduler.channels.wechat import WeChatChannel
 from scheduler.planfiles import LoadedPlan, content_hash, parse_plan
-from scheduler.settings import Settings
 from scheduler.store.postgres import Store
-
-DAILY = """
-id: daily
-name: Daily
-category: transport
-consent: long_term
-schedule:
-  calendar:
-    timezone: Asia/Shanghai
-    daily: {{at: "{at}"}}
-    start: 2026-03-01
-    count: {count}
-template: {{id: tmpl, fields: {{thing1: thing}}}}
-message: {{default: {{thing1: "Day {{step}}"}}}}
-"""
+from tests.support import DAILY, daemon_on, next_fire
 
 WEEKLY_RELATIVE = """
 id: rehab
@@ -48,36 +31,6 @@ message: {{default: {{thing1: "Week {{step}} 仅供参考"}}}}
 def loaded(text: str) -> LoadedPlan:
     plan = parse_plan(text, "test.yaml")
     return LoadedPlan(plan, Path("test.yaml"), content_hash(plan))
-
-
-class Clock:
-    def __init__(self, now: datetime):
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@asynccontextmanager
-async def daemon_on(store: Store, db_url: str) -> AsyncIterator[Daemon]:
-    """A Daemon over a real APScheduler on the test database (entered and left in one task,
-    as anyio's cancel scopes require, so not a fixture)."""
-    async with AsyncExitStack() as stack:
-        scheduler = await build_scheduler(store, db_url, "sync-test", stack)
-        channel = WeChatChannel(base_url="http://127.0.0.1:9", appid="a", secret="s")  # unused
-        stack.push_async_callback(channel.aclose)
-        yield Daemon(
-            Settings(),
-            store,
-            channel,
-            scheduler,
-            replica_id="sync-test",
-            clock=Clock(datetime(2026, 3, 10, 3, 0, tzinfo=UTC)),
-        )
-
-
-async def next_fire(scheduler: AsyncScheduler, plan_id: str) -> datetime:
-    return (await scheduler.get_schedule(schedule_id(plan_id))).next_fire_time
 
 
 async def test_unchanged_plans_are_not_re_added(store, db_url):

@@ -8,9 +8,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from scheduler.domain.plan import Plan
-from tests.integration.test_damage import enrol
-from tests.integration.test_dispatch import T0, Clock, calendar_plan, dispatcher, register
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
+from tests.support import T0, Clock, calendar_plan, dispatcher, enrol, register
 
 FIRE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)  # 09:00 in China: the reset is 15 hours away
 

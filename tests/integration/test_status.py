@@ -8,9 +8,8 @@ from prometheus_client import REGISTRY
 
 from scheduler.app import status
 from scheduler.app.lifecycle import Lifecycle
-from tests.integration.test_dispatch import Clock, dispatcher, register
-from tests.integration.test_lifecycle import audience, daily, weekly_relative
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
+from tests.support import Clock, audience, daily, dispatcher, register, weekly_relative
 
 
 def sends_metric(plan: str, outcome: str, reason: str = "") -> float:

@@ -16,8 +16,8 @@ from scheduler.app.daemon import Daemon
 from scheduler.app.status import overview, render_overview
 from scheduler.app.watcher import PlanWatcher
 from scheduler.domain import limits
-from tests.integration.test_plan_sync import DAILY, daemon_on, next_fire
 from tests.ops_helpers import eventually, permissive_policy_in
+from tests.support import DAILY, daemon_on, next_fire
 
 
 @pytest.fixture
