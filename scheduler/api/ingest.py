@@ -51,7 +51,7 @@ Choice = Literal["accept", "reject", "ban", "filter"]
 
 
 def consent_store(request: Request) -> ConsentStore:
-    return ConsentStore(request.app.state.store.pool)
+    return request.app.state.store.consent
 
 
 Store = Annotated[ConsentStore, Depends(consent_store)]

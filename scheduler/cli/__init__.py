@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply the SQL migrations")
     up.set_defaults(func=cmd_db_upgrade)
 
-    from scheduler.cli_ingest import add_commands  # enroll (one user or a CSV), runway
+    from scheduler.cli.ingest import add_commands  # enroll (one user or a CSV), runway
 
     add_commands(sub)
 
@@ -373,11 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the plan file JSON Schema")
     p.set_defaults(func=cmd_schema)
 
-    from scheduler.cli_ops import add_commands as add_operating_commands
+    from scheduler.cli.ops import add_commands as add_operating_commands
 
     add_operating_commands(sub)
 
-    from scheduler.cli_simulate import add_commands as add_simulate
+    from scheduler.cli.simulate import add_commands as add_simulate
 
     add_simulate(sub)
     return parser
@@ -405,7 +405,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

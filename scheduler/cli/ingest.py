@@ -121,7 +121,6 @@ async def _plan_for(store: Any, settings: Settings, plan_id: str) -> Plan:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from scheduler.store.consent import ConsentStore
 
     settings = _settings(args)
 
@@ -137,7 +136,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             enrolment = prepare(plan, args.user, start, tz.key, variables, datetime.now(UTC))
         except EnrolmentError as exc:
             raise UsageError(str(exc)) from None
-        await ConsentStore(store.pool).upsert_enrollments([enrolment])
+        await store.consent.upsert_enrollments([enrolment])
         due = enrolment.next_due_at
         when = f"; first step due {due.astimezone(tz).isoformat()}" if due else ""
         return f"enrolled {args.user} in {plan.id}{when}"
@@ -148,7 +147,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             zone(args.tz, "--tz")
         rows = io.StringIO(text, newline="")
         good, bad = read_csv(rows, plan, datetime.now(UTC), tz=args.tz, start=args.start)
-        await ConsentStore(store.pool).upsert_enrollments(good)
+        await store.consent.upsert_enrollments(good)
         return len(good), bad
 
     if args.var and args.csv:
@@ -175,10 +174,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_runway(args: argparse.Namespace) -> int:
-    from scheduler.store.consent import runway
-
     async def work(store: Any) -> Any:
-        return await runway(store.pool, args.plan_id, limit=args.limit)
+        return await store.consent.runway(args.plan_id, limit=args.limit)
 
     report = asyncio.run(_with_store(_settings(args), work))
     if report is None:
