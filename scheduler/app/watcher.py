@@ -209,12 +209,7 @@ class PlanWatcher:
 
     async def _owners(self) -> dict[str, str]:
         """Plan id -> the file its running version came from, which keeps the id."""
-        rows = await self.daemon.store.pool.fetch(
-            "SELECT p.id, v.source_file FROM plans p"
-            " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-            " WHERE v.source_file IS NOT NULL"
-        )
-        return {row["id"]: row["source_file"] for row in rows}
+        return await self.daemon.store.plan_files.owners()
 
     async def _sync(self, plans: list[LoadedPlan], report: ScanReport) -> SyncResult:
         """Schedule each plan on its own: one that cannot be scheduled is its file's problem."""
@@ -248,30 +243,14 @@ class PlanWatcher:
         self.daemon.dispatcher.policy = policy
 
     async def _record_problems(self, problems: list[PlanProblem]) -> None:
-        pool = self.daemon.store.pool
+        files = self.daemon.store.plan_files
         by_file: dict[str, list[PlanProblem]] = {}
         for problem in map(_storable, problems):
             by_file.setdefault(problem.file, []).append(problem)
         for file, found in by_file.items():
             body = [{"field": p.field, "reason": p.reason} for p in found]
-            plan_id = await pool.fetchval(
-                "SELECT plan_id FROM plan_versions WHERE source_file = $1"
-                " ORDER BY loaded_at DESC LIMIT 1",
-                file,
-            )
-            previous = await pool.fetchval(
-                "SELECT problems FROM plan_problems WHERE source_file = $1", file
-            )
-            await pool.execute(
-                "INSERT INTO plan_problems (source_file, plan_id, problems) VALUES ($1, $2, $3)"
-                " ON CONFLICT (source_file) DO UPDATE SET plan_id = $2, problems = $3,"
-                " last_seen = now(),"
-                " first_seen = CASE WHEN plan_problems.problems = $3"
-                "  THEN plan_problems.first_seen ELSE now() END",
-                file,
-                plan_id,
-                body,
-            )
+            plan_id = await files.plan_of_file(file)
+            previous = await files.record_problems(file, plan_id, body)
             text = [str(p) for p in found]
             if previous != body:
                 keeps = f"; plan {plan_id}'s last good version keeps running" if plan_id else ""
@@ -292,18 +271,14 @@ class PlanWatcher:
                 log.error("plan file rejected: %s", "; ".join(text), extra={"file": file})
             self._logged[file] = text
         # Files that validate again, or are gone, have no problem left.
-        for row in await pool.fetch("SELECT source_file FROM plan_problems"):
-            file = row["source_file"]
+        for file in await files.files_with_problems():
             if file not in by_file and _in_folder(file, self.plans_dir):
-                await pool.execute("DELETE FROM plan_problems WHERE source_file = $1", file)
+                await files.clear_problems(file)
                 self._logged.pop(file, None)
 
     async def _reconcile(self, loaded: list[LoadedPlan], report: ScanReport) -> None:
         present = {item.plan.id for item in loaded}
-        rows = await self.daemon.store.pool.fetch(
-            "SELECT p.id, p.state, p.state_reason, v.source_file FROM plans p"
-            " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-        )
+        rows = await self.daemon.store.plan_files.current_versions()
         lifecycle = self.daemon.lifecycle
         for row in rows:
             plan_id, source = row["id"], row["source_file"]

@@ -38,6 +38,7 @@ from scheduler.store.abc import (
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
 from scheduler.store.metrics import MetricsStore
+from scheduler.store.planfiles import PlanFilesStore
 from scheduler.store.simulation import SimulationStore
 from scheduler.store.status import StatusStore
 
@@ -168,6 +169,7 @@ class Store:
         self.metrics: ClusterGaugeReads = MetricsStore(pool)
         self.control: ControlNotifications = ControlChannel(pool, CONTROL_CHANNEL)
         self.consent = ConsentStore(pool)
+        self.plan_files = PlanFilesStore(pool)
         self.simulation: SimulationReads = SimulationStore(pool)  # `reminders simulate` only
 
     @classmethod
