@@ -476,10 +476,8 @@ class Dispatcher:
             while not self.stopping.is_set():
                 now = self.clock()
                 async with self.store.due_enrollments(plan_id, now, self.batch_size) as (conn, due):
-                    # FOR SHARE: a pause waits for this batch, and no batch starts after it.
-                    state = await conn.fetchval(
-                        "SELECT state FROM plans WHERE id = $1 FOR SHARE", plan_id
-                    )
+                    # Held: a pause waits for this batch, and no batch starts after it.
+                    state = await self.store.plan_state_held(conn, plan_id)
                     if state != "active" or not due:
                         break
                     late = [r for r in due if now - r.next_due_at > grace]

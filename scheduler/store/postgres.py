@@ -334,6 +334,14 @@ class Store:
                 f"no plan {plan_id!r} is loaded; start the daemon on its file first"
             ) from None
 
+    async def plan_state_held(self, conn: asyncpg.Connection, plan_id: str) -> str | None:
+        """The plan's state, share-locked until `conn`'s transaction ends (FOR SHARE): a pause
+        or cancel waits for the batch that read it."""
+        state: str | None = await conn.fetchval(
+            "SELECT state FROM plans WHERE id = $1 FOR SHARE", plan_id
+        )
+        return state
+
     @asynccontextmanager
     async def due_enrollments(
         self, plan_id: str, now: datetime, batch_size: int
