@@ -21,15 +21,12 @@ catch-up the next sweep sends the overdue steps still within grace and records t
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
-
-import asyncpg
 
 from scheduler.app import metrics
 from scheduler.domain.outcomes import Outcome, Reason
@@ -43,7 +40,9 @@ from scheduler.domain.schedule import (
     relative_due,
 )
 from scheduler.errors import RemindersError
-from scheduler.store.postgres import CONTROL_CHANNEL, Store
+from scheduler.store import lifecycle as sql
+from scheduler.store.lifecycle import Conn
+from scheduler.store.postgres import Store
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def _reason(action: str, reason: str | None) -> str | None:
     return reason
 
 
-def _refusal(plan_id: str, action: str, row: asyncpg.Record) -> LifecycleError:
+def _refusal(plan_id: str, action: str, row: Any) -> LifecycleError:
     state, why = row["state"], f" ({row['state_reason']})" if row["state_reason"] else ""
     if state == "cancelled":
         text = f"plan {plan_id} is cancelled{why}; cancelling is final, so it cannot {action}"
@@ -159,14 +158,8 @@ class Lifecycle:
     ) -> ActionResult:
         reason = _reason(action, reason)
         now = self.clock()
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT p.state, p.state_reason, p.current_version, p.paused_at,"
-                " p.registered_at, v.definition FROM plans p"
-                " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-                " WHERE p.id = $1 FOR UPDATE OF p",
-                plan_id,
-            )
+        async with self.store.lifecycle.transaction() as conn:
+            row = await sql.locked_plan(conn, plan_id)
             if row is None:
                 raise LifecycleError("unknown_plan", f"no plan {plan_id!r} is loaded", 404)
             target = TRANSITIONS[action].get(row["state"])
@@ -176,37 +169,19 @@ class Lifecycle:
             if action == "resume":
                 details, target = await self._resume_backlog(conn, plan_id, row, now, catch_up)
             elif action == "cancel":
-                dropped = await conn.execute("DELETE FROM catch_up WHERE plan_id = $1", plan_id)
-                if int(dropped.split()[-1]):
-                    details["catch_up_dropped"] = int(dropped.split()[-1])
-                # Deferred sends were waiting for a moment the rules allow: they end here.
-                ended = await conn.execute(
-                    "UPDATE deliveries SET status = 'skipped', reason = 'cancelled',"
-                    " defer_until = NULL, finished_at = now()"
-                    " WHERE plan_id = $1 AND status = 'deferred'",
-                    plan_id,
-                )
-                if int(ended.split()[-1]):
-                    details["deferred_skipped"] = int(ended.split()[-1])
-                # So do fan-outs under way: nothing more is claimed, and rows claimed but
-                # given back to the pool after a crash are not sent.
+                dropped = len(await sql.take_catch_ups(conn, plan_id))
+                if dropped:
+                    details["catch_up_dropped"] = dropped
+                # Fan-outs under way stop: nothing more is claimed.
                 closed = await self.store.fanout.close_occurrences(conn, plan_id)
                 if closed:
                     details["occurrences_closed"] = closed
-                await conn.execute(
-                    "UPDATE deliveries SET status = 'skipped', reason = 'cancelled',"
-                    " finished_at = now()"
-                    " WHERE plan_id = $1 AND status = 'pending' AND claimed_by IS NULL",
-                    plan_id,
-                )
-            await conn.execute(
-                "UPDATE plans SET state = $2, state_reason = $3, updated_at = now(),"
-                " paused_at = CASE WHEN $2 = 'paused' THEN $4::timestamptz END WHERE id = $1",
-                plan_id,
-                target,
-                reason,
-                now,
-            )
+                # Deferred sends were waiting for a moment the rules allow: they end here, and
+                # so do rows claimed but given back to the pool after a crash.
+                ended, _ = await sql.skip_cancelled(conn, plan_id)
+                if ended:
+                    details["deferred_skipped"] = ended
+            await sql.set_state(conn, plan_id, target, reason, now)
             result = await self._event(
                 conn,
                 action=action,
@@ -220,10 +195,8 @@ class Lifecycle:
                 previous=row["state"],
                 now=now,
             )
-            await conn.execute(
-                "SELECT pg_notify($1, $2)",
-                CONTROL_CHANNEL,
-                json.dumps({"kind": "state", "plan": plan_id, "state": target}),
+            await self.store.lifecycle.notify(
+                conn, {"kind": "state", "plan": plan_id, "state": target}
             )
         log.info(
             "plan %s: %s by %s (%s) -> %s",
@@ -238,9 +211,9 @@ class Lifecycle:
 
     async def _resume_backlog(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         plan_id: str,
-        row: asyncpg.Record,
+        row: Any,
         now: datetime,
         catch_up: bool,
     ) -> tuple[dict[str, Any], str]:
@@ -267,25 +240,15 @@ class Lifecycle:
             if occurrence.due_at <= paused_at - grace:
                 continue
             # Before the pause but within grace: only a fan-out the pause stopped midway.
-            if occurrence.due_at < paused_at and not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM deliveries WHERE plan_id = $1 AND occurrence = $2)"
-                " AND EXISTS (SELECT 1 FROM enrollments e WHERE e.plan_id = $1"
-                "  AND e.status = 'active' AND NOT EXISTS (SELECT 1 FROM deliveries d"
-                "   WHERE d.plan_id = $1 AND d.occurrence = $2 AND d.user_id = e.user_id))",
-                plan_id,
-                _key(occurrence.due_at),
+            if occurrence.due_at < paused_at and not await sql.stopped_midway(
+                conn, plan_id, _key(occurrence.due_at)
             ):
                 continue
             held.append((occurrence.step, occurrence.due_at))
         queued, skipped, missed = [], [], []
         for step, due_at in held:
             if catch_up and now - due_at <= grace:
-                await conn.execute(
-                    "INSERT INTO catch_up (plan_id, fire_time) VALUES ($1, $2)"
-                    " ON CONFLICT DO NOTHING",
-                    plan_id,
-                    due_at,
-                )
+                await sql.queue_catch_up(conn, plan_id, due_at)
                 queued.append(due_at.isoformat())
             elif catch_up:
                 await _record_for_audience(
@@ -299,44 +262,31 @@ class Lifecycle:
                 skipped.append(due_at.isoformat())
         if not catch_up:
             # Catch-ups queued by an earlier resume and stopped by this pause: skipped too.
-            for left in await conn.fetch(
-                "DELETE FROM catch_up WHERE plan_id = $1 RETURNING fire_time", plan_id
-            ):
-                step = calendar_step(cal, anchor, left["fire_time"])
+            for fire_time in await sql.take_catch_ups(conn, plan_id):
+                step = calendar_step(cal, anchor, fire_time)
                 if step is not None:
                     await _record_for_audience(
                         conn,
                         plan_id,
                         version,
                         step,
-                        left["fire_time"],
+                        fire_time,
                         Outcome.SKIPPED,
                         Reason.PAUSED,
                         now,
                     )
-                    skipped.append(left["fire_time"].isoformat())
+                    skipped.append(fire_time.isoformat())
         details.update(caught_up=queued, skipped=skipped, missed=missed)
         if not queued and calendar_trigger(cal, anchor, now) is None:
             return details, "completed"
         if queued:
-            await conn.execute(
-                "SELECT pg_notify($1, $2)",
-                CONTROL_CHANNEL,
-                json.dumps({"kind": "catch_up", "plan": plan_id}),
-            )
+            await self.store.lifecycle.notify(conn, {"kind": "catch_up", "plan": plan_id})
         return details, "active"
 
-    async def _skip_overdue_steps(
-        self, conn: asyncpg.Connection, plan: Plan, version: int, now: datetime
-    ) -> int:
+    async def _skip_overdue_steps(self, conn: Conn, plan: Plan, version: int, now: datetime) -> int:
         rule = plan.schedule.relative
         assert rule is not None
-        rows = await conn.fetch(
-            "SELECT user_id, tz, start_at, next_step, next_due_at FROM enrollments"
-            " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2 FOR UPDATE",
-            plan.id,
-            now,
-        )
+        rows = await sql.overdue_enrolments(conn, plan.id, now)
         skipped: list[tuple[str, str, int, datetime]] = []
         users, steps, dues = [], [], []
         for r in rows:
@@ -371,27 +321,16 @@ class Lifecycle:
         Enrolments keep going, recording each due send `skipped` (`opted_out`)."""
         reason = _reason("opt_out", reason)
         scope = plan_id or ALL_PLANS
-        async with self.store.pool.acquire() as conn, conn.transaction():
+        async with self.store.lifecycle.transaction() as conn:
             version = await self._plan_version(conn, plan_id)
-            existing = await conn.fetchrow(
-                "SELECT actor, reason, created_at FROM opt_outs"
-                " WHERE user_id = $1 AND plan_id = $2 FOR UPDATE",
-                user_id,
-                scope,
-            )
+            existing = await sql.opt_out_of(conn, user_id, scope)
             if existing is not None:
                 raise LifecycleError(
                     "already_opted_out",
                     f"user {user_id} is already opted out of {_scope_text(plan_id)} (since "
                     f"{existing['created_at']:%Y-%m-%d %H:%M} UTC, by {existing['actor']})",
                 )
-            await conn.execute(
-                "INSERT INTO opt_outs (user_id, plan_id, actor, reason) VALUES ($1, $2, $3, $4)",
-                user_id,
-                scope,
-                actor,
-                reason,
-            )
+            await sql.add_opt_out(conn, user_id, scope, actor, reason)
             return await self._event(
                 conn,
                 action="opt_out",
@@ -409,16 +348,12 @@ class Lifecycle:
         """Undo an opt-out of one plan (or of all plans: plan_id None)."""
         reason = _reason("opt_in", reason)
         scope = plan_id or ALL_PLANS
-        async with self.store.pool.acquire() as conn, conn.transaction():
+        async with self.store.lifecycle.transaction() as conn:
             version = await self._plan_version(conn, plan_id)
-            deleted = await conn.fetchval(
-                "DELETE FROM opt_outs WHERE user_id = $1 AND plan_id = $2 RETURNING 1",
-                user_id,
-                scope,
-            )
-            if not deleted:
-                everywhere = plan_id is not None and await conn.fetchval(
-                    "SELECT 1 FROM opt_outs WHERE user_id = $1 AND plan_id = '*'", user_id
+            if not await sql.remove_opt_out(conn, user_id, scope):
+                everywhere = (
+                    plan_id is not None
+                    and await sql.opt_out_of(conn, user_id, ALL_PLANS) is not None
                 )
                 hint = " (but is opted out of every plan: opt in without a plan)"
                 raise LifecycleError(
@@ -443,13 +378,9 @@ class Lifecycle:
         """End one user's timeline in a plan; what was sent stays in the ledger. Enrolling the
         user again starts a new timeline."""
         reason = _reason("stop_enrollment", reason)
-        async with self.store.pool.acquire() as conn, conn.transaction():
+        async with self.store.lifecycle.transaction() as conn:
             version = await self._plan_version(conn, plan_id)
-            status = await conn.fetchval(
-                "SELECT status FROM enrollments WHERE plan_id = $1 AND user_id = $2 FOR UPDATE",
-                plan_id,
-                user_id,
-            )
+            status = await sql.enrolment_status(conn, plan_id, user_id)
             if status is None:
                 raise LifecycleError(
                     "unknown_enrollment", f"user {user_id} is not enrolled in plan {plan_id}", 404
@@ -459,12 +390,7 @@ class Lifecycle:
                     "invalid_transition",
                     f"the enrolment of {user_id} in plan {plan_id} is already {status}",
                 )
-            await conn.execute(
-                "UPDATE enrollments SET status = 'stopped', updated_at = now()"
-                " WHERE plan_id = $1 AND user_id = $2",
-                plan_id,
-                user_id,
-            )
+            await sql.stop_enrolment(conn, plan_id, user_id)
             return await self._event(
                 conn,
                 action="stop_enrollment",
@@ -477,11 +403,7 @@ class Lifecycle:
             )
 
     async def opt_outs(self, user_id: str) -> list[dict[str, Any]]:
-        rows = await self.store.pool.fetch(
-            "SELECT plan_id, actor, reason, created_at FROM opt_outs WHERE user_id = $1"
-            " ORDER BY plan_id",
-            user_id,
-        )
+        rows = await self.store.lifecycle.opt_outs(user_id)
         return [
             {
                 "plan_id": None if r["plan_id"] == ALL_PLANS else r["plan_id"],
@@ -498,15 +420,7 @@ class Lifecycle:
         self, *, plan_id: str | None = None, user_id: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
         """The newest `limit` admin actions and plan-file changes, newest first."""
-        rows = await self.store.pool.fetch(
-            "SELECT id, recorded_at, plan_id, user_id, action, actor, reason, plan_version,"
-            " details FROM plan_events"
-            " WHERE ($1::text IS NULL OR plan_id = $1) AND ($2::text IS NULL OR user_id = $2)"
-            " ORDER BY id DESC LIMIT $3",
-            plan_id,
-            user_id,
-            limit,
-        )
+        rows = await self.store.lifecycle.audit(plan_id, user_id, limit)
         return [
             {
                 "id": r["id"],
@@ -532,7 +446,7 @@ class Lifecycle:
         details: dict[str, Any] | None = None,
     ) -> None:
         """Append an event that is not a state change (e.g. a plan file rejected)."""
-        async with self.store.pool.acquire() as conn:
+        async with self.store.lifecycle.connection() as conn:
             version = await self._plan_version(conn, plan_id, must_exist=False)
             await self._event(
                 conn,
@@ -549,18 +463,18 @@ class Lifecycle:
     # --- helpers --------------------------------------------------------------------------------
 
     async def _plan_version(
-        self, conn: asyncpg.Connection, plan_id: str | None, *, must_exist: bool = True
+        self, conn: Conn, plan_id: str | None, *, must_exist: bool = True
     ) -> int | None:
         if plan_id is None:
             return None
-        version = await conn.fetchval("SELECT current_version FROM plans WHERE id = $1", plan_id)
+        version = await sql.plan_version(conn, plan_id)
         if version is None and must_exist:
             raise LifecycleError("unknown_plan", f"no plan {plan_id!r} is loaded", 404)
         return version
 
     async def _event(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         *,
         action: str,
         plan_id: str | None,
@@ -573,18 +487,16 @@ class Lifecycle:
         state: str | None = None,
         previous: str | None = None,
     ) -> ActionResult:
-        row = await conn.fetchrow(
-            "INSERT INTO plan_events"
-            " (plan_id, user_id, action, actor, reason, plan_version, details, recorded_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, recorded_at",
-            plan_id,
-            user_id,
-            action,
-            actor,
-            reason,
-            version,
-            details or None,
-            now,  # the service's clock: virtual in tests and simulations
+        row = await sql.add_event(
+            conn,
+            plan_id=plan_id,
+            user_id=user_id,
+            action=action,
+            actor=actor,
+            reason=reason,
+            version=version,
+            details=details or None,
+            at=now,  # the service's clock: virtual in tests and simulations
         )
         return ActionResult(
             action=action,
@@ -611,7 +523,7 @@ def _key(fire_time: datetime) -> str:
 
 
 async def _record_for_audience(
-    conn: asyncpg.Connection,
+    conn: Conn,
     plan_id: str,
     version: int,
     step: int,
@@ -621,21 +533,9 @@ async def _record_for_audience(
     now: datetime,
 ) -> int:
     """One final row per active enrolment that has none for this occurrence yet."""
-    done = await conn.execute(
-        "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
-        " status, reason, claimed_by, finished_at)"
-        " SELECT $1, $2, $3, e.user_id, $4, $5, $6, $7, 'resume', now()"
-        " FROM enrollments e WHERE e.plan_id = $1 AND e.status = 'active'"
-        " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
-        plan_id,
-        version,
-        _key(due_at),
-        step,
-        due_at,
-        str(status),
-        str(reason),
+    n = await sql.record_for_audience(
+        conn, plan_id, version, _key(due_at), step, due_at, str(status), str(reason)
     )
-    n = int(done.split()[-1])
     metrics.count(plan_id, status, reason, n)
     return n
 
@@ -646,12 +546,8 @@ async def process_catch_up(store: Store, dispatcher: Any, *, clock: Callable[[],
     recorded missed instead. Returns how many occurrences were handled."""
     handled = 0
     while True:
-        async with store.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT c.plan_id, c.fire_time FROM catch_up c JOIN plans p ON p.id = c.plan_id"
-                " WHERE p.state = 'active' ORDER BY c.fire_time LIMIT 1"
-                " FOR UPDATE OF c SKIP LOCKED"
-            )
+        async with store.lifecycle.transaction() as conn:
+            row = await sql.next_catch_up(conn)
             if row is None:
                 return handled
             plan_id, fire_time = row["plan_id"], row["fire_time"]
@@ -671,7 +567,5 @@ async def process_catch_up(store: Store, dispatcher: Any, *, clock: Callable[[],
                     stopped = (await dispatcher.fan_out(active, fire_time)).stopped
             if stopped:  # paused again midway: the next resume decides
                 return handled
-            await conn.execute(
-                "DELETE FROM catch_up WHERE plan_id = $1 AND fire_time = $2", plan_id, fire_time
-            )
+            await sql.catch_up_done(conn, plan_id, fire_time)
             handled += 1

@@ -37,6 +37,7 @@ from scheduler.store.abc import (
 )
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
+from scheduler.store.lifecycle import LifecycleStore
 from scheduler.store.metrics import MetricsStore
 from scheduler.store.planfiles import PlanFilesStore
 from scheduler.store.simulation import SimulationStore
@@ -170,6 +171,7 @@ class Store:
         self.control: ControlNotifications = ControlChannel(pool, CONTROL_CHANNEL)
         self.consent = ConsentStore(pool)
         self.plan_files = PlanFilesStore(pool)
+        self.lifecycle = LifecycleStore(pool, CONTROL_CHANNEL)
         self.simulation: SimulationReads = SimulationStore(pool)  # `reminders simulate` only
 
     @classmethod

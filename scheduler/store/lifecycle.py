@@ -1,0 +1,277 @@
+"""The queries behind plan and enrolment states, opt-outs, catch-ups and the audit trail.
+
+`scheduler.app.lifecycle.Lifecycle` decides (transitions, reasons, what a resume settles) inside
+one transaction holding the plan row; every statement it runs is a function here taking that
+transaction's connection, so the decisions and their SQL stay in step without a pool in app/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from scheduler.store.control import NOTIFY
+
+Conn = asyncpg.Connection
+
+
+class LifecycleStore:
+    def __init__(self, pool: asyncpg.Pool, control_channel: str):
+        self._pool = pool
+        self._channel = control_channel
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        async with self._pool.acquire() as conn:
+            yield conn
+
+    async def notify(self, conn: Conn, message: dict[str, Any]) -> None:
+        """Tell every replica, when (and only if) the transaction commits."""
+        await conn.execute(NOTIFY, self._channel, json.dumps(message))
+
+    async def opt_outs(self, user_id: str) -> list[asyncpg.Record]:
+        return await self._pool.fetch(  # type: ignore[no-any-return]
+            "SELECT plan_id, actor, reason, created_at FROM opt_outs WHERE user_id = $1"
+            " ORDER BY plan_id",
+            user_id,
+        )
+
+    async def audit(
+        self, plan_id: str | None, user_id: str | None, limit: int
+    ) -> list[asyncpg.Record]:
+        return await self._pool.fetch(  # type: ignore[no-any-return]
+            "SELECT id, recorded_at, plan_id, user_id, action, actor, reason, plan_version,"
+            " details FROM plan_events"
+            " WHERE ($1::text IS NULL OR plan_id = $1) AND ($2::text IS NULL OR user_id = $2)"
+            " ORDER BY id DESC LIMIT $3",
+            plan_id,
+            user_id,
+            limit,
+        )
+
+
+# --- a plan's state -------------------------------------------------------------------------------
+
+
+async def locked_plan(conn: Conn, plan_id: str) -> asyncpg.Record | None:
+    """The plan's state and current definition, its row locked until the transaction ends."""
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        "SELECT p.state, p.state_reason, p.current_version, p.paused_at,"
+        " p.registered_at, v.definition FROM plans p"
+        " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+        " WHERE p.id = $1 FOR UPDATE OF p",
+        plan_id,
+    )
+
+
+async def set_state(
+    conn: Conn, plan_id: str, state: str, reason: str | None, now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE plans SET state = $2, state_reason = $3, updated_at = now(),"
+        " paused_at = CASE WHEN $2 = 'paused' THEN $4::timestamptz END WHERE id = $1",
+        plan_id,
+        state,
+        reason,
+        now,
+    )
+
+
+async def plan_version(conn: Conn, plan_id: str) -> int | None:
+    version: int | None = await conn.fetchval(
+        "SELECT current_version FROM plans WHERE id = $1", plan_id
+    )
+    return version
+
+
+def _count(status: str) -> int:
+    return int(status.split()[-1])
+
+
+async def skip_cancelled(conn: Conn, plan_id: str) -> tuple[int, int]:
+    """A cancel ends the plan's deferred sends and the rows given back to the pool (claimed
+    once, never sent, after a crash): both `skipped` (`cancelled`). Returns (deferred, given
+    back)."""
+    deferred = await conn.execute(
+        "UPDATE deliveries SET status = 'skipped', reason = 'cancelled',"
+        " defer_until = NULL, finished_at = now()"
+        " WHERE plan_id = $1 AND status = 'deferred'",
+        plan_id,
+    )
+    released = await conn.execute(
+        "UPDATE deliveries SET status = 'skipped', reason = 'cancelled', finished_at = now()"
+        " WHERE plan_id = $1 AND status = 'pending' AND claimed_by IS NULL",
+        plan_id,
+    )
+    return _count(deferred), _count(released)
+
+
+# --- what a resume settles --------------------------------------------------------------------
+
+
+async def stopped_midway(conn: Conn, plan_id: str, occurrence: str) -> bool:
+    """Whether the occurrence was fanned out to some of the active enrolments but not all."""
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM deliveries WHERE plan_id = $1 AND occurrence = $2)"
+        " AND EXISTS (SELECT 1 FROM enrollments e WHERE e.plan_id = $1"
+        "  AND e.status = 'active' AND NOT EXISTS (SELECT 1 FROM deliveries d"
+        "   WHERE d.plan_id = $1 AND d.occurrence = $2 AND d.user_id = e.user_id))",
+        plan_id,
+        occurrence,
+    )
+    return found
+
+
+async def queue_catch_up(conn: Conn, plan_id: str, fire_time: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO catch_up (plan_id, fire_time) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        plan_id,
+        fire_time,
+    )
+
+
+async def take_catch_ups(conn: Conn, plan_id: str) -> list[datetime]:
+    """Remove the plan's queued catch-ups; returns their fire times."""
+    rows = await conn.fetch("DELETE FROM catch_up WHERE plan_id = $1 RETURNING fire_time", plan_id)
+    return [r["fire_time"] for r in rows]
+
+
+async def next_catch_up(conn: Conn) -> asyncpg.Record | None:
+    """The oldest queued catch-up of an active plan, locked for this replica (SKIP LOCKED)."""
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        "SELECT c.plan_id, c.fire_time FROM catch_up c JOIN plans p ON p.id = c.plan_id"
+        " WHERE p.state = 'active' ORDER BY c.fire_time LIMIT 1"
+        " FOR UPDATE OF c SKIP LOCKED"
+    )
+
+
+async def catch_up_done(conn: Conn, plan_id: str, fire_time: datetime) -> None:
+    await conn.execute(
+        "DELETE FROM catch_up WHERE plan_id = $1 AND fire_time = $2", plan_id, fire_time
+    )
+
+
+async def overdue_enrolments(conn: Conn, plan_id: str, now: datetime) -> list[asyncpg.Record]:
+    return await conn.fetch(  # type: ignore[no-any-return]
+        "SELECT user_id, tz, start_at, next_step, next_due_at FROM enrollments"
+        " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2 FOR UPDATE",
+        plan_id,
+        now,
+    )
+
+
+async def record_for_audience(
+    conn: Conn,
+    plan_id: str,
+    version: int,
+    occurrence: str,
+    step: int,
+    due_at: datetime,
+    status: str,
+    reason: str,
+) -> int:
+    """One final row per active enrolment that has none for this occurrence yet."""
+    done = await conn.execute(
+        "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
+        " status, reason, claimed_by, finished_at)"
+        " SELECT $1, $2, $3, e.user_id, $4, $5, $6, $7, 'resume', now()"
+        " FROM enrollments e WHERE e.plan_id = $1 AND e.status = 'active'"
+        " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+        plan_id,
+        version,
+        occurrence,
+        step,
+        due_at,
+        status,
+        reason,
+    )
+    return _count(done)
+
+
+# --- users ------------------------------------------------------------------------------------
+
+
+async def opt_out_of(conn: Conn, user_id: str, scope: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        "SELECT actor, reason, created_at FROM opt_outs"
+        " WHERE user_id = $1 AND plan_id = $2 FOR UPDATE",
+        user_id,
+        scope,
+    )
+
+
+async def add_opt_out(conn: Conn, user_id: str, scope: str, actor: str, reason: str | None) -> None:
+    await conn.execute(
+        "INSERT INTO opt_outs (user_id, plan_id, actor, reason) VALUES ($1, $2, $3, $4)",
+        user_id,
+        scope,
+        actor,
+        reason,
+    )
+
+
+async def remove_opt_out(conn: Conn, user_id: str, scope: str) -> bool:
+    deleted = await conn.fetchval(
+        "DELETE FROM opt_outs WHERE user_id = $1 AND plan_id = $2 RETURNING 1", user_id, scope
+    )
+    return bool(deleted)
+
+
+async def enrolment_status(conn: Conn, plan_id: str, user_id: str) -> str | None:
+    """The enrolment's status, its row locked until the transaction ends."""
+    status: str | None = await conn.fetchval(
+        "SELECT status FROM enrollments WHERE plan_id = $1 AND user_id = $2 FOR UPDATE",
+        plan_id,
+        user_id,
+    )
+    return status
+
+
+async def stop_enrolment(conn: Conn, plan_id: str, user_id: str) -> None:
+    await conn.execute(
+        "UPDATE enrollments SET status = 'stopped', updated_at = now()"
+        " WHERE plan_id = $1 AND user_id = $2",
+        plan_id,
+        user_id,
+    )
+
+
+# --- the audit trail ----------------------------------------------------------------------------
+
+
+async def add_event(
+    conn: Conn,
+    *,
+    plan_id: str | None,
+    user_id: str | None,
+    action: str,
+    actor: str,
+    reason: str | None,
+    version: int | None,
+    details: dict[str, Any] | None,
+    at: datetime,
+) -> asyncpg.Record:
+    """Append one audit row; returns its id and recorded_at."""
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        "INSERT INTO plan_events"
+        " (plan_id, user_id, action, actor, reason, plan_version, details, recorded_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, recorded_at",
+        plan_id,
+        user_id,
+        action,
+        actor,
+        reason,
+        version,
+        details,
+        at,
+    )
