@@ -106,7 +106,7 @@ class DamageControl:
                 return None
             reason = what_broke(scope, plan, result)
             await self._pause(scope, plan, result, reason)
-        return Stop(Outcome.SKIPPED.value, str(result.reason), reason)
+        return Stop(Outcome.SKIPPED, result.reason, reason)
 
     async def _pause(self, scope: Scope, failing: Plan, result: SendResult, reason: str) -> None:
         paused = []

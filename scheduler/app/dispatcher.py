@@ -53,7 +53,9 @@ from scheduler.store.postgres import (
     CapUse,
     Chunk,
     Claim,
+    ClaimBatch,
     DeferredDelivery,
+    Due,
     Fenced,
     Finished,
     PlanRecord,
@@ -72,20 +74,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class Due:
-    """One (occurrence, user) that is due, with its rendered message and what the rules before
-    the caps said about it (`stop`), or the cap counters it would count."""
-
-    occurrence: str
-    user_id: str
-    step: int
-    due_at: datetime
-    data: dict[str, str]
-    stop: Stop | None = None
-    counters: tuple[CapUse, ...] = ()  # their `row` is set by the claim
 
 
 @dataclass
@@ -318,7 +306,7 @@ class Dispatcher:
         grace, now = active.plan.schedule.grace.as_timedelta(), self.clock()
         late = [r for r in rows if now - r.due_at > grace]
         for r in late:
-            stop = Stop(Outcome.MISSED, "grace_exceeded", "given back after a crash, too late")
+            stop = Stop(Outcome.MISSED, Reason.GRACE_EXCEEDED, "given back after a crash, too late")
             self.recorder.finished(
                 active.plan.template.id,
                 active.plan.consent.value,
@@ -326,7 +314,7 @@ class Dispatcher:
                 sent=False,
             )
         report.missed += len(late)
-        metrics.count(plan_id, Outcome.MISSED, "grace_exceeded", len(late))
+        metrics.count(plan_id, Outcome.MISSED, Reason.GRACE_EXCEEDED, len(late))
         ready = [r for r in rows if now - r.due_at <= grace]
         dues = [
             Due(
@@ -435,7 +423,7 @@ class Dispatcher:
         except Fenced:
             return False
         report.missed += missed
-        metrics.count(active.record.id, Outcome.MISSED, "grace_exceeded", missed)
+        metrics.count(active.record.id, Outcome.MISSED, Reason.GRACE_EXCEEDED, missed)
         return True
 
     async def _occurrence_done(self, active: ActivePlan, chunk: Chunk) -> None:
@@ -489,11 +477,11 @@ class Dispatcher:
                             (_step_key(r), r.user_id, r.next_step + 1, r.next_due_at) for r in late
                         ],
                         status=Outcome.MISSED,
-                        reason="grace_exceeded",
+                        reason=Reason.GRACE_EXCEEDED,
                         conn=conn,
                     )
                     report.missed += len(late)
-                    metrics.count(plan_id, Outcome.MISSED, "grace_exceeded", len(late))
+                    metrics.count(plan_id, Outcome.MISSED, Reason.GRACE_EXCEEDED, len(late))
                     dues = await self._render_all(
                         active,
                         [r for r in due if now - r.next_due_at <= grace],
@@ -604,14 +592,14 @@ class Dispatcher:
                 self._gate(active.plan, occurrence, recipient, step, due_at, data, now, moments)
             )
         report.unrenderable += len(broken)
-        metrics.count(active.record.id, Outcome.SKIPPED, "unrenderable", len(broken))
+        metrics.count(active.record.id, Outcome.SKIPPED, Reason.UNRENDERABLE, len(broken))
         await self.store.skip(
             plan_id=active.record.id,
             version=active.record.version,
             replica=self.replica_id,
             rows=broken,
             status=Outcome.SKIPPED,
-            reason="unrenderable",
+            reason=Reason.UNRENDERABLE,
             conn=conn,
         )
         return dues
@@ -654,7 +642,7 @@ class Dispatcher:
             )
         if decision.violation is None:
             counters = tuple(
-                CapUse(-1, c.key_for(user), c.limit, c.resets_at) for c in decision.counters
+                CapUse(c.key_for(user), c.limit, c.resets_at) for c in decision.counters
             )
             return Due(occurrence, user, step, due_at, data, None, counters)
         assert decision.outcome is not None
@@ -697,8 +685,8 @@ class Dispatcher:
         else:
             return None
         if until - due_at <= plan.delivery.max_delay.as_timedelta():
-            return Stop(Outcome.DEFERRED.value, Reason.QUOTA.value, detail, until)
-        return Stop(Outcome.SKIPPED.value, Reason.QUOTA.value, f"{detail}, past max_delay")
+            return Stop(Outcome.DEFERRED, Reason.QUOTA, detail, until)
+        return Stop(Outcome.SKIPPED, Reason.QUOTA, f"{detail}, past max_delay")
 
     def _limits(self, plan: Plan) -> Limits:
         key = (id(plan), id(self.policy), ("limits",))
@@ -719,28 +707,17 @@ class Dispatcher:
     async def _claim(self, conn: Any, active: ActivePlan, dues: list[Due]) -> list[Claim]:
         if not dues:
             return []
-        delivery = active.plan.delivery
-        return await self.store.claim(
-            conn,
-            plan_id=active.record.id,
-            version=active.record.version,
-            template_id=active.plan.template.id,
-            consent_kind=active.plan.consent.value,
+        plan, record = active.plan, active.record
+        batch = ClaimBatch(
+            plan_id=record.id,
+            version=record.version,
+            template_id=plan.template.id,
+            consent_kind=plan.consent.value,
             replica=self.replica_id,
-            occurrences=[d.occurrence for d in dues],
-            users=[d.user_id for d in dues],
-            steps=[d.step for d in dues],
-            due=[d.due_at for d in dues],
-            messages=[d.data for d in dues],
-            stops=[d.stop for d in dues],
-            caps=[
-                CapUse(row, c.key, c.limit, c.resets_at)
-                for row, d in enumerate(dues)
-                for c in d.counters
-            ],
-            on_capped=delivery.on_capped,
-            max_delay=delivery.max_delay.as_timedelta(),
+            on_capped=plan.delivery.on_capped,
+            max_delay=plan.delivery.max_delay.as_timedelta(),
         )
+        return await self.store.claim(conn, batch, dues)
 
     async def _pipeline(
         self,
@@ -861,7 +838,7 @@ def occurrence_key(fire_time: datetime) -> str:
 
 
 def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None = None) -> Stop:
-    return Stop(outcome.value, violation.reason.value, violation.detail, defer_until)
+    return Stop(outcome, violation.reason, violation.detail, defer_until)
 
 
 def _step_key(recipient: Recipient) -> str:
@@ -883,8 +860,8 @@ def _given_back(result: SendResult) -> SendResult:
 def _finished(delivery_id: int, result: SendResult) -> Finished:
     return Finished(
         delivery_id,
-        result.outcome.value,
-        result.reason.value if result.reason else None,
+        result.outcome,
+        result.reason,
         result.errcode,
         result.msgid,
         result.detail,

@@ -252,7 +252,7 @@ class Lifecycle:
                 queued.append(due_at.isoformat())
             elif catch_up:
                 await _record_for_audience(
-                    conn, plan_id, version, step, due_at, Outcome.MISSED, "grace_exceeded", now
+                    conn, plan_id, version, step, due_at, Outcome.MISSED, Reason.GRACE_EXCEEDED, now
                 )
                 missed.append(due_at.isoformat())
             else:

@@ -29,6 +29,9 @@ class Reason(StrEnum):
     CAPPED = "capped"  # a frequency cap is reached
     DEFER_EXPIRED = "defer_expired"  # deferred, and its max_delay ran out (e.g. while paused)
     ENROLLMENT_STOPPED = "enrollment_stopped"  # deferred, and the user's timeline was stopped
+    UNRENDERABLE = "unrenderable"  # the message could not be rendered for this user
+    # missed
+    GRACE_EXCEEDED = "grace_exceeded"  # due while nothing could send it, past the plan's grace
     # failed (from the channel)
     CONSENT_GONE = "consent_gone"  # 43101
     TRANSIENT = "transient"  # -1, 43108, 5xx, timeouts after every retry

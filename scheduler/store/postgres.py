@@ -26,6 +26,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
 from scheduler.errors import StoreError
 from scheduler.planfiles import content_hash as plan_content_hash
@@ -95,39 +96,81 @@ class Claim:
 
     delivery_id: int
     user_id: str
-    status: str
-    reason: str | None = None
+    status: Outcome
+    reason: Reason | None = None
 
     @property
     def allowed(self) -> bool:
-        return self.status == "pending"
+        return self.status == Outcome.PENDING
 
 
 @dataclass(frozen=True)
 class Stop:
     """A gate rule before the caps (category, content, fields, quiet hours) stopped a send."""
 
-    status: str  # 'skipped' or 'deferred'
-    reason: str
+    status: Outcome  # skipped, deferred (or missed)
+    reason: Reason
     detail: str
     defer_until: datetime | None = None
 
 
 @dataclass(frozen=True)
 class CapUse:
-    """One frequency-cap counter the send at `row` (its position in the batch) would count."""
+    """One frequency-cap counter a send would count."""
 
-    row: int
     key: str
     limit: int
     resets_at: datetime
 
 
 @dataclass(frozen=True)
+class Due:
+    """One (occurrence, user) that is due, with its rendered message and what the rules before
+    the caps said about it (`stop`), or the cap counters it would count: a row of a claim."""
+
+    occurrence: str
+    user_id: str
+    step: int
+    due_at: datetime
+    data: dict[str, str]
+    stop: Stop | None = None
+    counters: tuple[CapUse, ...] = ()
+
+
+def _gate_row(due: Due) -> tuple[Any, ...]:
+    """A due as a `gate_row_v2` record (migration 008)."""
+    stop = due.stop
+    return (
+        due.occurrence,
+        due.user_id,
+        due.step,
+        due.due_at,
+        due.data,
+        stop and (stop.status, stop.reason, stop.detail, stop.defer_until),
+        [(c.key, c.limit, c.resets_at) for c in due.counters],
+    )
+
+
+@dataclass(frozen=True)
+class ClaimBatch:
+    """What every row of a claimed batch shares: the plan (as of `version`), its template and
+    consent kind, the claiming replica, and what a full cap does (`on_capped`: 'skip', or
+    'defer' to the counter's reset when that is within `max_delay` of the due time)."""
+
+    plan_id: str
+    version: int
+    template_id: str
+    consent_kind: str
+    replica: str
+    on_capped: str = "skip"
+    max_delay: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True)
 class Finished:
     delivery_id: int
-    status: str
-    reason: str | None
+    status: Outcome
+    reason: Reason | None
     errcode: int | None
     msgid: int | None
     detail: str | None
@@ -144,8 +187,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _encode_jsonb(value: Any) -> bytes:
+    return b"\x01" + json.dumps(value).encode()  # jsonb's binary format: version 1, then text
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # Binary, so that jsonb can sit inside a composite type (the claim's gate_row_v2).
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        schema="pg_catalog",
+        format="binary",
+    )
 
 
 @asynccontextmanager
@@ -513,57 +571,29 @@ class Store:
             )
 
     async def claim(
-        self,
-        conn: asyncpg.Connection | asyncpg.Pool,
-        *,
-        plan_id: str,
-        version: int,
-        template_id: str,
-        consent_kind: str,
-        replica: str,
-        occurrences: Sequence[str],
-        users: Sequence[str],
-        steps: Sequence[int],
-        due: Sequence[datetime],
-        messages: Sequence[dict[str, Any]],
-        stops: Sequence[Stop | None] = (),
-        caps: Sequence[CapUse] = (),
-        on_capped: str = "skip",
-        max_delay: timedelta = timedelta(0),
+        self, conn: asyncpg.Connection | asyncpg.Pool, batch: ClaimBatch, dues: Sequence[Due]
     ) -> list[Claim]:
-        """Run a batch through the gate and claim its ledger rows in one round trip (see
-        claim_deliveries in the SQL). `stops` (one per row, or empty) are the rules the
-        dispatcher already decided; `caps` are counted atomically; a capped send is deferred to
-        its counter's reset when `on_capped` is 'defer' and that is within `max_delay`."""
-        # No stops is the common case: empty arrays, which the SQL reads as NULL at every row.
-        stops = list(stops) if any(stops) else []
+        """Run a batch through the gate and claim its ledger rows in one round trip
+        (claim_deliveries_v2, migration 008): each due's `stop` is the rule the dispatcher
+        already decided, its `counters` are counted atomically."""
         async with _transaction(conn) as tx:
             rows = await tx.fetch(
-                "SELECT delivery_id, user_id, status, reason FROM claim_deliveries("
-                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
-                " $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
-                plan_id,
-                version,
-                template_id,
-                consent_kind,
-                replica,
-                occurrences,
-                users,
-                steps,
-                due,
-                messages,
-                [s and s.status for s in stops],
-                [s and s.reason for s in stops],
-                [s and s.detail for s in stops],
-                [s and s.defer_until for s in stops],
-                [c.row + 1 for c in caps],  # SQL arrays count from 1
-                [c.key for c in caps],
-                [c.limit for c in caps],
-                [c.resets_at for c in caps],
-                on_capped,
-                max_delay,
+                "SELECT delivery_id, user_id, status, reason FROM claim_deliveries_v2($1, $2)",
+                (
+                    batch.plan_id,
+                    batch.version,
+                    batch.template_id,
+                    batch.consent_kind,
+                    batch.replica,
+                    batch.on_capped,
+                    batch.max_delay,
+                ),
+                [_gate_row(d) for d in dues],
             )
-        return [Claim(*r) for r in rows]
+        return [
+            Claim(r[0], r[1], Outcome(r[2]), Reason(r[3]) if r[3] is not None else None)
+            for r in rows
+        ]
 
     async def finish(
         self, template_id: str, consent_kind: str, results: Sequence[Finished]

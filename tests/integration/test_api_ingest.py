@@ -14,7 +14,7 @@ import pytest
 
 from scheduler.cli import main
 from scheduler.store.consent import ConsentStore
-from scheduler.store.postgres import Finished, Store
+from scheduler.store.postgres import ClaimBatch, Due, Finished, Store
 from tests.ingest_helpers import (
     ADMIN_ONLY,
     INGEST,
@@ -65,19 +65,15 @@ async def state(api, template=ONE_TIME_TEMPLATE, user=U1) -> dict:
 
 
 async def claim(store: Store, user: str = U1, occurrence: str = "step-1", plan_id="rehab"):
-    [c] = await store.claim(
-        store.pool,
-        plan_id=plan_id,
-        version=1,
-        template_id=ONE_TIME_TEMPLATE if plan_id == "rehab" else LONG_TERM_TEMPLATE,
-        consent_kind="one_time" if plan_id == "rehab" else "long_term",
-        replica="test",
-        occurrences=[occurrence],
-        users=[user],
-        steps=[1],
-        due=[T0],
-        messages=[{"thing1": "x"}],
+    one_time = plan_id == "rehab"
+    batch = ClaimBatch(
+        plan_id,
+        1,
+        ONE_TIME_TEMPLATE if one_time else LONG_TERM_TEMPLATE,
+        "one_time" if one_time else "long_term",
+        "test",
     )
+    [c] = await store.claim(store.pool, batch, [Due(occurrence, user, 1, T0, {"thing1": "x"})])
     return c
 
 

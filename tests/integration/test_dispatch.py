@@ -12,6 +12,7 @@ from scheduler.app.dispatcher import FanOutReport
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.schedule import relative_due
+from scheduler.store.postgres import ClaimBatch, Due
 from scheduler.testing.fake_wechat import FakeWeChat
 from tests.support import T0, Clock, calendar_plan, dispatcher, ledger, register, weekly_relative
 
@@ -193,18 +194,10 @@ async def test_a_dead_replicas_sends_in_flight_become_unknown_and_the_rest_is_se
         await store.record_consent(user, "tmpl_alert", "long_term", "accept", "test")
     fire = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
     # A replica claimed both rows, handed o-a's to the channel (recorded in flight), and died.
+    batch = ClaimBatch(plan.id, 1, "tmpl_alert", "long_term", "dead-one")
+    message = {"thing1": "x", "number2": "2"}
     claims = await store.claim(
-        store.pool,
-        plan_id=plan.id,
-        version=1,
-        template_id="tmpl_alert",
-        consent_kind="long_term",
-        replica="dead-one",
-        occurrences=[fire.isoformat()] * 2,
-        users=["o-a", "o-b"],
-        steps=[2, 2],
-        due=[fire, fire],
-        messages=[{"thing1": "x", "number2": "2"}] * 2,
+        store.pool, batch, [Due(fire.isoformat(), u, 2, fire, message) for u in ("o-a", "o-b")]
     )
     ids = {c.user_id: c.delivery_id for c in claims}
     assert await store.fanout.record_flight("dead-one", [], [ids["o-a"]], []) == (

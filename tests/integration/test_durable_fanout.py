@@ -13,7 +13,7 @@ from scheduler.app.dispatcher import FanOutReport, occurrence_key
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.app.status import overview, render_overview
 from scheduler.domain.plan import Plan
-from scheduler.store.postgres import Fenced, SendRate, Store
+from scheduler.store.postgres import ClaimBatch, Due, Fenced, SendRate, Store
 from tests.ops_helpers import channel_fixture, eventually, fake_fixture  # noqa: F401 - fixtures
 from tests.support import Clock, calendar_plan, dispatcher, register
 
@@ -47,18 +47,10 @@ async def at_least(store: Store, n: int, query: str) -> None:
 
 async def claim(store: Store, replica: str, users: list[str]) -> list:
     """Claim the users' rows of the occurrence as `replica` would (past the gate, pending)."""
+    batch = ClaimBatch("alerts", 1, "tmpl_alert", "long_term", replica)
+    message = {"thing1": "x", "number2": "2"}
     return await store.claim(
-        store.pool,
-        plan_id="alerts",
-        version=1,
-        template_id="tmpl_alert",
-        consent_kind="long_term",
-        replica=replica,
-        occurrences=[occurrence_key(FIRE)] * len(users),
-        users=users,
-        steps=[2] * len(users),
-        due=[FIRE] * len(users),
-        messages=[{"thing1": "x", "number2": "2"}] * len(users),
+        store.pool, batch, [Due(occurrence_key(FIRE), u, 2, FIRE, message) for u in users]
     )
 
 

@@ -5,32 +5,101 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from scheduler.store.postgres import CapUse, Stop, Store
+import pytest
+
+from scheduler.store.postgres import CapUse, Claim, ClaimBatch, Due, Stop, Store
 from tests.support import calendar_plan, register, weekly_relative
 
 DUE = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
 MIDNIGHT = datetime(2026, 3, 2, 16, 0, tzinfo=UTC)  # the next local day in Shanghai
 
 
-async def claim(store: Store, plan, occurrence: str, users: list[str], **gate):  # noqa: ANN001
-    return await store.claim(
-        store.pool,
-        plan_id=plan.id,
-        version=1,
-        template_id=plan.template.id,
-        consent_kind=plan.consent.value,
-        replica="r1",
-        occurrences=[occurrence] * len(users),
-        users=users,
-        steps=[1] * len(users),
-        due=[DUE] * len(users),
-        messages=[{"thing1": "x"}] * len(users),
-        **gate,
-    )
+Caps = list[tuple[int, CapUse]]  # (the row's position in the batch, a counter it counts)
 
 
-def day_cap(users: list[str], limit: int) -> list[CapUse]:
-    return [CapUse(i, f"user-day:{u}:2026-03-02", limit, MIDNIGHT) for i, u in enumerate(users)]
+async def claim_v2(
+    store: Store,
+    plan,  # noqa: ANN001
+    occurrence: str,
+    users: list[str],
+    *,
+    stops: list[Stop | None] | None = None,
+    caps: Caps = (),
+    on_capped: str = "skip",
+    max_delay: timedelta = timedelta(0),
+) -> list[Claim]:
+    batch = ClaimBatch(plan.id, 1, plan.template.id, plan.consent.value, "r1", on_capped, max_delay)
+    dues = [
+        Due(
+            occurrence,
+            user,
+            1,
+            DUE,
+            {"thing1": "x"},
+            stops[i] if stops else None,
+            tuple(c for row, c in caps if row == i),
+        )
+        for i, user in enumerate(users)
+    ]
+    return await store.claim(store.pool, batch, dues)
+
+
+async def claim_v1(
+    store: Store,
+    plan,  # noqa: ANN001
+    occurrence: str,
+    users: list[str],
+    *,
+    stops: list[Stop | None] | None = None,
+    caps: Caps = (),
+    on_capped: str = "skip",
+    max_delay: timedelta = timedelta(0),
+) -> list[Claim]:
+    """The previous release's call (claim_deliveries of migration 004, twenty parallel arrays),
+    as its replicas still make it during a rolling upgrade."""
+    stops = stops or []
+    async with store.pool.acquire() as conn, conn.transaction():
+        found = await conn.fetch(
+            "SELECT delivery_id, user_id, status, reason FROM claim_deliveries("
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+            " $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+            plan.id,
+            1,
+            plan.template.id,
+            plan.consent.value,
+            "r1",
+            [occurrence] * len(users),
+            users,
+            [1] * len(users),
+            [DUE] * len(users),
+            [{"thing1": "x"}] * len(users),
+            [s and s.status for s in stops],
+            [s and s.reason for s in stops],
+            [s and s.detail for s in stops],
+            [s and s.defer_until for s in stops],
+            [row + 1 for row, _ in caps],  # SQL arrays count from 1
+            [c.key for _, c in caps],
+            [c.limit for _, c in caps],
+            [c.resets_at for _, c in caps],
+            on_capped,
+            max_delay,
+        )
+    return [Claim(*r) for r in found]
+
+
+@pytest.fixture(params=[claim_v2, claim_v1], ids=["v2", "previous release"])
+def claim(request: pytest.FixtureRequest):  # noqa: ANN201
+    """Every test runs against the current claim and the previous release's: after migration
+    008 both work on the same tables and give the same outcomes."""
+    return request.param
+
+
+def at(row: int, key: str, limit: int, resets_at: datetime) -> tuple[int, CapUse]:
+    return row, CapUse(key, limit, resets_at)
+
+
+def day_cap(users: list[str], limit: int) -> Caps:
+    return [at(i, f"user-day:{u}:2026-03-02", limit, MIDNIGHT) for i, u in enumerate(users)]
 
 
 async def rows(store: Store) -> dict[tuple[str, str], tuple]:
@@ -57,7 +126,7 @@ async def long_term_plan_with(store: Store, users: list[str]):  # noqa: ANN201
     return plan
 
 
-async def test_a_full_cap_skips_the_send_and_says_until_when(store: Store):
+async def test_a_full_cap_skips_the_send_and_says_until_when(store: Store, claim):
     plan = await long_term_plan_with(store, ["o-a", "o-b"])
     for occurrence in ("occ-1", "occ-2"):
         claims = await claim(store, plan, occurrence, ["o-a"], caps=day_cap(["o-a"], 2))
@@ -75,9 +144,9 @@ async def test_a_full_cap_skips_the_send_and_says_until_when(store: Store):
     ]
 
 
-async def test_a_send_goes_only_if_every_counter_has_room(store: Store):
+async def test_a_send_goes_only_if_every_counter_has_room(store: Store, claim):
     plan = await long_term_plan_with(store, ["o-a"])
-    week = CapUse(0, "user-category-week:o-a:transport:2026-W10", 1, MIDNIGHT + timedelta(days=6))
+    week = at(0, "user-category-week:o-a:transport:2026-W10", 1, MIDNIGHT + timedelta(days=6))
     assert [c.allowed for c in await claim(store, plan, "occ-1", ["o-a"], caps=[week])] == [True]
 
     claims = await claim(store, plan, "occ-2", ["o-a"], caps=[*day_cap(["o-a"], 5), week])
@@ -88,7 +157,7 @@ async def test_a_send_goes_only_if_every_counter_has_room(store: Store):
     assert await store.pool.fetchval(day_used) == 0
 
 
-async def test_concurrent_claims_of_different_plans_never_exceed_a_shared_cap(store: Store):
+async def test_concurrent_claims_of_different_plans_never_exceed_a_shared_cap(store: Store, claim):
     """Twelve plans with their own templates (so no consent row is shared) send to the same
     users at once; the user-day counter is the only thing they share."""
     users = [f"o-{i:03d}" for i in range(100)]
@@ -117,7 +186,7 @@ async def test_concurrent_claims_of_different_plans_never_exceed_a_shared_cap(st
     ]
 
 
-async def test_a_capped_send_defers_to_the_reset_within_max_delay_then_goes(store: Store):
+async def test_a_capped_send_defers_to_the_reset_within_max_delay_then_goes(store: Store, claim):
     plan = await long_term_plan_with(store, ["o-a"])
     await claim(store, plan, "occ-1", ["o-a"], caps=day_cap(["o-a"], 1))
     gate = {"on_capped": "defer", "max_delay": timedelta(hours=16)}
@@ -127,7 +196,7 @@ async def test_a_capped_send_defers_to_the_reset_within_max_delay_then_goes(stor
     assert (await rows(store))[("occ-2", "o-a")][::3] == ("deferred", MIDNIGHT)
 
     # At the reset the same row is claimed again, against the next day's counter.
-    next_day = [CapUse(0, "user-day:o-a:2026-03-03", 1, MIDNIGHT + timedelta(days=1))]
+    next_day = [at(0, "user-day:o-a:2026-03-03", 1, MIDNIGHT + timedelta(days=1))]
     [again] = await claim(store, plan, "occ-2", ["o-a"], caps=next_day, **gate)
     assert (again.delivery_id, again.allowed) == (held.delivery_id, True)
     assert (await rows(store))[("occ-2", "o-a")][:2] == ("pending", None)
@@ -140,14 +209,14 @@ async def test_a_capped_send_defers_to_the_reset_within_max_delay_then_goes(stor
     assert (await rows(store))[("occ-3", "o-a")][:2] == ("skipped", "capped")
 
 
-async def test_a_row_already_sent_is_never_claimed_again(store: Store):
+async def test_a_row_already_sent_is_never_claimed_again(store: Store, claim):
     plan = await long_term_plan_with(store, ["o-a"])
     [first] = await claim(store, plan, "occ-1", ["o-a"])
     assert first.allowed
     assert await claim(store, plan, "occ-1", ["o-a"]) == []
 
 
-async def test_rule_stops_are_recorded_and_take_no_one_time_credit(store: Store):
+async def test_rule_stops_are_recorded_and_take_no_one_time_credit(store: Store, claim):
     plan = weekly_relative()
     await register(store, plan)
     users = ["o-content", "o-quiet", "o-go"]
@@ -181,7 +250,7 @@ async def test_rule_stops_are_recorded_and_take_no_one_time_credit(store: Store)
     assert later.allowed and await credits(store, "o-quiet", plan.template.id) == 0
 
 
-async def test_no_consent_comes_before_the_rules(store: Store):
+async def test_no_consent_comes_before_the_rules(store: Store, claim):
     plan = weekly_relative()
     await register(store, plan)
     stop = Stop("deferred", "quiet_hours", "quiet", DUE + timedelta(hours=1))
@@ -193,10 +262,10 @@ async def test_no_consent_comes_before_the_rules(store: Store):
     assert await store.pool.fetchval("SELECT count(*) FROM cap_counters") == 0
 
 
-async def test_counters_of_windows_long_past_are_pruned(store: Store):
+async def test_counters_of_windows_long_past_are_pruned(store: Store, claim):
     plan = await long_term_plan_with(store, ["o-a"])
     await claim(store, plan, "occ-1", ["o-a"], caps=day_cap(["o-a"], 2))  # resets at MIDNIGHT
-    week = CapUse(0, "user-category-week:o-a:transport:2026-W10", 3, MIDNIGHT + timedelta(days=6))
+    week = at(0, "user-category-week:o-a:transport:2026-W10", 3, MIDNIGHT + timedelta(days=6))
     await claim(store, plan, "occ-2", ["o-a"], caps=[week])
 
     assert await store.prune_cap_counters(MIDNIGHT + timedelta(hours=23)) == 0  # not a day yet

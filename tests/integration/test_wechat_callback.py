@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from scheduler.store.consent import ConsentStore
-from scheduler.store.postgres import Finished, Store
+from scheduler.store.postgres import ClaimBatch, Due, Finished, Store
 from tests.ingest_helpers import (
     INGEST,
     LONG_TERM_TEMPLATE,
@@ -283,18 +283,10 @@ async def test_sent_events_record_the_final_result_by_msgid(api, store):
     await api.post(
         f"/wechat/callback?{signed_query()}", content=to_xml(popup_doc(popup(LONG_TERM_TEMPLATE)))
     )
+    batch = ClaimBatch("alerts", 1, LONG_TERM_TEMPLATE, "long_term", "t")
+    now = datetime.now(UTC)
     claims = await store.claim(
-        store.pool,
-        plan_id="alerts",
-        version=1,
-        template_id=LONG_TERM_TEMPLATE,
-        consent_kind="long_term",
-        replica="t",
-        occurrences=["o1", "o2"],
-        users=[U1, U1],
-        steps=[1, 2],
-        due=[datetime.now(UTC)] * 2,
-        messages=[{}, {}],
+        store.pool, batch, [Due("o1", U1, 1, now, {}), Due("o2", U1, 2, now, {})]
     )
     assert all(c.allowed for c in claims)
     await store.finish(
@@ -327,19 +319,8 @@ async def test_a_sent_event_applies_only_to_its_own_user_and_template(api, store
     await api.post(
         f"/wechat/callback?{signed_query()}", content=to_xml(popup_doc(popup(LONG_TERM_TEMPLATE)))
     )
-    [claim] = await store.claim(
-        store.pool,
-        plan_id="alerts",
-        version=1,
-        template_id=LONG_TERM_TEMPLATE,
-        consent_kind="long_term",
-        replica="t",
-        occurrences=["o1"],
-        users=[U1],
-        steps=[1],
-        due=[datetime.now(UTC)],
-        messages=[{}],
-    )
+    batch = ClaimBatch("alerts", 1, LONG_TERM_TEMPLATE, "long_term", "t")
+    [claim] = await store.claim(store.pool, batch, [Due("o1", U1, 1, datetime.now(UTC), {})])
     await store.finish(
         LONG_TERM_TEMPLATE, "long_term", [Finished(claim.delivery_id, "sent", None, 0, 9000, None)]
     )
