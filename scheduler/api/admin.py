@@ -14,10 +14,19 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler.api.app import API_VERSION, ApiError, Caller, authenticate, bearer, require
+from scheduler.api.app import (
+    API_VERSION,
+    ApiError,
+    Caller,
+    authenticate,
+    bearer,
+    lifecycle_of,
+    refused,
+    require,
+)
 from scheduler.api.fields import Id, Note, Reason
 from scheduler.app import metrics
-from scheduler.app.lifecycle import ActionResult, Lifecycle, LifecycleError
+from scheduler.app.lifecycle import ActionResult, LifecycleError
 from scheduler.app.status import overview, plan_status, replicas
 from scheduler.store.postgres import Store
 
@@ -53,13 +62,8 @@ def _store(request: Request) -> Store:
     return request.app.state.store
 
 
-def _lifecycle(request: Request) -> Lifecycle:
-    found = getattr(request.app.state, "lifecycle", None)
-    return found if found is not None else Lifecycle(_store(request))
-
-
 def _now(request: Request):  # noqa: ANN202 - the lifecycle's clock (virtual in tests)
-    return _lifecycle(request).clock()
+    return lifecycle_of(request).clock()
 
 
 def actor(caller: Caller) -> str:
@@ -70,7 +74,7 @@ async def _act(coro: Any) -> dict[str, Any]:
     try:
         result: ActionResult = await coro
     except LifecycleError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
+        raise refused(exc) from None
     return result.as_dict()
 
 
@@ -100,7 +104,7 @@ async def get_plan(
 
 @router.post("/plans/{plan_id}/pause", summary="Pause: nothing new starts; a fan-out stops")
 async def pause(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict:
-    return await _act(_lifecycle(request).pause(plan_id, actor=actor(caller), reason=body.reason))
+    return await _act(lifecycle_of(request).pause(plan_id, actor=actor(caller), reason=body.reason))
 
 
 @router.post("/plans/{plan_id}/resume", summary="Resume, skipping or catching up what was held")
@@ -109,7 +113,7 @@ async def resume(
 ) -> dict:
     body = body or ResumeBody()
     return await _act(
-        _lifecycle(request).resume(
+        lifecycle_of(request).resume(
             plan_id, actor=actor(caller), reason=body.reason, catch_up=body.mode == "catch_up"
         )
     )
@@ -117,13 +121,14 @@ async def resume(
 
 @router.post("/plans/{plan_id}/cancel", summary="Cancel for good (history is kept)")
 async def cancel(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict:
-    return await _act(_lifecycle(request).cancel(plan_id, actor=actor(caller), reason=body.reason))
+    lifecycle = lifecycle_of(request)
+    return await _act(lifecycle.cancel(plan_id, actor=actor(caller), reason=body.reason))
 
 
 @router.post("/users/{user_id}/opt-out", summary="Stop sends to a user from a plan or all")
 async def opt_out(request: Request, user_id: Id, body: OptBody, caller: Admin) -> dict:
     return await _act(
-        _lifecycle(request).opt_out(
+        lifecycle_of(request).opt_out(
             user_id, plan_id=body.plan, actor=actor(caller), reason=body.reason
         )
     )
@@ -133,7 +138,7 @@ async def opt_out(request: Request, user_id: Id, body: OptBody, caller: Admin) -
 async def opt_in(request: Request, user_id: Id, caller: Admin, body: OptBody | None = None) -> dict:
     body = body or OptBody()
     return await _act(
-        _lifecycle(request).opt_in(
+        lifecycle_of(request).opt_in(
             user_id, plan_id=body.plan, actor=actor(caller), reason=body.reason
         )
     )
@@ -141,7 +146,7 @@ async def opt_in(request: Request, user_id: Id, caller: Admin, body: OptBody | N
 
 @router.get("/users/{user_id}/opt-outs", summary="The plans a user is opted out of")
 async def user_opt_outs(request: Request, user_id: Id, caller: Admin) -> dict[str, Any]:
-    return {"user_id": user_id, "opt_outs": await _lifecycle(request).opt_outs(user_id)}
+    return {"user_id": user_id, "opt_outs": await lifecycle_of(request).opt_outs(user_id)}
 
 
 @router.post("/enrollments/{plan_id}/{user_id}/stop", summary="End one user's timeline in a plan")
@@ -149,7 +154,7 @@ async def stop_enrollment(
     request: Request, plan_id: Id, user_id: Id, body: ReasonBody, caller: Admin
 ) -> dict:
     return await _act(
-        _lifecycle(request).stop_enrollment(
+        lifecycle_of(request).stop_enrollment(
             plan_id, user_id, actor=actor(caller), reason=body.reason
         )
     )
@@ -163,7 +168,7 @@ async def audit(
     user: Id | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> dict[str, Any]:
-    events = await _lifecycle(request).audit(plan_id=plan, user_id=user, limit=limit)
+    events = await lifecycle_of(request).audit(plan_id=plan, user_id=user, limit=limit)
     return {"events": events}
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.settings import Scope as TokenScope
 from scheduler.settings import Settings
 from scheduler.store.postgres import Store
@@ -44,6 +45,21 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, **details: Any):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+
+
+# A refused lifecycle action's code, as an HTTP status (anything else is a conflict: 409).
+LIFECYCLE_STATUS = {"unknown_plan": 404, "unknown_enrollment": 404, "reason_required": 422}
+
+
+def refused(error: LifecycleError) -> ApiError:
+    return ApiError(LIFECYCLE_STATUS.get(error.code, 409), error.code, error.message)
+
+
+def lifecycle_of(request: Request) -> Lifecycle:
+    """The daemon's lifecycle (its clock and NOTIFY), or one on the app's store when the API
+    runs on its own."""
+    found = getattr(request.app.state, "lifecycle", None)
+    return found if found is not None else Lifecycle(request.app.state.store)
 
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:

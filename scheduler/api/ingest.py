@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from scheduler.api.app import ApiError, Caller, require
+from scheduler.api.app import ApiError, Caller, lifecycle_of, refused, require
 from scheduler.api.fields import (
     MAX_TEMPLATES_PER_POPUP,
     DeliveryId,
@@ -29,7 +29,7 @@ from scheduler.api.fields import (
     TimeZoneName,
     Variables,
 )
-from scheduler.app.lifecycle import Lifecycle, LifecycleError
+from scheduler.app.lifecycle import LifecycleError
 from scheduler.domain.consent import Result, Via, consent_problem
 from scheduler.domain.enrolment import OPENID, Enrolment, EnrolmentError, prepare
 from scheduler.domain.plan import ConsentKind, Plan
@@ -324,18 +324,17 @@ async def delete_enrollment(
     plan_id: Id, openid: OpenIdPath, caller: Ingest, request: Request
 ) -> dict[str, str]:
     # Through the lifecycle, the one writer of enrolment states: it writes the audit row.
-    lifecycle = getattr(request.app.state, "lifecycle", None) or Lifecycle(request.app.state.store)
     try:
-        await lifecycle.stop_enrollment(
+        await lifecycle_of(request).stop_enrollment(
             plan_id, openid, actor=f"api:{caller.name}", reason="stopped through the ingest API"
         )
-    except LifecycleError as refused:
-        if refused.code == "unknown_enrollment":
+    except LifecycleError as exc:
+        if exc.code == "unknown_enrollment":
             raise ApiError(
                 404, "unknown_enrollment", f"{openid} is not enrolled in {plan_id}", plan_id=plan_id
             ) from None
-        if refused.code != "invalid_transition":  # already stopped or finished: done already
-            raise ApiError(refused.status, refused.code, refused.message) from None
+        if exc.code != "invalid_transition":  # already stopped or finished: done already
+            raise refused(exc) from None
     return {"plan_id": plan_id, "openid": openid, "status": "stopped"}
 
 

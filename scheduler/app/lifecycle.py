@@ -61,11 +61,12 @@ REASON_REQUIRED = {"pause", "cancel", "opt_out", "stop_enrollment"}
 
 
 class LifecycleError(RemindersError):
-    """An action refused: nothing was changed. `status` is the HTTP status the API answers."""
+    """An action refused: nothing was changed. `code` says why (api/ maps it to an HTTP
+    status), `message` says it to a person."""
 
-    def __init__(self, code: str, message: str, status: int = 409):
+    def __init__(self, code: str, message: str):
         super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,6 @@ def _reason(action: str, reason: str | None) -> str | None:
         raise LifecycleError(
             "reason_required",
             f"{action.replace('_', ' ')} needs a reason (it goes into the audit log)",
-            422,
         )
     return reason
 
@@ -125,7 +125,7 @@ def _refusal(plan_id: str, action: str, row: Any) -> LifecycleError:
         text = f"plan {plan_id} is {state}, not paused: there is nothing to resume"
     else:
         text = f"plan {plan_id} is {state}: it cannot {action}"
-    return LifecycleError("invalid_transition", text, 409)
+    return LifecycleError("invalid_transition", text)
 
 
 class Lifecycle:
@@ -161,7 +161,7 @@ class Lifecycle:
         async with self.store.lifecycle.transaction() as conn:
             row = await sql.locked_plan(conn, plan_id)
             if row is None:
-                raise LifecycleError("unknown_plan", f"no plan {plan_id!r} is loaded", 404)
+                raise LifecycleError("unknown_plan", f"no plan {plan_id!r} is loaded")
             target = TRANSITIONS[action].get(row["state"])
             if target is None:
                 raise _refusal(plan_id, action, row)
@@ -178,9 +178,11 @@ class Lifecycle:
                     details["occurrences_closed"] = closed
                 # Deferred sends were waiting for a moment the rules allow: they end here, and
                 # so do rows claimed but given back to the pool after a crash.
-                ended, _ = await sql.skip_cancelled(conn, plan_id)
-                if ended:
-                    details["deferred_skipped"] = ended
+                deferred, given_back = await sql.skip_cancelled(conn, plan_id)
+                if deferred:
+                    details["deferred_skipped"] = deferred
+                if given_back:
+                    details["given_back_skipped"] = given_back
             await sql.set_state(conn, plan_id, target, reason, now)
             result = await self._event(
                 conn,
@@ -383,7 +385,7 @@ class Lifecycle:
             status = await sql.enrolment_status(conn, plan_id, user_id)
             if status is None:
                 raise LifecycleError(
-                    "unknown_enrollment", f"user {user_id} is not enrolled in plan {plan_id}", 404
+                    "unknown_enrollment", f"user {user_id} is not enrolled in plan {plan_id}"
                 )
             if status != "active":
                 raise LifecycleError(
@@ -469,7 +471,7 @@ class Lifecycle:
             return None
         version = await sql.plan_version(conn, plan_id)
         if version is None and must_exist:
-            raise LifecycleError("unknown_plan", f"no plan {plan_id!r} is loaded", 404)
+            raise LifecycleError("unknown_plan", f"no plan {plan_id!r} is loaded")
         return version
 
     async def _event(

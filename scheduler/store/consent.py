@@ -34,6 +34,21 @@ PAIR_WINDOW = timedelta(minutes=5)
 RUNWAY_LOOKAHEAD = 1000  # steps looked at per enrolment at most (a runway longer is "long")
 
 
+_COPY_FROM = 1000  # enrolments at once: from here COPY beats arrays
+_ENROLMENT_ARRAYS = (
+    "unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],"
+    " $6::timestamptz[]) AS enrol_import (plan_id, user_id, start_at, tz, vars, next_due_at)"
+)
+_UPSERT_ENROLMENTS = (
+    "INSERT INTO enrollments (plan_id, user_id, start_at, tz, vars, next_due_at)"
+    " SELECT DISTINCT ON (plan_id, user_id)"
+    "  plan_id, user_id, start_at, tz, vars::jsonb, next_due_at FROM {source}"
+    " ON CONFLICT (plan_id, user_id) DO UPDATE SET start_at = excluded.start_at,"
+    "  tz = excluded.tz, vars = excluded.vars, next_due_at = excluded.next_due_at,"
+    "  next_step = 0, status = 'active', updated_at = now()"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ConsentReport:
     """One reported consent change, as it is appended to the history."""
@@ -351,7 +366,8 @@ class ConsentStore:
     # --- enrolments -----------------------------------------------------------------------------
 
     async def upsert_enrollments(self, enrolments: Sequence[Enrolment]) -> int:
-        """Enrol (or restart) many users at once: COPY into a temporary table, then one upsert."""
+        """Enrol (or restart from `start_at`) users: the one writer of enrolments. Large
+        batches go through COPY into a temporary table, small ones as arrays; one upsert."""
         if not enrolments:
             return 0
         records = [
@@ -360,22 +376,23 @@ class ConsentStore:
         ]
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "CREATE TEMPORARY TABLE enrol_import (plan_id text, user_id text,"
-                    " start_at timestamptz, tz text, vars text, next_due_at timestamptz)"
-                    " ON COMMIT DROP"
-                )
-                await conn.copy_records_to_table("enrol_import", records=records)
-                status = await conn.execute(
-                    "INSERT INTO enrollments (plan_id, user_id, start_at, tz, vars, next_due_at)"
-                    " SELECT DISTINCT ON (plan_id, user_id)"
-                    "  plan_id, user_id, start_at, tz, vars::jsonb, next_due_at FROM enrol_import"
-                    " ON CONFLICT (plan_id, user_id) DO UPDATE SET start_at = excluded.start_at,"
-                    "  tz = excluded.tz, vars = excluded.vars, next_due_at = excluded.next_due_at,"
-                    "  next_step = 0, status = 'active', updated_at = now()"
-                )
+                if len(records) >= _COPY_FROM:
+                    await conn.execute(
+                        "CREATE TEMPORARY TABLE enrol_import (plan_id text, user_id text,"
+                        " start_at timestamptz, tz text, vars text, next_due_at timestamptz)"
+                        " ON COMMIT DROP"
+                    )
+                    await conn.copy_records_to_table("enrol_import", records=records)
+                    status = await conn.execute(_UPSERT_ENROLMENTS.format(source="enrol_import"))
+                else:
+                    status = await conn.execute(
+                        _UPSERT_ENROLMENTS.format(source=_ENROLMENT_ARRAYS),
+                        *(list(column) for column in zip(*records, strict=True)),
+                    )
         except asyncpg.ForeignKeyViolationError:
-            raise StoreError("an enrolment names a plan that is not loaded") from None
+            plans = ", ".join(repr(p) for p in sorted({e.plan_id for e in enrolments}))
+            what = f"no plan {plans} is" if "," not in plans else f"not every plan of {plans} is"
+            raise StoreError(f"{what} loaded; start the daemon on its file first") from None
         return int(status.split()[-1])
 
     # --- the runway -----------------------------------------------------------------------------

@@ -375,24 +375,13 @@ class Store:
         variables: dict[str, Any],
         next_due_at: datetime | None,
     ) -> None:
-        """Enrol a user (or restart their timeline from `start_at` if already enrolled)."""
-        try:
-            await self.pool.execute(
-                "INSERT INTO enrollments (plan_id, user_id, start_at, tz, vars, next_due_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT (plan_id, user_id) DO UPDATE SET start_at = $3, tz = $4, vars = $5,"
-                " next_due_at = $6, next_step = 0, status = 'active', updated_at = now()",
-                plan_id,
-                user_id,
-                start_at,
-                tz,
-                variables,
-                next_due_at,
-            )
-        except asyncpg.ForeignKeyViolationError:
-            raise StoreError(
-                f"no plan {plan_id!r} is loaded; start the daemon on its file first"
-            ) from None
+        """Enrol a user (or restart their timeline from `start_at` if already enrolled),
+        through the one writer of enrolments."""
+        from scheduler.domain.enrolment import Enrolment
+
+        await self.consent.upsert_enrollments(
+            [Enrolment(plan_id, user_id, start_at, tz, variables, next_due_at)]
+        )
 
     async def plan_state_held(self, conn: asyncpg.Connection, plan_id: str) -> str | None:
         """The plan's state, share-locked until `conn`'s transaction ends (FOR SHARE): a pause

@@ -257,6 +257,33 @@ async def test_the_last_occurrence_completes_a_plan_with_an_end_date(store, fake
     assert (await store.plan(plan.id)).state == "completed"
 
 
+async def test_a_plan_cancelled_while_its_last_send_is_in_flight_stays_cancelled(
+    store, fake, channel
+):
+    """The fan-out of the last occurrence completes the plan when it ends, through the lifecycle:
+    a cancel that came in meanwhile is not overwritten."""
+    plan = daily(end="2026-03-02")  # a single occurrence
+    await register(store, plan)
+    await audience(store, plan, ["o-last"])
+    fake.inject(latency_s=1.0, times=1)
+    clock = Clock(datetime(2026, 3, 2, 1, 0, tzinfo=UTC))
+    d = dispatcher(store, channel, clock)
+    last = asyncio.create_task(d.fire(plan.id, clock.now))
+
+    async def in_flight() -> bool:
+        return bool(await store.pool.fetchval("SELECT count(*) FROM deliveries"))
+
+    await eventually(in_flight, what="the last send in flight")
+    lifecycle = Lifecycle(store, clock=clock)
+    await lifecycle.cancel(plan.id, actor="test", reason="withdrawn")
+    await asyncio.wait_for(last, 10)
+
+    assert (await store.plan(plan.id)).state == "cancelled"
+    assert await outcomes(store, plan.id) == {(occ(2), "sent", None): 1}
+    trail = [e["action"] for e in await lifecycle.audit(plan_id=plan.id)]
+    assert "cancel" in trail and "complete" not in trail
+
+
 async def test_opt_out_of_one_plan_or_all_skips_without_using_consent(store, fake, channel):
     plan = daily(consent="one_time")
     await register(store, plan)
