@@ -36,6 +36,7 @@ from scheduler.domain.rules import (
     Decision,
     Limits,
     Violation,
+    defer_or_skip,
     limit_key_value,
     message_violation,
     moment_decision,
@@ -684,9 +685,11 @@ class Dispatcher:
             detail = f"{short}, until {until.isoformat()}"
         else:
             return None
-        if until - due_at <= plan.delivery.max_delay.as_timedelta():
-            return Stop(Outcome.DEFERRED, Reason.QUOTA, detail, until)
-        return Stop(Outcome.SKIPPED, Reason.QUOTA, f"{detail}, past max_delay")
+        decision = defer_or_skip(
+            plan, Violation(Reason.QUOTA, "daily_quota", detail), True, until, due_at
+        )
+        assert decision.outcome is not None and decision.violation is not None
+        return _stop(decision.outcome, decision.violation, decision.defer_until)
 
     def _limits(self, plan: Plan) -> Limits:
         key = (id(plan), id(self.policy), ("limits",))

@@ -461,9 +461,11 @@ class Decision:
         return Outcome.DEFERRED if self.defer_until is not None else Outcome.SKIPPED
 
 
-def _defer_or_skip(
+def defer_or_skip(
     plan: Plan, violation: Violation, defer: bool, until: datetime, due_at: datetime
 ) -> Decision:
+    """The one place that decides between deferring a stopped send to `until` (when `defer`
+    and that is within the plan's max_delay of `due_at`) and skipping it."""
     max_delay = plan.delivery.max_delay.as_timedelta()
     if defer and until.astimezone(UTC) - due_at.astimezone(UTC) <= max_delay:
         return Decision(violation, defer_until=until)
@@ -539,7 +541,7 @@ def moment_decision(
             f"{local:%H:%M} is inside the quiet hours {window} ({tz.key}), which end at "
             f"{opening:%Y-%m-%d %H:%M}",
         )
-        return _defer_or_skip(
+        return defer_or_skip(
             plan, violation, plan.delivery.on_quiet_hours == "defer", opening, due_at
         )
     key_value = limit_key_value(plan, variables, rendered)
@@ -550,7 +552,7 @@ def on_capped(plan: Plan, counter: CapCounter, due_at: datetime) -> Decision:
     """What to do with a send whose `counter` is full: skip, or defer to the counter's reset
     (if that is within the plan's max_delay of `due_at`)."""
     violation = Violation(Reason.CAPPED, counter.key.split(":", 1)[0], counter.detail())
-    return _defer_or_skip(
+    return defer_or_skip(
         plan, violation, plan.delivery.on_capped == "defer", counter.resets_at, due_at
     )
 
