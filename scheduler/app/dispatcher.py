@@ -30,6 +30,7 @@ from scheduler.channels.base import Channel, OutgoingMessage, SendResult
 from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
+from scheduler.domain.plan_state import PlanState
 from scheduler.domain.policy import DEFAULT_POLICY, Policy
 from scheduler.domain.rules import (
     USER_SLOT,
@@ -189,7 +190,7 @@ class Dispatcher:
         if active is None:
             log.warning("schedule fired for unknown plan %s", plan_id, extra={"plan_id": plan_id})
             return FanOutReport()
-        if active.record.state != "active":
+        if not PlanState(active.record.state).fires:
             log.info(
                 "plan %s is %s: fire skipped",
                 plan_id,
@@ -467,7 +468,7 @@ class Dispatcher:
                 async with self.store.due_enrollments(plan_id, now, self.batch_size) as (conn, due):
                     # Held: a pause waits for this batch, and no batch starts after it.
                     state = await self.store.plan_state_held(conn, plan_id)
-                    if state != "active" or not due:
+                    if state is None or not PlanState(state).fires or not due:
                         break
                     late = [r for r in due if now - r.next_due_at > grace]
                     await self.store.skip(
@@ -505,7 +506,7 @@ class Dispatcher:
                 yield dues, claims
             else:
                 return  # stopping
-            if state != "active":
+            if state is None or not PlanState(state).fires:
                 yield [], None
 
         await self._pipeline(active, batches(), report)
@@ -519,7 +520,7 @@ class Dispatcher:
         report = FanOutReport()
         active = await self.load(plan_id)
         # A completed plan's last occurrence may have sends deferred past its completion.
-        if active is None or active.record.state not in ("active", "completed"):
+        if active is None or not PlanState(active.record.state).sends:
             report.stopped = True
             return report
         if self.stopping.is_set():

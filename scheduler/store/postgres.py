@@ -28,6 +28,7 @@ from tenacity import (
 
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
+from scheduler.domain.plan_state import SENDING_STATES
 from scheduler.errors import StoreError
 from scheduler.planfiles import content_hash as plan_content_hash
 from scheduler.store.abc import (
@@ -852,7 +853,7 @@ class FanOutStore:
             " FROM (SELECT c2.id, o.plan_id, o.occurrence, o.step, o.fire_time"
             "  FROM occurrence_chunks c2 JOIN occurrences o ON o.id = c2.occurrence_id"
             "  JOIN plans p ON p.id = o.plan_id"
-            "  WHERE c2.state = 'todo' AND p.state IN ('active', 'completed')"
+            "  WHERE c2.state = 'todo' AND p.state = ANY ($4::text[])"
             "   AND (c2.owner IS NULL OR (c2.owner = $1 AND NOT c2.id = ANY ($3::bigint[])))"
             "   AND ($2::bigint IS NULL OR c2.occurrence_id = $2)"
             "  ORDER BY o.fire_time, c2.id LIMIT 1 FOR UPDATE OF c2 SKIP LOCKED) AS t"
@@ -862,6 +863,7 @@ class FanOutStore:
             replica,
             occurrence_id,
             list(busy),
+            SENDING_STATES,
         )
         if row is None:
             return None
@@ -903,7 +905,7 @@ class FanOutStore:
             state = await conn.fetchval(
                 "SELECT state FROM plans WHERE id = $1 FOR SHARE", chunk.plan_id
             )
-            if state not in ("active", "completed"):
+            if state not in SENDING_STATES:
                 raise Fenced(f"plan {chunk.plan_id} is {state}")
             moved = await conn.fetchval(
                 "UPDATE occurrence_chunks SET cursor = $3, updated_at = now()"

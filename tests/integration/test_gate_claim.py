@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from scheduler.domain.plan_state import PlanState
 from scheduler.store.postgres import CapUse, Claim, ClaimBatch, Due, Stop, Store
 from tests.support import calendar_plan, register, weekly_relative
 
@@ -272,3 +273,13 @@ async def test_counters_of_windows_long_past_are_pruned(store: Store, claim):
     assert await store.prune_cap_counters(MIDNIGHT + timedelta(days=2)) == 1
     keys = await store.pool.fetch("SELECT key FROM cap_counters")
     assert [r["key"] for r in keys] == ["user-category-week:o-a:transport:2026-W10"]
+
+
+@pytest.mark.parametrize("state", list(PlanState))
+async def test_the_claim_sends_in_exactly_the_states_the_domain_says(store: Store, claim, state):
+    plan = await long_term_plan_with(store, ["o-a"])
+    await store.pool.execute("UPDATE plans SET state = $2 WHERE id = $1", plan.id, state.value)
+
+    claims = await claim(store, plan, "occ-1", ["o-a"])
+
+    assert [c.allowed for c in claims] == ([True] if state.sends else [])
