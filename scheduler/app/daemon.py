@@ -77,10 +77,16 @@ def has_credentials(settings: Settings) -> bool:
     return bool(settings.wechat_appid and settings.wechat_secret)
 
 
-def database_url(settings: Settings) -> str:
+def database_url(settings: Settings, *, announce: bool = True) -> str:
+    """DATABASE_URL, or an embedded PostgreSQL's. The daemon says so once at start
+    (`announce`); a CLI command asking the same database does not repeat it."""
     if settings.database_url:
         return settings.database_url
-    log.warning("DATABASE_URL is unset: using an embedded PostgreSQL in %s", settings.data_dir)
+    log.log(
+        logging.WARNING if announce else logging.DEBUG,
+        "DATABASE_URL is unset: using an embedded PostgreSQL in %s",
+        settings.data_dir,
+    )
     return start_embedded(settings.data_dir / "pgdata")
 
 
@@ -189,7 +195,12 @@ class Daemon:
             return IntervalTrigger(seconds=self.settings.sweep_seconds, start_time=now)
         cal = plan.schedule.calendar
         assert cal is not None
-        return calendar_trigger(cal, calendar_anchor(cal, record.registered_at), now)
+        anchor = calendar_anchor(cal, record.registered_at)
+        # A first occurrence at the anchor (a plan with no start fires when first loaded, which
+        # is a moment ago by now) is still due within the grace: it is step 1, not skipped.
+        if timedelta(0) <= now - anchor <= plan.schedule.grace.as_timedelta():
+            now = anchor
+        return calendar_trigger(cal, anchor, now)
 
     async def _has_schedule(self, plan_id: str) -> bool:
         try:

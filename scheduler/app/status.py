@@ -9,7 +9,7 @@ counts are by due time: "last 24 h" is what was due in the last 24 hours and how
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -240,14 +240,24 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
 # --- text ---------------------------------------------------------------------------------------
 
 
-def _when(iso: str | None, tz: str | None = None) -> str:
+def _when(iso: str | None, tz: str | None = None, *, seconds: bool = False) -> str:
+    """A moment in UTC, or in the plan's zone with its UTC offset (zone abbreviations such as
+    CST are ambiguous: China, or US Central?)."""
     if not iso:
         return "-"
     moment = datetime.fromisoformat(iso)
+    shape = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
     if tz:
-        moment = moment.astimezone(ZoneInfo(tz))
-        return moment.strftime("%Y-%m-%d %H:%M %Z")
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        local = moment.astimezone(ZoneInfo(tz))
+        offset = local.isoformat()[-6:]  # +08:00
+        return f"{local.strftime(shape)} UTC{offset} ({tz})"
+    return moment.astimezone(UTC).strftime(f"{shape} UTC")
+
+
+def _within_a_minute(moments: list[str]) -> bool:
+    """Whether two of these (ISO) moments share a minute: then show seconds too."""
+    parsed = sorted(datetime.fromisoformat(m) for m in moments)
+    return any(b - a < timedelta(minutes=1) for a, b in zip(parsed, parsed[1:], strict=False))
 
 
 def render_overview(report: dict[str, Any]) -> str:
@@ -337,8 +347,9 @@ def render_plan(report: dict[str, Any], replica_rows: list[dict[str, Any]] | Non
         remaining = report.get("remaining")
         left = "runs until cancelled" if remaining is None else f"{remaining} occurrence(s) left"
         out.append(f"  next fires{held}  {left}")
+        seconds = _within_a_minute([t["utc"] for t in report["next_fires"]])
         for t in report["next_fires"]:
-            out.append(f"              {_when(t['utc'], tz)}")
+            out.append(f"              {_when(t['utc'], tz, seconds=seconds)}")
     else:
         out.append(f"  next steps{held}  overdue now: {report['overdue_steps']}")
         for t in report["next_fires"]:

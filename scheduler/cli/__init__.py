@@ -208,7 +208,7 @@ async def _with_store(settings: Settings, work):  # noqa: ANN001, ANN202
     from scheduler.app.daemon import database_url
     from scheduler.store.postgres import Store
 
-    async with Store.open(database_url(settings)) as store:
+    async with Store.open(database_url(settings, announce=False)) as store:
         await store.migrate()
         return await work(store)
 
