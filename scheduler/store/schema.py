@@ -30,6 +30,7 @@ from pathlib import Path
 
 import asyncpg
 
+from scheduler.store.conn import Conn
 from scheduler.store.postgres import Store
 from scheduler.store.scratch import scratch_database
 
@@ -180,7 +181,7 @@ def _section(title: str, items: Sequence[str]) -> str:
     return f"-- {'-' * 96}\n-- {title}\n-- {'-' * 96}\n\n{body}\n"
 
 
-async def snapshot(conn: asyncpg.Connection) -> str:
+async def snapshot(conn: Conn) -> str:
     """The schema of the database behind `conn`, as `schema.sql` holds it."""
     await conn.execute("SET search_path = public, pg_catalog")
     migrations = [_text(r["name"]) for r in await conn.fetch(_MIGRATIONS)]
