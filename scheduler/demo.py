@@ -66,8 +66,9 @@ async def seed(store: Store, loaded: list[LoadedPlan], now: datetime) -> None:
             plan.schedule.calendar.timezone if plan.schedule.calendar else "Asia/Shanghai"
         )
         variables = {name: "演示" for name in plan.variables}
+        rule = plan.schedule.relative
         for user in DEMO_USERS:
-            due = relative_due(plan.schedule.relative, now, tz, 0) if plan.is_relative else None
+            due = relative_due(rule, now, tz, 0) if rule is not None else None
             await store.enroll(plan.id, user, now, tz.key, variables, due)
             for _ in range(3 if plan.consent.value == "one_time" else 1):
                 await store.record_consent(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -23,6 +23,9 @@ from scheduler.domain.limits import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
 from scheduler.domain.plan import Delivery, Plan
 from scheduler.domain.policy import Policy
 from scheduler.errors import PlanError, PlanProblem
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,7 +136,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
-def _message(error: dict) -> str:
+def _message(error: ErrorDetails) -> str:
     msg = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
@@ -161,7 +164,7 @@ def _problems(source: str, exc: ValidationError) -> PlanError:
     return PlanError(problems)
 
 
-def _problem(source: str, error: dict) -> PlanProblem:
+def _problem(source: str, error: ErrorDetails) -> PlanProblem:
     field, reason = _field_path(error["loc"]), _message(error)
     if error["type"] == "value_error" and (match := _LEADING_FIELD.match(reason)):
         field = f"{field}.{match[1]}" if field else match[1]
@@ -183,7 +186,8 @@ class _Loader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
+                event = self.peek_event()  # type: ignore[no-untyped-call]  # types-PyYAML
+                mark = event.start_mark
                 raise yaml.composer.ComposerError(None, None, _TOO_DEEP, mark)
             return super().compose_node(parent, index)
         finally:

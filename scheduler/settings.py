@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         description='API tokens by name, as JSON: {"crm": {"token": "...", "scopes": ["ingest"]}}.',
     )
     api_public: list[Literal["metrics", "docs"]] = Field(
-        default_factory=lambda: ["metrics", "docs"],
+        default_factory=lambda: list[Literal["metrics", "docs"]](["metrics", "docs"]),
         description='What the API serves without a token, as JSON: "metrics" (/metrics), "docs"'
         " (/v1/docs, /v1/openapi.json). Left out, /metrics needs a metrics- or admin-scoped"
         " token, and the OpenAPI document any valid token (the docs page is then off).",

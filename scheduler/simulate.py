@@ -18,7 +18,7 @@ import itertools
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from scheduler.domain.outcomes import Outcome
 from scheduler.domain.plan import ConsentKind, Plan
 from scheduler.domain.policy import Policy
 from scheduler.domain.schedule import (
+    Occurrence,
     calendar_anchor,
     calendar_occurrences,
     localize,
@@ -249,10 +250,10 @@ async def run(
     async with Store.open(url) as store:
         await store.migrate()
         fake = FakeWeChat(keep_messages=False)
-        await fake.start()
+        base_url = await fake.start()
         clock = Clock(start)
         channel = RecordingChannel(
-            WeChatChannel(base_url=fake.base_url, appid="sim", secret="sim", retries=1), clock
+            WeChatChannel(base_url=base_url, appid="sim", secret="sim", retries=1), clock
         )
         try:
             lifecycle = Lifecycle(store, clock=clock)
@@ -470,7 +471,7 @@ def audience(
             f"{', '.join(sorted(declared)) or 'none'})"
         )
     zone = ZoneInfo(tz)
-    members = []
+    members: list[tuple[Plan, dict[str, Any]]] = []  # a plan and its Member's consent fields
     for plan in plans:
         choice = consent[plan.id]
         if plan.consent == ConsentKind.LONG_TERM:
@@ -505,7 +506,7 @@ def _every_step(plan: Plan, start: datetime, end: datetime, tz: ZoneInfo) -> int
     else:
         occurrences = relative_occurrences(plan, start, tz)
         ends = True  # a relative plan has a count or a duration
-    steps = (o for o in occurrences if o.due_at >= start)
+    steps: Iterator[Occurrence] = (o for o in occurrences if o.due_at >= start)
     if not ends:
         steps = itertools.takewhile(lambda o: o.due_at < end, steps)
     return sum(1 for _ in itertools.islice(steps, RUNWAY_LOOKAHEAD))

@@ -8,6 +8,7 @@ never message content or user ids, and the API should listen on a private addres
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -59,11 +60,13 @@ class OptBody(Body):
 
 
 def _store(request: Request) -> Store:
-    return request.app.state.store
+    store: Store = request.app.state.store
+    return store
 
 
-def _now(request: Request):  # noqa: ANN202 - the lifecycle's clock (virtual in tests)
-    return lifecycle_of(request).clock()
+def _now(request: Request) -> datetime:  # the lifecycle's clock (virtual in tests)
+    now: datetime = lifecycle_of(request).clock()
+    return now
 
 
 def actor(caller: Caller) -> str:
@@ -103,14 +106,15 @@ async def get_plan(
 
 
 @router.post("/plans/{plan_id}/pause", summary="Pause: nothing new starts; a fan-out stops")
-async def pause(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict:
-    return await _act(lifecycle_of(request).pause(plan_id, actor=actor(caller), reason=body.reason))
+async def pause(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict[str, Any]:
+    lifecycle = lifecycle_of(request)
+    return await _act(lifecycle.pause(plan_id, actor=actor(caller), reason=body.reason))
 
 
 @router.post("/plans/{plan_id}/resume", summary="Resume, skipping or catching up what was held")
 async def resume(
     request: Request, plan_id: Id, caller: Admin, body: ResumeBody | None = None
-) -> dict:
+) -> dict[str, Any]:
     body = body or ResumeBody()
     return await _act(
         lifecycle_of(request).resume(
@@ -120,13 +124,13 @@ async def resume(
 
 
 @router.post("/plans/{plan_id}/cancel", summary="Cancel for good (history is kept)")
-async def cancel(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict:
+async def cancel(request: Request, plan_id: Id, body: ReasonBody, caller: Admin) -> dict[str, Any]:
     lifecycle = lifecycle_of(request)
     return await _act(lifecycle.cancel(plan_id, actor=actor(caller), reason=body.reason))
 
 
 @router.post("/users/{user_id}/opt-out", summary="Stop sends to a user from a plan or all")
-async def opt_out(request: Request, user_id: Id, body: OptBody, caller: Admin) -> dict:
+async def opt_out(request: Request, user_id: Id, body: OptBody, caller: Admin) -> dict[str, Any]:
     return await _act(
         lifecycle_of(request).opt_out(
             user_id, plan_id=body.plan, actor=actor(caller), reason=body.reason
@@ -135,7 +139,9 @@ async def opt_out(request: Request, user_id: Id, body: OptBody, caller: Admin) -
 
 
 @router.post("/users/{user_id}/opt-in", summary="Undo an opt-out")
-async def opt_in(request: Request, user_id: Id, caller: Admin, body: OptBody | None = None) -> dict:
+async def opt_in(
+    request: Request, user_id: Id, caller: Admin, body: OptBody | None = None
+) -> dict[str, Any]:
     body = body or OptBody()
     return await _act(
         lifecycle_of(request).opt_in(
@@ -152,7 +158,7 @@ async def user_opt_outs(request: Request, user_id: Id, caller: Admin) -> dict[st
 @router.post("/enrollments/{plan_id}/{user_id}/stop", summary="End one user's timeline in a plan")
 async def stop_enrollment(
     request: Request, plan_id: Id, user_id: Id, body: ReasonBody, caller: Admin
-) -> dict:
+) -> dict[str, Any]:
     return await _act(
         lifecycle_of(request).stop_enrollment(
             plan_id, user_id, actor=actor(caller), reason=body.reason

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AfterValidator, AwareDatetime, Field
 
@@ -28,13 +28,8 @@ def _sane_moment(value: datetime) -> datetime:
     return value
 
 
-def text(max_length: int, min_length: int = 0, **field: Any) -> Any:
-    """Text of at most `max_length` characters, without NUL or lone surrogates."""
-    return Annotated[
-        str,
-        Field(min_length=min_length, max_length=max_length, **field),
-        AfterValidator(_storable_text),
-    ]
+# Text without NUL or lone surrogates; each text type below adds its lengths with a Field.
+StorableText = AfterValidator(_storable_text)
 
 
 MAX_ID = 128
@@ -44,10 +39,18 @@ MAX_VARIABLE_NAME = 64
 MAX_VARIABLE_TEXT = 1000
 MAX_TEMPLATES_PER_POPUP = 20
 
-Id = text(MAX_ID, 1)  # plan, template, user and report ids
-Reason = text(MAX_REASON, 1, description="Why: kept in the audit log.")
-Note = text(MAX_REASON)  # an optional reason
-TimeZoneName = text(64, 1, examples=["Asia/Shanghai"])
+# Written out rather than made by a function, so that mypy sees them as `str`. Id: plan,
+# template, user and report ids.
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID), StorableText]
+Reason = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_REASON, description="Why: kept in the audit log."),
+    StorableText,
+]
+Note = Annotated[str, Field(min_length=0, max_length=MAX_REASON), StorableText]  # optional reason
+TimeZoneName = Annotated[
+    str, Field(min_length=1, max_length=64, examples=["Asia/Shanghai"]), StorableText
+]
 Moment = Annotated[AwareDatetime, AfterValidator(_sane_moment)]
 DeliveryId = Annotated[int, Field(ge=1, le=INT64_MAX)]
 Scene = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -67,7 +70,5 @@ def _variable(value: str | int | float) -> str | int | float:
 
 
 VariableValue = Annotated[str | int | float, AfterValidator(_variable)]
-Variables = Annotated[
-    dict[text(MAX_VARIABLE_NAME, 1), VariableValue],  # type: ignore[valid-type]
-    Field(max_length=MAX_VARIABLES),
-]
+VariableName = Annotated[str, Field(min_length=1, max_length=MAX_VARIABLE_NAME), StorableText]
+Variables = Annotated[dict[VariableName, VariableValue], Field(max_length=MAX_VARIABLES)]

@@ -51,7 +51,8 @@ Choice = Literal["accept", "reject", "ban", "filter"]
 
 
 def consent_store(request: Request) -> ConsentStore:
-    return request.app.state.store.consent
+    consent: ConsentStore = request.app.state.store.consent
+    return consent
 
 
 Store = Annotated[ConsentStore, Depends(consent_store)]

@@ -51,7 +51,8 @@ class ApiServer:
     @property
     def port(self) -> int:
         assert self._socket is not None
-        return self._socket.getsockname()[1]
+        port: int = self._socket.getsockname()[1]
+        return port
 
     async def stop(self) -> None:
         self._server.should_exit = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
@@ -187,7 +187,7 @@ async def receive(
     return PlainTextResponse("success")
 
 
-async def _apply(store: ConsentStore, event: push.PushEvent, doc: dict) -> None:
+async def _apply(store: ConsentStore, event: push.PushEvent, doc: dict[str, Any]) -> None:
     if event.event in (push.POPUP, push.CHANGE):
         await _consent(store, event, doc)
     elif event.event == push.SENT:
@@ -203,7 +203,7 @@ async def _apply(store: ConsentStore, event: push.PushEvent, doc: dict) -> None:
         log.debug("ignored pushed event %r", event.event)
 
 
-async def _consent(store: ConsentStore, event: push.PushEvent, doc: dict) -> None:
+async def _consent(store: ConsentStore, event: push.PushEvent, doc: dict[str, Any]) -> None:
     kinds = await store.template_kinds()
     via = Via.SETTINGS if event.event == push.CHANGE else Via.POPUP
     reports = []

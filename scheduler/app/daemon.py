@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -46,6 +47,7 @@ from scheduler.store.embedded import sqlalchemy_url, start_embedded
 from scheduler.store.postgres import (
     SCHEDULER_SETUP_LOCK,
     PlanRecord,
+    Recovered,
     SendRate,
     Store,
     retry_transient,
@@ -66,7 +68,9 @@ async def fire_plan(plan_id: str) -> None:
     """The APScheduler task: one fire of a plan's schedule, at its scheduled time."""
     if _dispatcher is None:  # pragma: no cover - only a misconfigured process gets here
         raise RuntimeError("fire_plan ran outside a reminders daemon")
-    await _dispatcher.fire(plan_id, current_job.get().scheduled_fire_time)
+    fire_time = current_job.get().scheduled_fire_time
+    assert fire_time is not None  # APScheduler sets it on every job a schedule starts
+    await _dispatcher.fire(plan_id, fire_time)
 
 
 def schedule_id(plan_id: str) -> str:
@@ -294,7 +298,7 @@ class Daemon:
                 "sends still in flight after %g s: they are recorded as 'unknown'",
                 self.settings.drain_seconds,
             )
-        r = await retry_transient(10, what="giving the work back")(
+        r: Recovered = await retry_transient(10, what="giving the work back")(
             self.store.fanout.recover, self.replica_id
         )
         if r.unknown or r.released or r.chunks:
@@ -306,7 +310,7 @@ class Daemon:
             )
 
 
-def _next_due_computer(plan: Plan):  # noqa: ANN202 - a small closure for the store
+def _next_due_computer(plan: Plan) -> Callable[[datetime, str, int], datetime | None]:
     from zoneinfo import ZoneInfo
 
     rule = plan.schedule.relative
@@ -341,6 +345,7 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
             base_url,
             base_url,
         )
+    assert appid is not None and secret is not None  # has_credentials(settings), or the fake's
     channel = WeChatChannel(
         base_url=base_url,
         appid=appid,

@@ -106,6 +106,7 @@ class DamageControl:
                 return None
             reason = what_broke(scope, plan, result)
             await self._pause(scope, plan, result, reason)
+        assert result.reason is not None  # a scope comes from a reason
         return Stop(Outcome.SKIPPED, result.reason, reason)
 
     async def _pause(self, scope: Scope, failing: Plan, result: SendResult, reason: str) -> None:

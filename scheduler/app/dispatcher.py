@@ -161,7 +161,7 @@ class Dispatcher:
         self._plans: dict[tuple[str, int], Plan] = {}
         # (plan, policy, message) -> steps 4-5's verdict, (plan, policy, ("limits",)) -> limits;
         # an entry holds the plan and policy, so their ids cannot be reused while it exists.
-        self._verdicts: dict[tuple[int, int, tuple], tuple[Plan, Policy, Any]] = {}
+        self._verdicts: dict[tuple[int, int, tuple[Any, ...]], tuple[Plan, Policy, Any]] = {}
 
     async def drain(self, within_s: float) -> bool:
         """Stop claiming and wait for the fan-outs in progress to finish their sends."""
@@ -228,7 +228,7 @@ class Dispatcher:
             )
             return FanOutReport()
         # The occurrence is keyed by its scheduled time, so a double fire meets the same rows.
-        occurrence_id = await retry_transient(60, what="recording an occurrence")(
+        occurrence_id: int = await retry_transient(60, what="recording an occurrence")(
             self.store.fanout.record_occurrence,
             active.record.id,
             occurrence_key(fire_time),
@@ -269,7 +269,7 @@ class Dispatcher:
 
     async def _take(self, occurrence_id: int | None) -> Chunk | None:
         async with self._taking:  # `busy` must be current: one taker at a time
-            chunk = await retry_transient(60, what="taking a chunk")(
+            chunk: Chunk | None = await retry_transient(60, what="taking a chunk")(
                 self.store.fanout.take_chunk,
                 self.replica_id,
                 occurrence_id=occurrence_id,
@@ -324,7 +324,7 @@ class Dispatcher:
             )
             for r in ready
         ]
-        claims = [Claim(r.delivery_id, r.user_id, Outcome.PENDING.value) for r in ready]
+        claims = [Claim(r.delivery_id, r.user_id, Outcome.PENDING) for r in ready]
 
         async def batches() -> AsyncIterator[tuple[list[Due], list[Claim] | None]]:
             yield dues, claims
@@ -365,7 +365,7 @@ class Dispatcher:
                             stopped = True
                             break
                         yield batch
-                closed = await retry_transient(60, what="closing a chunk")(
+                closed: bool = await retry_transient(60, what="closing a chunk")(
                     self.store.fanout.release_chunk, chunk, self.replica_id, done=not stopped
                 )
                 if closed:
@@ -391,9 +391,9 @@ class Dispatcher:
             return chunk.occurrence, chunk.step, chunk.fire_time, tz
 
         while not self.stopping.is_set():
-            recipients = await retry_transient(60, what="reading an audience chunk")(
-                self.store.fanout.chunk_audience, chunk, cursor, self.batch_size
-            )
+            recipients: list[Recipient] = await retry_transient(
+                60, what="reading an audience chunk"
+            )(self.store.fanout.chunk_audience, chunk, cursor, self.batch_size)
             if not recipients:
                 return
             try:
@@ -470,13 +470,13 @@ class Dispatcher:
                     state = await self.store.plan_state_held(conn, plan_id)
                     if state is None or not PlanState(state).fires or not due:
                         break
-                    late = [r for r in due if now - r.next_due_at > grace]
+                    late = [r for r in due if now - _next_due(r) > grace]
                     await self.store.skip(
                         plan_id=plan_id,
                         version=active.record.version,
                         replica=self.replica_id,
                         rows=[
-                            (_step_key(r), r.user_id, r.next_step + 1, r.next_due_at) for r in late
+                            (_step_key(r), r.user_id, r.next_step + 1, _next_due(r)) for r in late
                         ],
                         status=Outcome.MISSED,
                         reason=Reason.GRACE_EXCEEDED,
@@ -486,9 +486,9 @@ class Dispatcher:
                     metrics.count(plan_id, Outcome.MISSED, Reason.GRACE_EXCEEDED, len(late))
                     dues = await self._render_all(
                         active,
-                        [r for r in due if now - r.next_due_at <= grace],
+                        [r for r in due if now - _next_due(r) <= grace],
                         report,
-                        lambda r: (_step_key(r), r.next_step + 1, r.next_due_at, ZoneInfo(r.tz)),
+                        lambda r: (_step_key(r), r.next_step + 1, _next_due(r), ZoneInfo(r.tz)),
                         conn=conn,
                     )
                     claims = await self._claim(conn, active, dues)
@@ -575,7 +575,8 @@ class Dispatcher:
     ) -> list[Due]:
         """Render each recipient's message; one that cannot be rendered is recorded as skipped."""
         dues, broken = [], []
-        now, moments = self.clock(), {}  # a batch is judged at one moment
+        now = self.clock()  # a batch is judged at one moment
+        moments: dict[tuple[Any, ...], Decision] = {}
         for recipient in recipients:
             occurrence, step, due_at, tz = when(recipient)
             try:
@@ -615,7 +616,7 @@ class Dispatcher:
         due_at: datetime,
         data: dict[str, str],
         now: datetime,
-        moments: dict[tuple, Decision],
+        moments: dict[tuple[Any, ...], Decision],
     ) -> Due:
         """Gate steps 4-6 on the rendered message, at `now`, in the user's own time zone; step
         7's counters are counted by the claim, atomically. Step 6 and the counters depend on the
@@ -696,7 +697,8 @@ class Dispatcher:
         key = (id(plan), id(self.policy), ("limits",))
         if key not in self._verdicts:
             self._verdicts[key] = (plan, self.policy, plan_limits(plan, self.policy))
-        return self._verdicts[key][2]
+        limits: Limits = self._verdicts[key][2]
+        return limits
 
     def _message_violation(self, plan: Plan, data: dict[str, str]) -> Violation | None:
         """Steps 4-5 for a rendered message, remembered per (plan, policy, text): a fan-out to
@@ -706,7 +708,8 @@ class Dispatcher:
             if len(self._verdicts) >= 10_000:
                 self._verdicts.clear()
             self._verdicts[key] = (plan, self.policy, message_violation(plan, self.policy, data))
-        return self._verdicts[key][2]
+        violation: Violation | None = self._verdicts[key][2]
+        return violation
 
     async def _claim(self, conn: Any, active: ActivePlan, dues: list[Due]) -> list[Claim]:
         if not dues:
@@ -778,6 +781,7 @@ class Dispatcher:
                         halt = await self.damage.stop(plan, message.touser, result) or halt
                     return
                 held, errcode = self._hold_for_quota(plan, due.due_at, result.detail), 45009
+            assert held is not None  # not sent: the gate or the quota held it
             report.stopped_by_gate(held.status, held.reason)
             metrics.count(active.record.id, held.status, held.reason)
             self.recorder.finished(template, kind, _held(delivery_id, held, errcode), sent=sent)
@@ -847,6 +851,12 @@ def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None =
 
 def _step_key(recipient: Recipient) -> str:
     return f"step-{recipient.next_step + 1}"
+
+
+def _next_due(recipient: Recipient) -> datetime:
+    """When a due enrolment's next step is due (`due_enrollments` reads no other)."""
+    assert recipient.next_due_at is not None
+    return recipient.next_due_at
 
 
 def _held(delivery_id: int, stop: Stop, errcode: int | None = None) -> Finished:

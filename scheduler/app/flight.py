@@ -60,7 +60,7 @@ class FlightRecorder:
         """Wait for a slot and for the row to be recorded in flight. False: the row is no longer
         this replica's (do not send it)."""
         await self._slots.acquire()
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._candidates[delivery_id] = future
         self._kick()
         try:

@@ -265,13 +265,13 @@ class Lifecycle:
         if not catch_up:
             # Catch-ups queued by an earlier resume and stopped by this pause: skipped too.
             for fire_time in await sql.take_catch_ups(conn, plan_id):
-                step = calendar_step(cal, anchor, fire_time)
-                if step is not None:
+                fire_step = calendar_step(cal, anchor, fire_time)
+                if fire_step is not None:
                     await _record_for_audience(
                         conn,
                         plan_id,
                         version,
-                        step,
+                        fire_step,
                         fire_time,
                         Outcome.SKIPPED,
                         Reason.PAUSED,

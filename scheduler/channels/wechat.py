@@ -50,6 +50,7 @@ from tenacity import (
     wait_exponential,
     wait_random_exponential,
 )
+from tenacity.wait import wait_base
 
 from scheduler.channels.base import OutgoingMessage, Quota, SendResult
 from scheduler.domain.outcomes import Outcome, Reason
@@ -164,7 +165,7 @@ class WeChatChannel:
         self._lang = lang
         # "Equal jitter": half the exponential step is fixed so retries of a busy server are
         # never back to back; the random half spreads many senders apart.
-        self._wait = wait_exponential(multiplier=backoff_base / 2, max=backoff_max / 2)
+        self._wait: wait_base = wait_exponential(multiplier=backoff_base / 2, max=backoff_max / 2)
         self._wait += wait_random_exponential(multiplier=backoff_base / 2, max=backoff_max / 2)
 
         self._owns_client = client is None

@@ -10,13 +10,23 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from scheduler.errors import ConfigError, PlanError, RemindersError
 from scheduler.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from scheduler.domain.consent import ConsentState
+    from scheduler.domain.plan import Plan
+    from scheduler.domain.rules import DryRun
+    from scheduler.domain.schedule import Occurrence
+    from scheduler.store.postgres import Store
+
+T = TypeVar("T")
 
 log = logging.getLogger("scheduler")
 
@@ -92,14 +102,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if checked.problems or not found else 0
 
 
-def _schedule_warnings(plan, now: datetime) -> list[str]:  # noqa: ANN001 (a Plan)
+def _schedule_warnings(plan: Plan, now: datetime) -> list[str]:
     from scheduler.domain.schedule import calendar_anchor, schedule_warnings
 
     cal = plan.schedule.calendar
     return schedule_warnings(cal, calendar_anchor(cal, now)) if cal is not None else []
 
 
-def _mark(run) -> dict[str, str] | None:  # noqa: ANN001 (a rules.DryRun)
+def _mark(run: DryRun) -> dict[str, str] | None:
     """What a rule does to one previewed step: None when it goes out on time."""
     decision = run.decision
     if decision.violation is not None:
@@ -107,6 +117,7 @@ def _mark(run) -> dict[str, str] | None:  # noqa: ANN001 (a rules.DryRun)
         return {"outcome": "skipped", "reason": v.reason.value, "rule": v.rule, "detail": v.detail}
     if run.deferred is not None:
         v = run.deferred
+        assert run.sent_at is not None  # deferred, and not skipped after: it goes at sent_at
         return {
             "outcome": "deferred",
             "reason": v.reason.value,
@@ -136,13 +147,15 @@ def cmd_preview(args: argparse.Namespace) -> int:
         tz = ZoneInfo(cal.timezone)
         start = _aware(args.start, "--from", tz) if args.start else now
         anchor = calendar_anchor(cal, start)
-        occurrences = (o for o in calendar_occurrences(cal, anchor) if o.due_at >= start)
+        occurrences: Iterator[Occurrence] = (
+            o for o in calendar_occurrences(cal, anchor) if o.due_at >= start
+        )
     else:
         tz = _zone(args.tz)
         start = _aware(args.start, "--from", tz) if args.start else now
         occurrences = relative_occurrences(plan, start, tz)
     variables = dict(_pairs(args.var))
-    rows = []
+    rows: list[dict[str, Any]] = []
     limited = zip(occurrences, range(args.count), strict=False)
     for run in dry_run(plan, policy, (o for o, _ in limited), tz, variables):
         occurrence = run.occurrence
@@ -160,7 +173,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
                 "rule": _mark(run),
             }
         )
-    skipped, warnings = [], _schedule_warnings(plan, start)
+    skipped: list[dict[str, str]] = []
+    warnings = _schedule_warnings(plan, start)
     if plan.schedule.calendar is not None and rows:
         until = datetime.fromisoformat(rows[-1]["utc"])
         skipped = [
@@ -184,8 +198,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
         text = "; ".join(f"{k}={v}" for k, v in row["message"].items())
         print(f"  step {row['step']:>3}  {row['local']}  (UTC {row['utc'][:16]})  {text}")
         if (mark := row["rule"]) is not None:
-            until = f" until {mark['until'][:16]}" if "until" in mark else ""
-            print(f"             {mark['outcome']}{until}: {mark['reason']}: {mark['detail']}")
+            held = f" until {mark['until'][:16]}" if "until" in mark else ""
+            print(f"             {mark['outcome']}{held}: {mark['reason']}: {mark['detail']}")
     if not rows:
         print("  no occurrences left")
     return 0
@@ -204,7 +218,7 @@ def _pairs(items: Sequence[str] | None) -> list[tuple[str, str]]:
 # --- database-backed commands -------------------------------------------------------------------
 
 
-async def _with_store(settings: Settings, work):  # noqa: ANN001, ANN202
+async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
     from scheduler.app.daemon import database_url
     from scheduler.store.postgres import Store
 
@@ -214,7 +228,7 @@ async def _with_store(settings: Settings, work):  # noqa: ANN001, ANN202
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    async def work(store) -> list[str]:  # noqa: ANN001
+    async def work(store: Store) -> list[str]:
         return await store.migrate()
 
     applied = asyncio.run(_with_store(_settings(args), work))
@@ -229,7 +243,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
 
     kind = ConsentKind(args.kind)
 
-    async def work(store):  # noqa: ANN001, ANN202
+    async def work(store: Store) -> ConsentState:
         # The API's rule (POST /v1/consent answers 422): only templates the plans use, as the
         # kind they declare; recorded through the same writer.
         problem = consent_problem(await store.consent.template_kinds(), args.template, kind)
@@ -283,7 +297,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     settings = _settings(args)
     replica = replica_identity(settings)
 
-    async def work(store) -> bool:  # noqa: ANN001
+    async def work(store: Store) -> bool:
         return await store.status.replica_alive(replica)
 
     healthy = asyncio.run(_with_store(settings, work))
@@ -395,8 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         level if args.command in ("run", "fake-wechat") else "WARNING", json_lines=json_lines
     )
+    command: Callable[[argparse.Namespace], int] = args.func  # each subparser's cmd_*
     try:
-        return args.func(args)
+        return command(args)
     except PlanError as exc:
         print("error  " + str(exc).replace("\n", "\nerror  "), file=sys.stderr)
         return 1

@@ -202,7 +202,7 @@ def cmd_runway(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("enroll", help="enrol a user in a plan, or import a CSV file of them")
     p.add_argument("plan_id")
     who = p.add_mutually_exclusive_group(required=True)

@@ -14,7 +14,13 @@ import getpass
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from scheduler.app.lifecycle import ActionResult, Lifecycle
+    from scheduler.store.postgres import Store
+
+T = TypeVar("T")
 
 
 def cli_actor() -> str:
@@ -24,7 +30,7 @@ def cli_actor() -> str:
         return "cli:unknown"
 
 
-def _run(args: argparse.Namespace, work) -> Any:  # noqa: ANN001
+def _run(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
     from scheduler.cli import _settings, _with_store
 
     return asyncio.run(_with_store(_settings(args), work))
@@ -53,11 +59,13 @@ def _print_action(result: Any, as_json: bool) -> None:
         print(f"  skip: {skipped} held-back occurrence(s)/step(s) recorded skipped (paused)")
 
 
-def _lifecycle_action(args: argparse.Namespace, action: Callable[[Any, str], Awaitable]) -> int:
+def _lifecycle_action(
+    args: argparse.Namespace, action: Callable[[Lifecycle, str], Awaitable[ActionResult]]
+) -> int:
     """Run one `Lifecycle` action (given the service and the actor) and print what it did."""
     from scheduler.app.lifecycle import Lifecycle
 
-    async def work(store):  # noqa: ANN001, ANN202
+    async def work(store: Store) -> ActionResult:
         return await action(Lifecycle(store), cli_actor())
 
     _print_action(_run(args, work), args.json)
@@ -116,7 +124,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from scheduler.app import status
     from scheduler.cli import UsageError
 
-    async def work(store):  # noqa: ANN001, ANN202
+    async def work(store: Store) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         now = datetime.now(UTC)
         if args.plan_id is None:
             return await status.overview(store, now=now), None
@@ -140,7 +148,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from scheduler.app.lifecycle import Lifecycle
 
-    async def work(store):  # noqa: ANN001, ANN202
+    async def work(store: Store) -> list[dict[str, Any]]:
         return await Lifecycle(store).audit(plan_id=args.plan, user_id=args.user, limit=args.limit)
 
     events = _run(args, work)
@@ -161,7 +169,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    async def work(store):  # noqa: ANN001, ANN202
+    async def work(store: Store) -> int:
         await store.control.notify("reload")
         return await store.status.live_replica_count()
 
@@ -170,7 +178,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the operating commands to the `reminders` parser."""
 
     def json_flag(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from scheduler.domain.enrolment import Enrolment
 from scheduler.domain.plan import ConsentKind, Plan
 from scheduler.domain.schedule import calendar_anchor, calendar_occurrences, relative_due
 from scheduler.errors import StoreError
+from scheduler.store.conn import Conn
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +250,9 @@ class ConsentStore:
         return Recorded(appended, duplicates, corroborating, states)
 
     async def _unpaired_accept(
-        self, conn: asyncpg.Connection, report: ConsentReport, when: datetime
+        self, conn: Conn, report: ConsentReport, when: datetime
     ) -> int | None:
-        return await conn.fetchval(
+        event_pk: int | None = await conn.fetchval(
             "SELECT e.id FROM consent_events e"
             " WHERE e.user_id = $1 AND e.template_id = $2 AND e.result = 'accept'"
             "  AND e.via = 'popup' AND e.corroborates IS NULL"
@@ -266,11 +267,10 @@ class ConsentStore:
             when,
             self.pair_window,
         )
+        return event_pk
 
     @staticmethod
-    async def _write_cache(
-        conn: asyncpg.Connection, states: dict[tuple[str, str], ConsentState]
-    ) -> None:
+    async def _write_cache(conn: Conn, states: dict[tuple[str, str], ConsentState]) -> None:
         items = list(states.items())
         await conn.execute(
             "INSERT INTO consent AS c (user_id, template_id, credits, long_term, banned)"

@@ -13,6 +13,8 @@ from typing import Any
 
 import asyncpg
 
+from scheduler.store.conn import Conn
+
 NOTIFY = "SELECT pg_notify($1, $2)"
 PING = "SELECT 1"
 
@@ -20,7 +22,7 @@ PING = "SELECT 1"
 class Listening:
     """A connection listening on the channel, while `ControlChannel.listen` holds it."""
 
-    def __init__(self, conn: asyncpg.Connection):
+    def __init__(self, conn: Conn):
         self._conn = conn
 
     async def ping(self) -> None:
@@ -43,8 +45,8 @@ class ControlChannel:
         """Hold a pool connection listening on the channel; `heard(payload)` is called with
         each notification's payload until the block ends."""
 
-        def callback(conn: Any, pid: int, channel: str, payload: str) -> None:
-            heard(payload)
+        def callback(conn: Conn, pid: int, channel: str, payload: object) -> None:
+            heard(str(payload))  # asyncpg passes the payload as text
 
         async with self._pool.acquire() as conn:
             await conn.add_listener(self.channel, callback)

@@ -9,8 +9,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scheduler.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pgserver.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +47,16 @@ def temporary_embedded(prefix: str = "reminders-") -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _server(data_dir: Path):  # noqa: ANN202 (a pgserver.PostgresServer)
+def _server(data_dir: Path) -> PostgresServer:
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         try:
-            import pgserver
+            from pgserver.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - it is a declared dependency
             raise ConfigError("DATABASE_URL is unset and pgserver is not installed") from exc
         try:
-            return pgserver.get_server(data_dir, cleanup_mode="stop")
+            return get_server(data_dir, cleanup_mode="stop")
         except Exception as exc:  # pgserver raises plain exceptions with the server's log
             raise ConfigError(
                 f"could not start the embedded PostgreSQL in {data_dir}: {exc}"

@@ -15,9 +15,10 @@ from typing import Any
 
 import asyncpg
 
+from scheduler.store.conn import Conn
 from scheduler.store.control import NOTIFY
 
-Conn = asyncpg.Connection
+__all__ = ["Conn"]  # the connection type of the functions below
 
 
 class LifecycleStore:
@@ -40,7 +41,7 @@ class LifecycleStore:
         await conn.execute(NOTIFY, self._channel, json.dumps(message))
 
     async def opt_outs(self, user_id: str) -> list[asyncpg.Record]:
-        return await self._pool.fetch(  # type: ignore[no-any-return]
+        return await self._pool.fetch(
             "SELECT plan_id, actor, reason, created_at FROM opt_outs WHERE user_id = $1"
             " ORDER BY plan_id",
             user_id,
@@ -49,7 +50,7 @@ class LifecycleStore:
     async def audit(
         self, plan_id: str | None, user_id: str | None, limit: int
     ) -> list[asyncpg.Record]:
-        return await self._pool.fetch(  # type: ignore[no-any-return]
+        return await self._pool.fetch(
             "SELECT id, recorded_at, plan_id, user_id, action, actor, reason, plan_version,"
             " details FROM plan_events"
             " WHERE ($1::text IS NULL OR plan_id = $1) AND ($2::text IS NULL OR user_id = $2)"
@@ -65,7 +66,7 @@ class LifecycleStore:
 
 async def locked_plan(conn: Conn, plan_id: str) -> asyncpg.Record | None:
     """The plan's state and current definition, its row locked until the transaction ends."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         "SELECT p.state, p.state_reason, p.current_version, p.paused_at,"
         " p.registered_at, v.definition FROM plans p"
         " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
@@ -148,7 +149,7 @@ async def take_catch_ups(conn: Conn, plan_id: str) -> list[datetime]:
 
 async def next_catch_up(conn: Conn) -> asyncpg.Record | None:
     """The oldest queued catch-up of an active plan, locked for this replica (SKIP LOCKED)."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         "SELECT c.plan_id, c.fire_time FROM catch_up c JOIN plans p ON p.id = c.plan_id"
         " WHERE p.state = 'active' ORDER BY c.fire_time LIMIT 1"
         " FOR UPDATE OF c SKIP LOCKED"
@@ -162,7 +163,7 @@ async def catch_up_done(conn: Conn, plan_id: str, fire_time: datetime) -> None:
 
 
 async def overdue_enrolments(conn: Conn, plan_id: str, now: datetime) -> list[asyncpg.Record]:
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         "SELECT user_id, tz, start_at, next_step, next_due_at FROM enrollments"
         " WHERE plan_id = $1 AND status = 'active' AND next_due_at <= $2 FOR UPDATE",
         plan_id,
@@ -202,7 +203,7 @@ async def record_for_audience(
 
 
 async def opt_out_of(conn: Conn, user_id: str, scope: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         "SELECT actor, reason, created_at FROM opt_outs"
         " WHERE user_id = $1 AND plan_id = $2 FOR UPDATE",
         user_id,
@@ -262,7 +263,7 @@ async def add_event(
     at: datetime,
 ) -> asyncpg.Record:
     """Append one audit row; returns its id and recorded_at."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    row = await conn.fetchrow(
         "INSERT INTO plan_events"
         " (plan_id, user_id, action, actor, reason, plan_version, details, recorded_at)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, recorded_at",
@@ -275,3 +276,5 @@ async def add_event(
         details,
         at,
     )
+    assert row is not None  # INSERT ... RETURNING returns the row it inserted
+    return row

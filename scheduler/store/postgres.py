@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,6 +37,7 @@ from scheduler.store.abc import (
     SimulationReads,
     StatusReads,
 )
+from scheduler.store.conn import Conn
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
 from scheduler.store.lifecycle import LifecycleStore
@@ -209,8 +210,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 @asynccontextmanager
 async def _transaction(
-    conn: asyncpg.Connection | asyncpg.Pool,
-) -> AsyncIterator[asyncpg.Connection]:
+    conn: Conn | asyncpg.Pool,
+) -> AsyncIterator[Conn]:
     """A transaction on the pool, or a savepoint inside the caller's open transaction."""
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as c, c.transaction():
@@ -306,6 +307,7 @@ class Store:
                 " WHERE p.id = $1 FOR UPDATE OF p",
                 plan_id,
             )
+            assert row is not None  # the INSERT above made sure the plan's row exists
             changed = row["content_hash"] != content_hash
             if changed:
                 version = (row["current_version"] or 0) + 1
@@ -384,7 +386,7 @@ class Store:
             [Enrolment(plan_id, user_id, start_at, tz, variables, next_due_at)]
         )
 
-    async def plan_state_held(self, conn: asyncpg.Connection, plan_id: str) -> str | None:
+    async def plan_state_held(self, conn: Conn, plan_id: str) -> str | None:
         """The plan's state, share-locked until `conn`'s transaction ends (FOR SHARE): a pause
         or cancel waits for the batch that read it."""
         state: str | None = await conn.fetchval(
@@ -395,7 +397,7 @@ class Store:
     @asynccontextmanager
     async def due_enrollments(
         self, plan_id: str, now: datetime, batch_size: int
-    ) -> AsyncIterator[tuple[asyncpg.Connection, list[Recipient]]]:
+    ) -> AsyncIterator[tuple[Conn, list[Recipient]]]:
         """Lock up to `batch_size` enrolments of a relative plan whose next step is due.
 
         The caller claims their deliveries and advances them on the same connection before the
@@ -427,7 +429,7 @@ class Store:
 
     @staticmethod
     async def advance_enrollments(
-        conn: asyncpg.Connection,
+        conn: Conn,
         plan_id: str,
         users: Sequence[str],
         next_steps: Sequence[int],
@@ -444,7 +446,9 @@ class Store:
             next_due,
         )
 
-    async def reschedule_enrollments(self, plan_id: str, compute) -> int:  # noqa: ANN001
+    async def reschedule_enrollments(
+        self, plan_id: str, compute: Callable[[datetime, str, int], datetime | None]
+    ) -> int:
         """Recompute every active enrolment's next due time after the plan's schedule changed."""
         changed = 0
         async with self.pool.acquire() as conn, conn.transaction():
@@ -527,7 +531,7 @@ class Store:
     @asynccontextmanager
     async def due_deferrals(
         self, plan_id: str, now: datetime, batch_size: int
-    ) -> AsyncIterator[tuple[asyncpg.Connection, list[DeferredDelivery]]]:
+    ) -> AsyncIterator[tuple[Conn, list[DeferredDelivery]]]:
         """Lock up to `batch_size` deferred rows of a plan whose moment has come (SKIP LOCKED:
         replicas share them); the caller claims them again on the same connection."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -561,7 +565,7 @@ class Store:
             )
 
     async def claim(
-        self, conn: asyncpg.Connection | asyncpg.Pool, batch: ClaimBatch, dues: Sequence[Due]
+        self, conn: Conn | asyncpg.Pool, batch: ClaimBatch, dues: Sequence[Due]
     ) -> list[Claim]:
         """Run a batch through the gate and claim its ledger rows in one round trip
         (claim_deliveries_v2, migration 008): each due's `stop` is the rule the dispatcher
@@ -612,7 +616,7 @@ class Store:
         rows: Sequence[tuple[str, str, int, datetime]],  # (occurrence, user, step, due)
         status: str,
         reason: str,
-        conn: asyncpg.Connection | None = None,
+        conn: Conn | None = None,
     ) -> None:
         """Record final outcomes that need no send (missed, unrenderable), once per row."""
         if not rows:
@@ -793,7 +797,7 @@ class FanOutStore:
         self.pool = pool
 
     @asynccontextmanager
-    async def held_connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def held_connection(self) -> AsyncIterator[Conn]:
         """One connection for a run of round trips (`record_flight(conn=...)`): a pool checkout
         per round trip would cost as much as the round trip."""
         async with self.pool.acquire() as conn:
@@ -805,7 +809,7 @@ class FanOutStore:
         """Record a fired occurrence as work (once: a double fire meets the same row), split
         into chunks of `chunk_size` users; returns its id."""
         async with self.pool.acquire() as conn, conn.transaction():
-            occurrence_id = await conn.fetchval(
+            occurrence_id: int | None = await conn.fetchval(
                 "INSERT INTO occurrences (plan_id, occurrence, step, fire_time, total)"
                 " SELECT $1, $2, $3, $4, count(*) FROM enrollments"
                 "  WHERE plan_id = $1 AND status = 'active'"
@@ -816,11 +820,12 @@ class FanOutStore:
                 fire_time,
             )
             if occurrence_id is None:
-                return await conn.fetchval(
+                existing: int = await conn.fetchval(
                     "SELECT id FROM occurrences WHERE plan_id = $1 AND occurrence = $2",
                     plan_id,
                     occurrence,
                 )
+                return existing
             bounds = await conn.fetch(
                 "SELECT user_id FROM (SELECT user_id, row_number() OVER (ORDER BY user_id) AS n"
                 "  FROM enrollments WHERE plan_id = $1 AND status = 'active') AS a"
@@ -895,9 +900,7 @@ class FanOutStore:
         return [Recipient(r["user_id"], r["tz"], r["vars"], r["start_at"]) for r in rows]
 
     @asynccontextmanager
-    async def chunk_batch(
-        self, chunk: Chunk, replica: str, cursor: str
-    ) -> AsyncIterator[asyncpg.Connection]:
+    async def chunk_batch(self, chunk: Chunk, replica: str, cursor: str) -> AsyncIterator[Conn]:
         """A transaction that moves the chunk's cursor to `cursor` and commits only with what
         the caller claims in it; raises Fenced when the replica no longer holds the chunk or the
         plan stopped (the plan row is held FOR SHARE: a pause waits for this batch)."""
@@ -947,7 +950,7 @@ class FanOutStore:
             return finished is not None
 
     async def record_chunk_missed(
-        self, conn: asyncpg.Connection, chunk: Chunk, version: int, replica: str
+        self, conn: Conn, chunk: Chunk, version: int, replica: str
     ) -> int:
         """Every active enrolment of the chunk after its cursor without a ledger row for the
         occurrence gets `missed` (grace_exceeded)."""
@@ -978,7 +981,7 @@ class FanOutStore:
         )
         return {r["k"]: r["n"] for r in rows}
 
-    async def close_occurrences(self, conn: asyncpg.Connection, plan_id: str) -> int:
+    async def close_occurrences(self, conn: Conn, plan_id: str) -> int:
         """A cancelled plan's running occurrences end: nothing more is claimed for them."""
         await conn.execute(
             "UPDATE occurrence_chunks c SET state = 'done', owner = NULL, updated_at = now()"
@@ -1039,7 +1042,7 @@ class FanOutStore:
         candidates: Sequence[int],
         results: Sequence[tuple[str, str, Finished]],  # (template, consent kind, result)
         *,
-        conn: asyncpg.Connection | None = None,
+        conn: Conn | None = None,
         rate: SendRate | None = None,
     ) -> tuple[set[int], set[int]]:
         """Write finished sends' results and authorize `candidates` to go on the wire, in one
@@ -1071,6 +1074,7 @@ class FanOutStore:
             rate.app,
             rate.per_second,
         )
+        assert row is not None  # record_flight_v2 returns one row
         return set(row["authorized"]), set(row["waiting"])
 
     async def recover(self, replica: str, dead_after_s: float | None = None) -> Recovered:

@@ -44,11 +44,15 @@ class SimulationStore:
         self, plan_ids: Sequence[str], after: datetime, before: datetime
     ) -> datetime | None:
         """The earliest next step of an active enrolment in `plan_ids` in (after, before)."""
-        return await self._pool.fetchval(NEXT_RELATIVE_DUE, list(plan_ids), after, before)
+        due: datetime | None = await self._pool.fetchval(
+            NEXT_RELATIVE_DUE, list(plan_ids), after, before
+        )
+        return due
 
     async def next_deferred_retry(self, after: datetime) -> datetime | None:
         """The earliest moment after `after` a deferred send is to be tried again."""
-        return await self._pool.fetchval(NEXT_DEFERRED_RETRY, after)
+        retry: datetime | None = await self._pool.fetchval(NEXT_DEFERRED_RETRY, after)
+        return retry
 
     async def deferred(self) -> list[dict[str, Any]]:
         """Every deferred ledger row now: id, reason, defer_until."""

@@ -121,11 +121,13 @@ class StatusStore:
 
     async def overdue_steps(self, plan_id: str, now: datetime) -> int:
         """Active enrolments of the plan whose next step is due at or before `now`."""
-        return await self._pool.fetchval(OVERDUE_STEPS, plan_id, now)
+        overdue: int = await self._pool.fetchval(OVERDUE_STEPS, plan_id, now)
+        return overdue
 
     async def catch_up_queued(self, plan_id: str) -> int:
         """Occurrences a resume queued for catching up and not yet fanned out."""
-        return await self._pool.fetchval(CATCH_UP_QUEUED, plan_id)
+        queued: int = await self._pool.fetchval(CATCH_UP_QUEUED, plan_id)
+        return queued
 
     async def enrolments_by_status(self, plan_id: str) -> dict[str, int]:
         """The plan's enrolments counted by status."""
@@ -148,7 +150,8 @@ class StatusStore:
 
     async def first_due_step(self, plan_id: str) -> datetime | None:
         """The earliest next step of the plan's active enrolments (None: nobody is enrolled)."""
-        return await self._pool.fetchval(FIRST_DUE_STEP, plan_id)
+        first: datetime | None = await self._pool.fetchval(FIRST_DUE_STEP, plan_id)
+        return first
 
     # --- every plan -----------------------------------------------------------------------------
 
@@ -181,4 +184,5 @@ class StatusStore:
 
     async def live_replica_count(self) -> int:
         """How many replicas have a recent heartbeat."""
-        return await self._pool.fetchval(LIVE_REPLICA_COUNT, REPLICA_ALIVE_S)
+        live: int = await self._pool.fetchval(LIVE_REPLICA_COUNT, REPLICA_ALIVE_S)
+        return live
