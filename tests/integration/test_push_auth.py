@@ -119,6 +119,16 @@ async def test_a_refused_push_does_not_use_up_its_signed_query(safe, store):
     assert (await safe.post(f"/wechat/callback?{query}", content=body)).text == "success"
 
 
+async def test_a_push_that_could_not_be_applied_does_not_use_up_its_signed_query(safe, store):
+    query, body = genuine_safe_push()
+    await store.pool.execute("ALTER TABLE consent_events RENAME TO consent_events_away")
+    failed = await safe.post(f"/wechat/callback?{query}", content=body)
+    assert failed.status_code >= 500  # not applied: WeChat retries it
+    await store.pool.execute("ALTER TABLE consent_events_away RENAME TO consent_events")
+    assert (await safe.post(f"/wechat/callback?{query}", content=body)).text == "success"
+    assert await credited(store, U1) == 1
+
+
 async def test_plaintext_mode_says_an_encrypted_push_needs_configuring(store, plan):
     query, body = genuine_safe_push()
     async with serve(store, wechat_push_mode="plaintext") as client:
