@@ -199,6 +199,7 @@ async def test_an_invalid_openid_stops_that_users_enrolments_and_nothing_else(st
     await enrol(store, alerts, ["o-a-bad", "o-b", "o-c"])
     await enrol(store, other, ["o-a-bad", "o-b"])
     fake.inject(errcodes=[40003])  # users go in id order with one worker: o-a-bad first
+    before = stops("user", "40003")
 
     report = await dispatcher(store, channel, Clock(T0), concurrency=1).fire(alerts.id, FIRE)
 
@@ -221,3 +222,4 @@ async def test_an_invalid_openid_stops_that_users_enrolments_and_nothing_else(st
         == 2
     )
     assert (await state(store, "alerts"))[0] == "active"
+    assert stops("user", "40003") == before + 1
