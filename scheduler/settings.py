@@ -165,6 +165,9 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
+            if not error["loc"]:  # a rule across settings: its message names the variables
+                lines.append(str(error.get("ctx", {}).get("error", error["msg"])))
+                continue
             field, *inner = (str(part) for part in error["loc"])
             where = f" ({'.'.join(inner)})" if inner else ""
             lines.append(f"{variable_of(field)}{where}: {error['msg']}")

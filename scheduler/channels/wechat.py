@@ -6,6 +6,9 @@ error. What happens to each failure:
 
     errcode 0                         SENT (msgid kept when present)
     errcode 40001 / 40014 / 42001     drop the token, fetch one, retry once; then FAILED TOKEN
+                                      (and for 30 s, until a send passes with the token fetched
+                                      so, a send refused with it is FAILED TOKEN at once: the
+                                      app's credentials are wrong, another fetch would not help)
     errcode -1 / 43108, HTTP 429,     not sent: retried with exponential backoff and jitter,
       a connection that never opened  `retries` attempts in all; then FAILED TRANSIENT
       (refused, DNS, connect timeout,
@@ -194,6 +197,9 @@ class WeChatChannel:
         self._fetches_done = 0  # finished token fetches: a failure is shared with all who waited
         self._last_fetch_failure: _Failure | None = None
         self._last_fetch_at = 0.0
+        # The token fetched because WeChat refused the one before, until a send passes with it:
+        # refused too, it means the credentials, so it is not replaced (one refresh per app).
+        self._unproven: tuple[str, float] | None = None  # (token, when fetched)
 
     async def send(self, message: OutgoingMessage) -> SendResult:
         """Deliver one message: SENT, or FAILED with reason, errcode and errmsg; never raises
@@ -267,13 +273,28 @@ class WeChatChannel:
         token, url = await self._token()
         answer = await self._post(url, content)
         self._observe(answer)
-        if _reason(answer) is Reason.TOKEN:
+        if _reason(answer) is Reason.TOKEN and not self._refused_again(token):
             # Expired, or replaced by a force_refresh elsewhere: one fresh token, one more try.
             self._drop_token(token)
             token, url = await self._token()
+            if not self._refused_again(token):
+                self._unproven = (token, time.monotonic())
             answer = await self._post(url, content)
             self._observe(answer)
+        if self._unproven is not None and self._unproven[0] == token:
+            if _reason(answer) not in (Reason.TOKEN, Reason.TRANSIENT):
+                self._unproven = None  # WeChat took the fresh token
         return _result(answer)
+
+    def _refused_again(self, token: str) -> bool:
+        """Is `token` the one fetched after WeChat refused its predecessor, less than
+        TOKEN_REFUSAL_HOLD_S ago, with no send passed since? Then its refusal is the app's."""
+        unproven = self._unproven
+        return (
+            unproven is not None
+            and unproven[0] == token
+            and time.monotonic() - unproven[1] < TOKEN_REFUSAL_HOLD_S
+        )
 
     def _observe(self, answer: dict[str, Any]) -> None:
         errcode = answer.get("errcode", 0)

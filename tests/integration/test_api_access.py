@@ -87,6 +87,11 @@ async def test_only_the_docs_can_be_public(serve):
         ("REMINDERS_API_PUBLIC", '["everything"]', "REMINDERS_API_PUBLIC (0): Input should be"),
         ("REMINDERS_SEND_RATE", "-1", "REMINDERS_SEND_RATE: Input should be greater than"),
         ("REMINDERS_API_PORT", "eighty", "REMINDERS_API_PORT: Input should be a valid integer"),
+        (  # a rule across two settings
+            "REMINDERS_WECHAT_PUSH_MODE",
+            "safe",
+            "REMINDERS_WECHAT_PUSH_MODE=safe needs REMINDERS_WECHAT_ENCODING_AES_KEY",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_the_variable(monkeypatch, variable, value, says):

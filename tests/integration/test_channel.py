@@ -120,6 +120,21 @@ async def test_token_still_invalid_after_refresh_is_token_failure(
     assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
 
 
+async def test_a_refreshed_token_refused_again_is_not_replaced_until_one_passes(
+    fake: FakeWeChat, channel: WeChatChannel
+) -> None:
+    # Token failures are the app's, not each send's: once the token fetched after a refusal is
+    # refused too, further refusals of it cost no stable_token call.
+    fake.inject([40001], times=5)
+    for _ in range(4):  # the first with the first token and a fresh one, the others at once
+        assert (await channel.send(MESSAGE)).reason is Reason.TOKEN
+    assert token_calls(fake) == 2 and fake.stats()["errcodes"] == {"40001": 5}
+    assert (await channel.send(MESSAGE)).outcome is Outcome.SENT  # the fresh token passes
+    fake.inject([40001])  # so a later refusal is a token gone stale again: refreshed once
+    assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
+    assert token_calls(fake) == 3
+
+
 @pytest.mark.parametrize("errcode", [-1, 43108])
 async def test_transient_errcode_then_success(
     fake: FakeWeChat, channel: WeChatChannel, errcode: int

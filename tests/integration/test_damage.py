@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime
 
+import pytest
 from prometheus_client import REGISTRY
 
 from scheduler.app.lifecycle import Lifecycle
-from scheduler.app.status import plan_status, render_plan
+from scheduler.app.status import overview, plan_status, render_overview, render_plan
 from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.testing.fake_wechat import FakeWeChat
@@ -98,6 +99,54 @@ async def test_a_banned_template_mid_fan_out_pauses_its_plans_and_sends_nothing_
     assert report.sent == 600
 
 
+@pytest.mark.parametrize(
+    ("errcode", "reason", "scope", "paused"),
+    [
+        (40037, "bad_template", "template", {"alerts", "sibling"}),
+        (40001, "token", "app", {"alerts", "sibling", "other"}),  # twice: after one refresh
+    ],
+)
+async def test_an_errcode_met_mid_fan_out_pauses_what_it_concerns_and_sends_nothing_more(
+    store, fake, channel, errcode, reason, scope, paused
+):
+    users = [f"o-{i:04d}" for i in range(200)]
+    alerts, sibling, other = variant("alerts"), variant("sibling"), variant("other", "tmpl_other")
+    for plan in (alerts, sibling, other):
+        await register(store, plan)
+    await enrol(store, alerts, users)
+    fake.inject(times=60)  # 60 sends go through, then every send meets the errcode
+    fake.inject(errcodes=[errcode], times=10_000)
+    before = stops(scope, str(errcode))
+    concurrency = 8
+
+    await dispatcher(store, channel, Clock(T0), concurrency=concurrency, batch_size=25).fire(
+        alerts.id, FIRE
+    )
+
+    met = fake.stats()["errcodes"][str(errcode)]
+    attempts = 2 if errcode == 40001 else 1  # a token error is retried once with a new token
+    assert 1 <= met <= concurrency * attempts  # only the sends already on the wire met it
+    counts = await outcomes(store, alerts.id)
+    failed = counts[f"failed:{reason}"]
+    assert counts["sent:None"] == 60 and 1 <= failed <= concurrency
+    assert counts[f"skipped:{reason}"] == 200 - 60 - failed  # recorded, not attempted
+    for plan_id in ("alerts", "sibling", "other"):
+        plan_state, why = await state(store, plan_id)
+        if plan_id in paused:
+            assert plan_state == "paused" and str(errcode) in why, (plan_id, why)
+        else:
+            assert plan_state == "active"
+    assert await store.pool.fetchval(
+        "SELECT count(*) FROM plan_events WHERE action = 'pause' AND actor = 'daemon'"
+        " AND reason LIKE $1",
+        f"%{errcode}%",
+    ) == len(paused)
+    assert stops(scope, str(errcode)) == before + 1
+    assert f"WeChat errcode {errcode}" in render_overview(await overview(store, now=T0))
+    if errcode == 40001:  # the first token, and one refresh for the whole app
+        assert fake.stats()["token_calls"] == {"stable_token": 2}
+
+
 async def test_an_invalid_page_pauses_the_plans_on_that_page_only(store, fake, channel):
     on_page = variant("on-page", page="pages/a?x=1")
     same_page = variant("same-page", "tmpl_other", page="pages/a?y=2")
@@ -150,6 +199,7 @@ async def test_an_invalid_openid_stops_that_users_enrolments_and_nothing_else(st
     await enrol(store, alerts, ["o-a-bad", "o-b", "o-c"])
     await enrol(store, other, ["o-a-bad", "o-b"])
     fake.inject(errcodes=[40003])  # users go in id order with one worker: o-a-bad first
+    before = stops("user", "40003")
 
     report = await dispatcher(store, channel, Clock(T0), concurrency=1).fire(alerts.id, FIRE)
 
@@ -172,3 +222,4 @@ async def test_an_invalid_openid_stops_that_users_enrolments_and_nothing_else(st
         == 2
     )
     assert (await state(store, "alerts"))[0] == "active"
+    assert stops("user", "40003") == before + 1

@@ -102,9 +102,12 @@ async def test_a_signed_query_is_accepted_once_across_two_replicas(store, db_url
 
 
 async def test_remembered_queries_are_pruned_after_the_freshness_window(safe, store):
+    # A query received 9 minutes ago may still carry a timestamp fresh for another minute (5
+    # minutes each side of now): it is kept; one from 12 minutes ago never can, and goes.
     await store.pool.execute(
         "INSERT INTO push_replay (timestamp, nonce, signature, received_at)"
-        " VALUES (1, 'old', 'x', now() - interval '1 hour'), (2, 'recent', 'y', now())"
+        " VALUES (1, 'old', 'x', now() - interval '12 minutes'),"
+        " (2, 'recent', 'y', now() - interval '9 minutes')"
     )
     query, body = genuine_safe_push()
     assert (await safe.post(f"/wechat/callback?{query}", content=body)).text == "success"
@@ -117,6 +120,16 @@ async def test_a_refused_push_does_not_use_up_its_signed_query(safe, store):
     bad = await safe.post(f"/wechat/callback?{query}", content=b"<xml><Encrypt>AAAA</Encrypt>")
     assert bad.status_code == 400
     assert (await safe.post(f"/wechat/callback?{query}", content=body)).text == "success"
+
+
+async def test_a_push_that_could_not_be_applied_does_not_use_up_its_signed_query(safe, store):
+    query, body = genuine_safe_push()
+    await store.pool.execute("ALTER TABLE consent_events RENAME TO consent_events_away")
+    failed = await safe.post(f"/wechat/callback?{query}", content=body)
+    assert failed.status_code >= 500  # not applied: WeChat retries it
+    await store.pool.execute("ALTER TABLE consent_events_away RENAME TO consent_events")
+    assert (await safe.post(f"/wechat/callback?{query}", content=body)).text == "success"
+    assert await credited(store, U1) == 1
 
 
 async def test_plaintext_mode_says_an_encrypted_push_needs_configuring(store, plan):
