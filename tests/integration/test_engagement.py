@@ -323,3 +323,53 @@ async def test_admin_api_serves_the_figures_and_refuses_bad_queries_with_422(
         assert needle in response.text, (params, response.text)
     assert (await api.get("/v1/plans/nope/engagement", headers=ADMIN_ONLY)).status_code == 404
     assert (await api.get(url, headers=INGEST)).status_code == 403
+
+
+def tips_at(plan_id: str, at_: str) -> object:
+    """A daily plan of the shared template at `at_` (Shanghai)."""
+    document = PLAN.model_dump(mode="json")
+    document["id"] = plan_id
+    document["schedule"]["calendar"]["daily"] = {"at": at_}
+    return plan_of(document)
+
+
+async def test_plans_sharing_a_template_share_cancellations_by_the_last_delivery(
+    store, fake, channel, clock, api, db_url, capsys, monkeypatch, tmp_path
+):
+    morning, evening = tips_at("tips-morning", "09:00"), tips_at("tips-evening", "18:00")
+    for plan in (morning, evening):
+        await register(store, plan)
+    for user in (U1, U2):
+        await store.enroll(morning.id, user, at(1), "Asia/Shanghai", {}, None)
+        await store.record_consent(user, TEMPLATE, "long_term", "accept", "test")
+        fake.grant(user, TEMPLATE, "long_term")
+    await store.enroll(evening.id, U1, at(1), "Asia/Shanghai", {}, None)  # U1 gets both
+    d = dispatcher(store, channel, clock)
+    for plan, fire in ((morning, at(2, 1)), (evening, at(2, 10))):
+        clock.now = fire
+        await d.fire(plan.id, fire)
+    assert len(fake.messages) == 3
+    # Both reject at 20:00 Shanghai: U1's last message was the evening one, U2's the morning's.
+    for user in (U1, U2):
+        await popup_reject(api, user, at(2, 12))
+    clock.now = at(3)
+
+    def cancelled(report: dict) -> list[tuple[int, int]]:
+        return [(r["sent"], r["cancelled"]) for r in report["rows"]]
+
+    assert cancelled(await engagement.report(store, morning.id, now=clock.now)) == [(2, 1)]
+    assert cancelled(await engagement.report(store, evening.id, now=clock.now)) == [(1, 1)]
+
+    # The policy's window (the plans folder's policy.yaml): 1 hour leaves U1's (2 h) out.
+    (tmp_path / "policy.yaml").write_text("engagement:\n  attribution_window: 1 hour\n")
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("REMINDERS_PLANS_DIR", str(tmp_path))
+    capsys.readouterr()
+    for plan_id, expected in ((evening.id, [(1, 0)]), (morning.id, [(2, 0)])):
+        argv = ["report", plan_id, "--format", "json"]
+        assert await asyncio.to_thread(main, argv) == 0
+        body = json.loads(capsys.readouterr().out)
+        assert (body["attribution_window_hours"], cancelled(body)) == (1, expected)
+    assert await asyncio.to_thread(main, ["report", "nope"]) == 1
+    assert await asyncio.to_thread(main, ["report", morning.id, "--tz", "Mars/Base"]) == 1
+    assert "IANA" in capsys.readouterr().err
