@@ -14,11 +14,13 @@ scraped, so every replica reports the same cluster-wide values for them.
     reminders_engagement{plan,window,figure}     sent / delivered / opened / cancelled, by due
                                                  time in the last 24h or 7d (docs/engagement.md)
     reminders_engagement_rate{plan,window,rate}  click_through / cancellation (none without sends)
+                                                 (both read at most once a minute)
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -180,14 +182,26 @@ async def refresh_gauges(store: Any, *, window: timedelta | None = None) -> None
         PLANS.labels(state).set(n)
     REPLICAS_ALIVE.set(gauges.replicas_alive)
     PLAN_FILE_PROBLEMS.set(gauges.plan_file_problems)
-    await refresh_engagement(store, now=datetime.now(UTC), window=window)
+    await refresh_engagement(
+        store, now=datetime.now(UTC), window=window, max_age_s=ENGAGEMENT_REFRESH_S
+    )
 
 
-async def refresh_engagement(store: Any, *, now: datetime, window: timedelta | None) -> None:
-    """The engagement gauges of every plan for the 24 hours and 7 days before `now`."""
+ENGAGEMENT_REFRESH_S = 60.0  # a week of a busy plan's ledger is not read at every scrape
+_engagement_read_at: list[float] = []  # monotonic time of the last read (empty: never)
+
+
+async def refresh_engagement(
+    store: Any, *, now: datetime, window: timedelta | None, max_age_s: float = 0.0
+) -> None:
+    """The engagement gauges of every plan for the 24 hours and 7 days before `now`; kept as
+    they are when they were read less than `max_age_s` ago."""
     from scheduler.app.engagement import DEFAULT_WINDOW, recent_figures
 
+    if _engagement_read_at and time.monotonic() - _engagement_read_at[0] < max_age_s:
+        return
     per_plan = await recent_figures(store, now=now, window=window or DEFAULT_WINDOW)
+    _engagement_read_at[:] = [time.monotonic()]
     ENGAGEMENT.clear()
     ENGAGEMENT_RATE.clear()
     for plan_id, windows in per_plan.items():
