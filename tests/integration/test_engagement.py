@@ -282,8 +282,8 @@ async def test_rates_per_step_and_day_with_late_and_out_of_order_events(
     ]
     assert (body["tz"], body["attribution_window_hours"]) == ("Asia/Shanghai", 72)
     assert await asyncio.to_thread(main, ["report", PLAN.id]) == 0
-    table = capsys.readouterr().out
-    print(table)  # shown with -s: the example in the report
+    table = capsys.readouterr().out  # as in docs/engagement.md
+    assert table.splitlines()[1].split()[:3] == ["VERSION", "STEP", "SENT"]
     assert table.splitlines()[-1].split() == ["total", "14", "7", "3", "21.4%", "4", "28.6%"]
 
 
