@@ -113,8 +113,8 @@ async def opens(api, *items: tuple[str, int | None, datetime], duplicates: int =
     assert response.json() == {"recorded": len(items) - duplicates, "duplicates": duplicates}
 
 
-async def popup_reject(api, user: str, when: datetime) -> None:
-    item = {"openid": user, "kind": "long_term", "results": {TEMPLATE: "reject"}}
+async def popup_reject(api, user: str, when: datetime, choice: str = "reject") -> None:
+    item = {"openid": user, "kind": "long_term", "results": {TEMPLATE: choice}}
     response = await api.post(
         "/v1/consent", headers=INGEST, json={"popups": [{**item, "at": when.isoformat()}]}
     )
@@ -176,8 +176,9 @@ async def scenario(store, fake, channel, clock, api) -> None:
     day5 = await fire(5)
     assert sorted(day5) == [U1, U2, U5]
 
-    # U5 rejects in a popup on the morning of March 5: the backend and WeChat both report it.
-    await popup_reject(api, U5, at(5, 5))
+    # U5 chooses "always reject" in a popup on the morning of March 5: the backend reports the
+    # ban, WeChat's push a reject.
+    await popup_reject(api, U5, at(5, 5), "ban")
     popup_at = int(at(5, 5).timestamp())
     await push(api, event("subscribe_msg_popup_event", U5, [popup(TEMPLATE, "reject")], popup_at))
     # U1 rejected in a popup on the evening of March 3; the report arrives 2 days later, after
@@ -339,33 +340,37 @@ async def test_plans_sharing_a_template_share_cancellations_by_the_last_delivery
     morning, evening = tips_at("tips-morning", "09:00"), tips_at("tips-evening", "18:00")
     for plan in (morning, evening):
         await register(store, plan)
-    for user in (U1, U2):
+    for user in (U1, U2, U3):
         await store.enroll(morning.id, user, at(1), "Asia/Shanghai", {}, None)
         await store.record_consent(user, TEMPLATE, "long_term", "accept", "test")
         fake.grant(user, TEMPLATE, "long_term")
-    await store.enroll(evening.id, U1, at(1), "Asia/Shanghai", {}, None)  # U1 gets both
+    for user in (U1, U3):  # they get both
+        await store.enroll(evening.id, user, at(1), "Asia/Shanghai", {}, None)
     d = dispatcher(store, channel, clock)
     for plan, fire in ((morning, at(2, 1)), (evening, at(2, 10))):
         clock.now = fire
         await d.fire(plan.id, fire)
-    assert len(fake.messages) == 3
-    # Both reject at 20:00 Shanghai: U1's last message was the evening one, U2's the morning's.
-    for user in (U1, U2):
+    assert len(fake.messages) == 5
+    evening_to_u3 = next(m for m in fake.messages[3:] if m["touser"] == U3)
+    await sent_event(api, U3, evening_to_u3["msgid"], code=10003)  # never reached U3
+    # All reject at 20:00 Shanghai: U1's last message was the evening one, U2's the morning's,
+    # and U3's the morning's too (it never saw the evening one).
+    for user in (U1, U2, U3):
         await popup_reject(api, user, at(2, 12))
     clock.now = at(3)
 
     def cancelled(report: dict) -> list[tuple[int, int]]:
         return [(r["sent"], r["cancelled"]) for r in report["rows"]]
 
-    assert cancelled(await engagement.report(store, morning.id, now=clock.now)) == [(2, 1)]
-    assert cancelled(await engagement.report(store, evening.id, now=clock.now)) == [(1, 1)]
+    assert cancelled(await engagement.report(store, morning.id, now=clock.now)) == [(3, 2)]
+    assert cancelled(await engagement.report(store, evening.id, now=clock.now)) == [(2, 1)]
 
     # The policy's window (the plans folder's policy.yaml): 1 hour leaves U1's (2 h) out.
     (tmp_path / "policy.yaml").write_text("engagement:\n  attribution_window: 1 hour\n")
     monkeypatch.setenv("DATABASE_URL", db_url)
     monkeypatch.setenv("REMINDERS_PLANS_DIR", str(tmp_path))
     capsys.readouterr()
-    for plan_id, expected in ((evening.id, [(1, 0)]), (morning.id, [(2, 0)])):
+    for plan_id, expected in ((evening.id, [(2, 0)]), (morning.id, [(3, 0)])):
         argv = ["report", plan_id, "--format", "json"]
         assert await asyncio.to_thread(main, argv) == 0
         body = json.loads(capsys.readouterr().out)
