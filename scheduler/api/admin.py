@@ -1,5 +1,5 @@
-"""The admin API: plan status, pause / resume / cancel, opt-outs, stopping an enrolment, the audit
-log, a rescan of the plans folder, and Prometheus metrics.
+"""The admin API: plan status, engagement figures, pause / resume / cancel, opt-outs, stopping an
+enrolment, the audit log, a rescan of the plans folder, and Prometheus metrics.
 
 Every /v1 route here needs a token with the `admin` scope; the token's name is the actor recorded
 in the audit log. `/metrics` is unauthenticated, as Prometheus scrapers expect: it carries counts,
@@ -8,7 +8,7 @@ never message content or user ids, and the API should listen on a private addres
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -26,9 +26,11 @@ from scheduler.api.app import (
     require,
 )
 from scheduler.api.fields import Id, Note, Reason
-from scheduler.app import metrics
+from scheduler.app import engagement, metrics
 from scheduler.app.lifecycle import ActionResult, LifecycleError
 from scheduler.app.status import overview, plan_status, replicas
+from scheduler.domain.engagement import Grouping, range_problem, zone_problem
+from scheduler.store.engagement import UnknownZone
 from scheduler.store.postgres import Store
 
 router = APIRouter(prefix=f"/{API_VERSION}", tags=["admin"])
@@ -98,10 +100,61 @@ async def get_plan(
     caller: Admin,
     next: Annotated[int, Query(ge=1, le=100, description="How many next fire times")] = 5,
 ) -> dict[str, Any]:
-    report = await plan_status(_store(request), plan_id, now=_now(request), next_n=next)
+    window = engagement.attribution_window(request.app.state.settings.plans_dir)
+    report = await plan_status(
+        _store(request), plan_id, now=_now(request), next_n=next, window=window
+    )
     if report is None:
         raise ApiError(404, "unknown_plan", f"no plan {plan_id!r} is loaded")
     report["replicas"] = await replicas(_store(request))
+    return report
+
+
+@router.get(
+    "/plans/{plan_id}/engagement",
+    summary="Sent, delivered, opened, click-through and cancellation rates (docs/engagement.md)",
+)
+async def get_engagement(
+    request: Request,
+    plan_id: Id,
+    caller: Admin,
+    start: Annotated[
+        date | None,
+        Query(alias="from", description="First local day of the deliveries (default: the start)"),
+    ] = None,
+    end: Annotated[
+        date | None, Query(alias="to", description="Last local day, included (default: today)")
+    ] = None,
+    by: Annotated[
+        Grouping, Query(description="One row per day, step, version or variant")
+    ] = "step",
+    tz: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="IANA zone of the days (default: a calendar plan's, else UTC)",
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    problem = range_problem(start, end) or (zone_problem(tz) if tz is not None else None)
+    if problem:
+        raise ApiError(422, "invalid_request", problem)
+    window = engagement.attribution_window(request.app.state.settings.plans_dir)
+    try:
+        report = await engagement.report(
+            _store(request),
+            plan_id,
+            now=_now(request),
+            window=window,
+            start=start,
+            end=end,
+            by=by,
+            tz=tz,
+        )
+    except UnknownZone as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    if report is None:
+        raise ApiError(404, "unknown_plan", f"no plan {plan_id!r} is loaded")
     return report
 
 
@@ -191,4 +244,6 @@ async def prometheus(
 ) -> Response:
     if "metrics" not in request.app.state.settings.api_public:  # REMINDERS_API_PUBLIC
         authenticate(request, credentials, {"metrics", "admin"})
-    return Response(await metrics.render(_store(request)), media_type=metrics.CONTENT_TYPE_LATEST)
+    window = engagement.attribution_window(request.app.state.settings.plans_dir)
+    page = await metrics.render(_store(request), window=window)
+    return Response(page, media_type=metrics.CONTENT_TYPE_LATEST)

@@ -11,11 +11,17 @@ scraped, so every replica reports the same cluster-wide values for them.
     reminders_fire_lag_seconds{kind}             start of a fire minus its scheduled time
     reminders_due_backlog{plan,kind}             due work not yet done (see `refresh_gauges`)
     reminders_plans{state}, reminders_replicas_alive, reminders_plan_file_problems
+    reminders_engagement{plan,window,figure}     sent / delivered / opened / cancelled, by due
+                                                 time in the last 24h or 7d (docs/engagement.md)
+    reminders_engagement_rate{plan,window,rate}  click_through / cancellation (none without sends)
+                                                 (both read at most once a minute)
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -83,6 +89,19 @@ PLAN_FILE_PROBLEMS = Gauge(
     "Plan files that do not validate (their plan's last good version keeps running).",
 )
 
+ENGAGEMENT = Gauge(
+    "reminders_engagement",
+    "Deliveries due in the window (24h, 7d) that WeChat accepted (sent), said it delivered,"
+    " were opened, or had a cancellation attributed to them (docs/engagement.md).",
+    ["plan", "window", "figure"],
+)
+ENGAGEMENT_RATE = Gauge(
+    "reminders_engagement_rate",
+    "opened / sent (click_through) and cancelled / sent (cancellation) of the deliveries due in"
+    " the window; absent without sends.",
+    ["plan", "window", "rate"],
+)
+
 
 def count(plan_id: str, outcome: str, reason: str | None, n: int = 1) -> None:
     if n:
@@ -136,8 +155,9 @@ def observe_fire(kind: str, lag_seconds: float) -> None:
     FIRE_LAG.labels(kind).observe(max(lag_seconds, 0.0))
 
 
-async def refresh_gauges(store: Any) -> None:
-    """Read the cluster-wide gauges from PostgreSQL (`store.metrics`, `store.fanout`)."""
+async def refresh_gauges(store: Any, *, window: timedelta | None = None) -> None:
+    """Read the cluster-wide gauges from PostgreSQL (`store.metrics`, `store.fanout`,
+    `store.engagement` with the attribution `window`, default the policy's default)."""
     gauges = await store.metrics.cluster_gauges()
     fan_outs = await store.fanout.progress()
     FAN_OUTS.clear()
@@ -162,13 +182,46 @@ async def refresh_gauges(store: Any) -> None:
         PLANS.labels(state).set(n)
     REPLICAS_ALIVE.set(gauges.replicas_alive)
     PLAN_FILE_PROBLEMS.set(gauges.plan_file_problems)
+    await refresh_engagement(
+        store, now=datetime.now(UTC), window=window, max_age_s=ENGAGEMENT_REFRESH_S
+    )
 
 
-async def render(store: Any | None) -> bytes:
-    """The /metrics page: database gauges refreshed first (when the database answers)."""
+ENGAGEMENT_REFRESH_S = 60.0  # a week of a busy plan's ledger is not read at every scrape
+_engagement_read_at: list[float] = []  # monotonic time of the last read (empty: never)
+
+
+async def refresh_engagement(
+    store: Any, *, now: datetime, window: timedelta | None, max_age_s: float = 0.0
+) -> None:
+    """The engagement gauges of every plan for the 24 hours and 7 days before `now`; kept as
+    they are when they were read less than `max_age_s` ago."""
+    from scheduler.app.engagement import DEFAULT_WINDOW, recent_figures
+
+    if _engagement_read_at and time.monotonic() - _engagement_read_at[0] < max_age_s:
+        return
+    per_plan = await recent_figures(store, now=now, window=window or DEFAULT_WINDOW)
+    _engagement_read_at[:] = [time.monotonic()]
+    ENGAGEMENT.clear()
+    ENGAGEMENT_RATE.clear()
+    for plan_id, windows in per_plan.items():
+        for span, f in windows.items():
+            for figure in ("sent", "delivered", "opened", "cancelled"):
+                ENGAGEMENT.labels(plan_id, span, figure).set(getattr(f, figure))
+            for rate, value in (
+                ("click_through", f.click_through),
+                ("cancellation", f.cancellation_rate),
+            ):
+                if value is not None:
+                    ENGAGEMENT_RATE.labels(plan_id, span, rate).set(value)
+
+
+async def render(store: Any | None, *, window: timedelta | None = None) -> bytes:
+    """The /metrics page: database gauges refreshed first (when the database answers);
+    `window`: the policy's attribution window of cancellations."""
     if store is not None:
         try:
-            await refresh_gauges(store)
+            await refresh_gauges(store, window=window)
         except Exception as exc:  # a scrape must answer even when the database does not
             logging.getLogger(__name__).warning("metrics: database gauges not refreshed: %s", exc)
     return generate_latest(REGISTRY)

@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from scheduler.app import engagement
+from scheduler.domain.engagement import percent
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import (
     calendar_anchor,
@@ -58,9 +60,16 @@ def remaining_occurrences(plan: Plan, registered_at: datetime, now: datetime) ->
 
 
 async def plan_status(
-    store: Store, plan_id: str, *, now: datetime, next_n: int = 5, errors_n: int = 5
+    store: Store,
+    plan_id: str,
+    *,
+    now: datetime,
+    next_n: int = 5,
+    errors_n: int = 5,
+    window: timedelta = engagement.DEFAULT_WINDOW,
 ) -> dict[str, Any] | None:
-    """One plan's full status, or None when no such plan is loaded."""
+    """One plan's full status, or None when no such plan is loaded (`window`: the policy's
+    attribution window of cancellations)."""
     reads = store.status
     row = await reads.plan(plan_id)
     if row is None:
@@ -129,6 +138,7 @@ async def plan_status(
     ]
     report["file_problems"] = await _problems(store, plan_id, row["source_file"])
     report["runway"] = await _runway(store, plan_id, now)
+    report["engagement"] = await _engagement(store, plan_id, now, window)
     return report
 
 
@@ -168,6 +178,17 @@ async def _runway(store: Store, plan_id: str, now: datetime) -> dict[str, Any] |
         log.warning("consent runway of %s not available: %s", plan_id, exc)
         return {"error": str(exc)}
     return report.as_json() if report is not None else None
+
+
+async def _engagement(
+    store: Store, plan_id: str, now: datetime, window: timedelta
+) -> dict[str, Any]:
+    """The engagement figures (`scheduler.app.engagement`), or the reason they could not be read."""
+    try:
+        return await engagement.plan_windows(store, plan_id, now=now, window=window)
+    except Exception as exc:  # status must show the rest even if this part fails
+        log.warning("engagement figures of %s not available: %s", plan_id, exc)
+        return {"error": str(exc)}
 
 
 async def replicas(store: Store) -> list[dict[str, Any]]:
@@ -322,6 +343,32 @@ def render_replicas(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def render_engagement(section: dict[str, Any]) -> list[str]:
+    """The engagement lines of `reminders status PLAN`: windows, then all time per step."""
+    if "error" in section:
+        return [f"  engagement  unavailable: {section['error']}"]
+    if not section:
+        return []
+    hours = section["attribution_window_hours"]
+    out = [
+        f"  engagement  {'(by due time)':<15} {'sent':>6} {'deliv.':>6} {'opened':>6} "
+        f"{'CTR':>6} {'cancel':>6} {'canc.%':>6}   (docs/engagement.md; window {hours:g} h)"
+    ]
+
+    def line(label: str, f: dict[str, Any]) -> str:
+        return (
+            f"              {label:<15} {f['sent']:>6} {f['delivered']:>6} {f['opened']:>6} "
+            f"{percent(f['click_through']):>6} {f['cancelled']:>6} "
+            f"{percent(f['cancellation_rate']):>6}"
+        )
+
+    for name, label in (("24h", "last 24 h"), ("7d", "last 7 days"), ("all", "all time")):
+        out.append(line(label, section["windows"][name]))
+    for s in section["steps"]:
+        out.append(line(f"v{s['version']} step {s['step']}", s))
+    return out
+
+
 def render_plan(report: dict[str, Any], replica_rows: list[dict[str, Any]] | None = None) -> str:
     tz = report.get("timezone")
     out = [f"{report['id']}: {report['name']}"]
@@ -380,6 +427,7 @@ def render_plan(report: dict[str, Any], replica_rows: list[dict[str, Any]] | Non
             )
     elif runway:
         out.append(f"  runway      unavailable: {runway['error']}")
+    out += render_engagement(report.get("engagement") or {})
     if report["last_errors"]:
         out.append("  last errors")
         for e in report["last_errors"]:

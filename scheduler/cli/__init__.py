@@ -394,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.cli.simulate import add_commands as add_simulate
 
     add_simulate(sub)
+
+    from scheduler.cli.report import add_commands as add_report
+
+    add_report(sub)
     return parser
 
 

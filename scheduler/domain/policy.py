@@ -14,7 +14,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from scheduler.domain.plan import _PLAN_ID, Cap, Category, Model, Text, TimeOfDay
+from scheduler.domain.plan import (
+    _PLAN_ID,
+    Cap,
+    Category,
+    Duration,
+    DurationText,
+    Model,
+    Text,
+    TimeOfDay,
+)
 
 # Promotions are off-topic in a long-term reminder (DESIGN.md, "Content must stay on the
 # subscribed topic"). Whole words for Latin text, substrings for Chinese.
@@ -192,6 +201,27 @@ class PlanException(Model):
     quiet_hours: QuietWindow | None = None
 
 
+class Engagement(Model):
+    """How the engagement figures are counted (docs/engagement.md)."""
+
+    # WeChat's events and the mini program's reports lag, and a user rarely cancels the moment a
+    # message arrives: a cancellation up to this long after a delivery is that delivery's.
+    attribution_window: DurationText = Field(
+        default_factory=lambda: Duration(amount=72, unit="hour"),
+        description="A cancellation is attributed to the user's last delivery of the template "
+        "at most this long before it.",
+    )
+
+    @field_validator("attribution_window")
+    @classmethod
+    def _fixed_length(cls, window: Duration) -> Duration:
+        if window.unit == "month":
+            raise ValueError("give the window in hours, days or weeks: a month has no fixed length")
+        if window.amount == 0:
+            raise ValueError("a zero window attributes nothing")
+        return window
+
+
 class Policy(Model):
     long_term_categories: list[Category] = Field(
         default_factory=lambda: [
@@ -213,6 +243,7 @@ class Policy(Model):
     exceptions: dict[str, PlanException] = Field(
         default_factory=dict, description="Plan id -> the limits granted to that plan."
     )
+    engagement: Engagement = Field(default_factory=Engagement)
 
     @field_validator("exceptions")
     @classmethod

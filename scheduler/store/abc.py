@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -78,6 +78,27 @@ class StatusReads(Protocol):
 
     async def live_replica_count(self) -> int:
         """How many replicas have a recent heartbeat."""
+
+
+class EngagementReads(Protocol):
+    """What deliveries led to: sends, deliveries, opens, attributed cancellations
+    (`scheduler.store.engagement.EngagementStore`; the attribution rule is its docstring)."""
+
+    async def rows(
+        self,
+        plan_id: str,
+        *,
+        now: datetime,
+        window: timedelta,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        tz: str = "UTC",
+    ) -> list[dict[str, Any]]:
+        """The plan's accepted sends due in [start, end) counted per (plan_version, step,
+        variant, day in `tz`, age against `now`) with sent, delivered, opened, cancelled."""
+
+    async def plan_ids(self) -> list[str]:
+        """Every plan's id."""
 
 
 class ClusterGaugeReads(Protocol):

@@ -34,12 +34,14 @@ from scheduler.planfiles import content_hash as plan_content_hash
 from scheduler.store.abc import (
     ClusterGaugeReads,
     ControlNotifications,
+    EngagementReads,
     SimulationReads,
     StatusReads,
 )
 from scheduler.store.conn import Conn
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
+from scheduler.store.engagement import EngagementStore
 from scheduler.store.lifecycle import LifecycleStore
 from scheduler.store.metrics import MetricsStore
 from scheduler.store.planfiles import PlanFilesStore
@@ -230,6 +232,7 @@ class Store:
         self.metrics: ClusterGaugeReads = MetricsStore(pool)
         self.control: ControlNotifications = ControlChannel(pool, CONTROL_CHANNEL)
         self.consent = ConsentStore(pool)
+        self.engagement: EngagementReads = EngagementStore(pool)
         self.plan_files = PlanFilesStore(pool)
         self.lifecycle = LifecycleStore(pool, CONTROL_CHANNEL)
         self.simulation: SimulationReads = SimulationStore(pool)  # `reminders simulate` only

@@ -16,6 +16,7 @@
 --   006_push_replay.sql
 --   007_send_rate.sql
 --   008_typed_claim.sql
+--   009_engagement.sql
 --
 -- Functions:
 --   claim_deliveries(p_plan text, p_version integer, p_template text, p_consent_kind text,
@@ -169,6 +170,7 @@ CREATE TABLE consent_events (
     CONSTRAINT consent_events_result CHECK ((result = ANY (ARRAY['accept'::text, 'reject'::text, 'ban'::text, 'filter'::text, 'consume'::text, 'refund'::text, 'exhausted'::text]))),
     CONSTRAINT consent_events_via_check CHECK ((via = ANY (ARRAY['popup'::text, 'settings'::text, 'send'::text])))
 );
+CREATE INDEX consent_events_cancellations ON public.consent_events USING btree (template_id, occurred_at) WHERE ((result = ANY (ARRAY['reject'::text, 'ban'::text, 'exhausted'::text])) AND (corroborates IS NULL));
 CREATE UNIQUE INDEX consent_events_corroborated ON public.consent_events USING btree (corroborates) WHERE (corroborates IS NOT NULL);
 CREATE UNIQUE INDEX consent_events_event_id ON public.consent_events USING btree (event_id) WHERE (event_id IS NOT NULL);
 CREATE INDEX consent_events_history ON public.consent_events USING btree (user_id, template_id, id);
@@ -195,6 +197,7 @@ CREATE TABLE deliveries (
     push_status  text,
     pushed_at    timestamp with time zone,
     defer_until  timestamp with time zone,
+    variant      text,
     CONSTRAINT deliveries_pkey PRIMARY KEY (id),
     CONSTRAINT deliveries_plan_id_occurrence_user_id_key UNIQUE (plan_id, occurrence, user_id),
     CONSTRAINT deliveries_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'sent'::text, 'failed'::text, 'skipped'::text, 'deferred'::text, 'unknown'::text, 'missed'::text])))
@@ -204,6 +207,7 @@ CREATE INDEX deliveries_msgid ON public.deliveries USING btree (msgid) WHERE (ms
 CREATE INDEX deliveries_pending ON public.deliveries USING btree (claimed_by) WHERE (status = 'pending'::text);
 CREATE INDEX deliveries_plan_due ON public.deliveries USING btree (plan_id, due_at);
 CREATE INDEX deliveries_plan_status ON public.deliveries USING btree (plan_id, status);
+CREATE INDEX deliveries_user_sent ON public.deliveries USING btree (user_id, due_at) WHERE (status = 'sent'::text);
 
 CREATE TABLE enrollments (
     plan_id     text NOT NULL,
@@ -268,6 +272,7 @@ CREATE TABLE opens (
     CONSTRAINT opens_pkey PRIMARY KEY (id),
     CONSTRAINT opens_delivery_id_fkey FOREIGN KEY (delivery_id) REFERENCES deliveries(id)
 );
+CREATE INDEX opens_delivery ON public.opens USING btree (delivery_id) WHERE (delivery_id IS NOT NULL);
 CREATE UNIQUE INDEX opens_once ON public.opens USING btree (user_id, COALESCE(delivery_id, (0)::bigint), opened_at);
 CREATE INDEX opens_plan ON public.opens USING btree (plan_id, opened_at);
 

@@ -1,0 +1,123 @@
+"""The reads behind the engagement figures (docs/engagement.md): what each delivery led to.
+
+One named query counts a plan's deliveries by (plan version, step, variant, local day, age) with
+how many WeChat accepted (sent), said it delivered, the user opened (through the `rmd` delivery
+id), and the user cancelled after (a cancellation attributed to it). Every count is per delivery,
+so the groups add up: `scheduler.domain.engagement` sums them into windows, days, steps or
+variants without another round trip. A delivery's time is its due time, as in the status
+outcome counts; an open or a cancellation counts for the delivery it is attributed to, whenever
+it arrived.
+
+Attribution (the rule lives here, in SQL, and only here): a cancellation is a consent event of
+the template that is a reject or a ban (in a popup, or the settings switch turned off) or
+WeChat's 43101 answer to a send; it belongs to the user's last delivery of that template, in any
+plan, WeChat accepted and did not report undelivered, due at most `window` before it. Its time is
+when the reporter says it happened (`occurred_at`); a 43101's is the due time of the send that
+got it. A popup choice reported twice (the backend and WeChat's push, `corroborates`) counts once,
+and a delivery counts as cancelled at most once however many cancellations point at it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from scheduler.errors import StoreError
+
+
+class UnknownZone(StoreError):
+    """PostgreSQL does not know the time zone the days were asked in."""
+
+
+# $1 plan, $2 from (NULL: the beginning), $3 to (exclusive; NULL: no end), $4 now (the windows),
+# $5 the attribution window, $6 the time zone of the days.
+ENGAGEMENT_ROWS = """
+WITH sent AS (
+    SELECT d.id, d.plan_version, d.step, coalesce(d.variant, 'default') AS variant,
+           (d.due_at AT TIME ZONE $6::text)::date AS day,
+           CASE WHEN d.due_at > $4::timestamptz - interval '24 hours' THEN 1
+                WHEN d.due_at > $4::timestamptz - interval '7 days' THEN 7
+                ELSE 0 END AS age,
+           d.push_errcode = 0 AS delivered
+    FROM deliveries d
+    WHERE d.plan_id = $1 AND (d.status = 'sent' OR d.reason = 'push_failed')
+      AND ($2::timestamptz IS NULL OR d.due_at >= $2)
+      AND ($3::timestamptz IS NULL OR d.due_at < $3)
+), cancellations AS (
+    SELECT e.user_id, e.template_id,
+           CASE WHEN e.result = 'exhausted'
+                THEN coalesce((SELECT f.due_at FROM deliveries f WHERE f.id = e.delivery_id),
+                              e.occurred_at)
+                ELSE e.occurred_at END AS at
+    FROM consent_events e
+    -- an array computed once, so that the index on (template_id, occurred_at) serves
+    WHERE e.template_id = ANY (ARRAY(SELECT DISTINCT v.definition -> 'template' ->> 'id'
+                                     FROM plan_versions v WHERE v.plan_id = $1))
+      AND e.result IN ('reject', 'ban', 'exhausted') AND e.corroborates IS NULL
+      AND (e.result <> 'exhausted' OR e.source = 'wechat:43101')
+      AND ($2::timestamptz IS NULL OR e.occurred_at >= $2)
+), attributed AS (
+    SELECT DISTINCT last.id
+    FROM cancellations c
+    CROSS JOIN LATERAL (
+        SELECT d.id, d.plan_id
+        FROM deliveries d
+        JOIN plan_versions v ON v.plan_id = d.plan_id AND v.version = d.plan_version
+        WHERE d.user_id = c.user_id AND d.status = 'sent'
+          AND v.definition -> 'template' ->> 'id' = c.template_id
+          AND d.due_at <= c.at AND d.due_at > c.at - $5::interval
+        ORDER BY d.due_at DESC, d.id DESC
+        LIMIT 1
+    ) AS last
+    WHERE last.plan_id = $1
+      AND ($3::timestamptz IS NULL OR c.at < $3 + $5::interval)
+), opened AS (
+    SELECT DISTINCT o.delivery_id AS id FROM opens o JOIN sent s ON s.id = o.delivery_id
+)
+SELECT s.plan_version, s.step, s.variant, s.day, s.age,
+       count(*) AS sent,
+       count(*) FILTER (WHERE s.delivered) AS delivered,
+       count(o.id) AS opened,
+       count(a.id) AS cancelled
+FROM sent s
+LEFT JOIN opened o ON o.id = s.id
+LEFT JOIN attributed a ON a.id = s.id
+GROUP BY s.plan_version, s.step, s.variant, s.day, s.age
+ORDER BY s.plan_version, s.step, s.variant, s.day, s.age
+"""
+
+PLAN_IDS = "SELECT id FROM plans ORDER BY id"
+
+
+class EngagementStore:
+    """What deliveries led to: sends, deliveries, opens and attributed cancellations (reads)."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+
+    async def rows(
+        self,
+        plan_id: str,
+        *,
+        now: datetime,
+        window: timedelta,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        tz: str = "UTC",
+    ) -> list[dict[str, Any]]:
+        """The plan's deliveries due in [start, end) that WeChat accepted, counted by
+        (plan_version, step, variant, day, age): `day` is the due date in `tz`, `age` 1 for due
+        in the 24 hours before `now`, 7 for the 7 days before those, 0 older (or not yet due).
+        Each row has sent, delivered, opened and cancelled (cancellations attributed within
+        `window`, see the module's docstring)."""
+        try:
+            records = await self._pool.fetch(ENGAGEMENT_ROWS, plan_id, start, end, now, window, tz)
+        except asyncpg.InvalidParameterValueError as exc:  # its zone names are not Python's
+            raise UnknownZone(f"{tz!r}: PostgreSQL does not know this time zone") from exc
+        return [dict(r) for r in records]
+
+    async def plan_ids(self) -> list[str]:
+        """Every plan's id."""
+        return [r["id"] for r in await self._pool.fetch(PLAN_IDS)]

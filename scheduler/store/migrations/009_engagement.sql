@@ -1,0 +1,17 @@
+-- Engagement figures (issue 13; docs/engagement.md): what each delivery led to, read by
+-- scheduler/store/engagement.py.
+
+-- The content variant a delivery carried. NULL: the step's only content (reported as
+-- 'default'); nothing writes it yet. Nullable without a default, so adding it rewrites nothing.
+ALTER TABLE deliveries ADD COLUMN variant text;
+
+-- A cancellation is attributed to the user's last delivery of the template before it: looked up
+-- per (user, due time) among the sends WeChat accepted.
+CREATE INDEX deliveries_user_sent ON deliveries (user_id, due_at) WHERE status = 'sent';
+
+-- Opens by the delivery they came from (the `rmd` id).
+CREATE INDEX opens_delivery ON opens (delivery_id) WHERE delivery_id IS NOT NULL;
+
+-- The consent changes that may be cancellations, by template.
+CREATE INDEX consent_events_cancellations ON consent_events (template_id, occurred_at)
+    WHERE result IN ('reject', 'ban', 'exhausted') AND corroborates IS NULL;
