@@ -136,6 +136,61 @@ async def test_a_catch_up_whose_grace_runs_out_before_a_replica_takes_it_is_miss
     assert fake.messages == []
 
 
+@pytest.mark.parametrize("act", ["cancel", "pause-and-resume"])
+async def test_acting_on_a_plan_while_its_catch_up_fans_out_does_not_wedge(
+    store, fake, channel, act
+):
+    """The catch-up of a resume is fanned out while a cancel, or a pause and a resume with skip,
+    come in (issue 9: concurrent admin calls stalled the daemon and its API). The catch-up kept
+    its row locked in a transaction across the fan-out, whose next batch waits for the plan row
+    the admin action holds while that action waits for the catch-up row: nobody moved again,
+    and every later call on the plan took one more pooled connection until none was left."""
+    plan = daily(grace="30 hours")
+    await register(store, plan)
+    users = [f"o-{i:03d}" for i in range(40)]
+    await audience(store, plan, users)
+    clock = Clock(PAUSED_AT)
+    lifecycle = Lifecycle(store, clock=clock)
+    await lifecycle.pause(plan.id, actor="test", reason="maintenance")
+    clock.now = RESUMED_AT
+    result = await lifecycle.resume(plan.id, actor="test", catch_up=True)
+    assert result.details["caught_up"] == [occ(4), occ(5)]
+    fake.inject(latency_s=0.05, times=10 * len(users))  # each send takes a while
+    d = dispatcher(store, channel, clock, batch_size=5, concurrency=2)
+
+    async def sent_at(occurrence: str) -> int:
+        return await store.pool.fetchval(
+            "SELECT count(*) FROM deliveries WHERE occurrence = $1 AND status = 'sent'",
+            occurrence,
+        )
+
+    catching_up = asyncio.create_task(process_catch_up(store, d, clock=clock))
+    try:
+
+        async def started() -> bool:
+            return await sent_at(occ(4)) >= 5
+
+        await eventually(started, what="the catch-up under way")
+        if act == "cancel":
+            await asyncio.wait_for(lifecycle.cancel(plan.id, actor="test", reason="x"), 5)
+            state = "cancelled"
+        else:
+            await asyncio.wait_for(lifecycle.pause(plan.id, actor="test", reason="x"), 5)
+            await asyncio.wait_for(lifecycle.resume(plan.id, actor="test"), 5)
+            state = "active"
+        await asyncio.wait_for(catching_up, 10)
+    finally:
+        catching_up.cancel()
+    assert await store.pool.fetchval("SELECT state FROM plans WHERE id = $1", plan.id) == state
+    # The admin action settled the queued catch-ups; the fan-out stopped within a batch.
+    assert await store.pool.fetchval("SELECT count(*) FROM catch_up") == 0
+    assert 5 <= await sent_at(occ(4)) < len(users)
+    assert await sent_at(occ(5)) == 0
+    assert (
+        await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'pending'") == 0
+    )
+
+
 async def test_resume_of_a_relative_plan_skip_advances_and_catch_up_sends(store, fake, channel):
     plan = weekly_relative()
     await register(store, plan)
