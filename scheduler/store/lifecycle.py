@@ -65,12 +65,19 @@ class LifecycleStore:
 
 
 async def locked_plan(conn: Conn, plan_id: str) -> asyncpg.Record | None:
-    """The plan's state and current definition, its row locked until the transaction ends."""
+    """The plan's state and current definition, its row locked until the transaction ends.
+
+    Locked first, then read: had one statement locked and read the row, a plan-file load that
+    held the row meanwhile (a new current version) would make PostgreSQL re-check the updated
+    row against the version rows of the statement's older snapshot, match none, and return
+    nothing: a loaded plan read as unknown. The read after the lock sees what the load wrote."""
+    if await conn.fetchval("SELECT 1 FROM plans WHERE id = $1 FOR UPDATE", plan_id) is None:
+        return None
     return await conn.fetchrow(  # type: ignore[no-any-return]
         "SELECT p.state, p.state_reason, p.current_version, p.paused_at,"
         " p.registered_at, v.definition FROM plans p"
         " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-        " WHERE p.id = $1 FOR UPDATE OF p",
+        " WHERE p.id = $1",
         plan_id,
     )
 

@@ -275,6 +275,38 @@ async def test_bad_requests_get_a_clear_message_and_change_nothing(store):
     assert (await store.plan(plan.id)).state == "paused"
 
 
+async def test_an_action_waiting_for_a_plan_file_load_sees_the_plan_it_loaded(store):
+    """A pause that waits for the plan row while a new version of the plan is being loaded acts
+    on that version (issue 9, concurrent admin calls and reloads): it answered 404 unknown_plan,
+    because the row it waited for, re-checked after the lock, pointed at a version its single
+    statement's snapshot had not seen."""
+    plan = daily()
+    await register(store, plan)
+    async with store.pool.acquire() as loading, loading.transaction():
+        # What a plan-file load does to the plan row, held open while the pause comes in.
+        await loading.execute("SELECT 1 FROM plans WHERE id = $1 FOR UPDATE", plan.id)
+        await loading.execute(
+            "INSERT INTO plan_versions (plan_id, version, content_hash, source_file, definition)"
+            " SELECT plan_id, 2, 'edited', source_file, definition FROM plan_versions"
+            " WHERE plan_id = $1 AND version = 1",
+            plan.id,
+        )
+        await loading.execute("UPDATE plans SET current_version = 2 WHERE id = $1", plan.id)
+        pausing = asyncio.create_task(Lifecycle(store).pause(plan.id, actor="a", reason="r"))
+
+        async def waiting() -> bool:
+            return bool(
+                await store.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await eventually(waiting, 5, "the pause waiting for the plan row")
+    result = await asyncio.wait_for(pausing, 5)
+    assert (result.state, result.version) == ("paused", 2)
+
+
 async def test_two_admins_at_once_serialise_on_the_plan_row(store):
     plan = daily()
     await register(store, plan)
