@@ -155,7 +155,7 @@ async def test_acting_on_a_plan_while_its_catch_up_fans_out_does_not_wedge(
     clock.now = RESUMED_AT
     result = await lifecycle.resume(plan.id, actor="test", catch_up=True)
     assert result.details["caught_up"] == [occ(4), occ(5)]
-    fake.inject(latency_s=0.05, times=10 * len(users))  # each send takes a while
+    fake.inject(latency_s=0.1, times=10 * len(users))  # each send takes a while
     d = dispatcher(store, channel, clock, batch_size=5, concurrency=2)
 
     async def sent_at(occurrence: str) -> int:
