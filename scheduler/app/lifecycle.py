@@ -544,30 +544,35 @@ async def _record_for_audience(
 
 async def process_catch_up(store: Store, dispatcher: Any, *, clock: Callable[[], datetime]) -> int:
     """Fan out the queued catch-up occurrences of active plans, oldest first; one replica takes
-    each (the row stays locked while it fans out). Past its grace by now, an occurrence is
-    recorded missed instead. Returns how many occurrences were handled."""
+    each (an advisory lock while it fans out, which no admin action waits for: see
+    `claim_catch_up`). Past its grace by now, an occurrence is recorded missed instead. Returns
+    how many occurrences were handled."""
     handled = 0
     while True:
-        async with store.lifecycle.transaction() as conn:
-            row = await sql.next_catch_up(conn)
+        async with store.lifecycle.connection() as conn:
+            row = await sql.claim_catch_up(conn)
             if row is None:
                 return handled
             plan_id, fire_time = row["plan_id"], row["fire_time"]
-            active = await dispatcher.load(plan_id)
-            stopped = False
-            if active is not None:
-                grace: timedelta = active.plan.schedule.grace.as_timedelta()
-                if clock() - fire_time > grace:
-                    await dispatcher.record_missed(plan_id, fire_time)
-                else:
-                    log.info(
-                        "plan %s: catching up the occurrence of %s",
-                        plan_id,
-                        fire_time.isoformat(),
-                        extra={"plan_id": plan_id, "occurrence": _key(fire_time)},
-                    )
-                    stopped = (await dispatcher.fan_out(active, fire_time)).stopped
-            if stopped:  # paused again midway: the next resume decides
-                return handled
-            await sql.catch_up_done(conn, plan_id, fire_time)
-            handled += 1
+            try:
+                active = await dispatcher.load(plan_id)
+                stopped = False
+                if active is not None:
+                    grace: timedelta = active.plan.schedule.grace.as_timedelta()
+                    if clock() - fire_time > grace:
+                        await dispatcher.record_missed(plan_id, fire_time)
+                    else:
+                        log.info(
+                            "plan %s: catching up the occurrence of %s",
+                            plan_id,
+                            fire_time.isoformat(),
+                            extra={"plan_id": plan_id, "occurrence": _key(fire_time)},
+                        )
+                        stopped = (await dispatcher.fan_out(active, fire_time)).stopped
+                if stopped:  # paused again midway: the next resume decides
+                    return handled
+                # Gone already when a resume or cancel settled it meanwhile.
+                await sql.catch_up_done(conn, plan_id, fire_time)
+                handled += 1
+            finally:
+                await sql.release_catch_up(conn, plan_id, fire_time)

@@ -7,6 +7,7 @@ transaction's connection, so the decisions and their SQL stay in step without a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,12 +66,19 @@ class LifecycleStore:
 
 
 async def locked_plan(conn: Conn, plan_id: str) -> asyncpg.Record | None:
-    """The plan's state and current definition, its row locked until the transaction ends."""
+    """The plan's state and current definition, its row locked until the transaction ends.
+
+    Locked first, then read: had one statement locked and read the row, a plan-file load that
+    held the row meanwhile (a new current version) would make PostgreSQL re-check the updated
+    row against the version rows of the statement's older snapshot, match none, and return
+    nothing: a loaded plan read as unknown. The read after the lock sees what the load wrote."""
+    if await conn.fetchval("SELECT 1 FROM plans WHERE id = $1 FOR UPDATE", plan_id) is None:
+        return None
     return await conn.fetchrow(
         "SELECT p.state, p.state_reason, p.current_version, p.paused_at,"
         " p.registered_at, v.definition FROM plans p"
         " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
-        " WHERE p.id = $1 FOR UPDATE OF p",
+        " WHERE p.id = $1",
         plan_id,
     )
 
@@ -147,13 +155,47 @@ async def take_catch_ups(conn: Conn, plan_id: str) -> list[datetime]:
     return [r["fire_time"] for r in rows]
 
 
-async def next_catch_up(conn: Conn) -> asyncpg.Record | None:
-    """The oldest queued catch-up of an active plan, locked for this replica (SKIP LOCKED)."""
-    return await conn.fetchrow(
+# The first key of the advisory locks that say which replica fans out a queued catch-up (the
+# second is a hash of the plan and fire time): pg_try_advisory_lock(int4, int4).
+CATCH_UP_LOCK = 72_410_003
+_CATCH_UP_KEY = "$1::int, hashtext($2 || '@' || extract(epoch FROM $3::timestamptz)::text)"
+
+
+async def claim_catch_up(conn: Conn) -> asyncpg.Record | None:
+    """The oldest queued catch-up of an active plan that no other replica is fanning out, held
+    by an advisory lock of `conn`'s session until `release_catch_up` (or the connection goes
+    back to the pool, which unlocks everything). `conn` must not be in a transaction: the fan-out
+    runs on other connections, and a row lock kept across it made a pause, resume or cancel of
+    the plan (which remove its queued catch-ups) wait for the fan-out, whose next batch waited
+    for the plan row that action held. The advisory lock blocks nobody; a catch-up removed
+    meanwhile is simply not found by `catch_up_done`."""
+    candidates = await conn.fetch(
         "SELECT c.plan_id, c.fire_time FROM catch_up c JOIN plans p ON p.id = c.plan_id"
-        " WHERE p.state = 'active' ORDER BY c.fire_time LIMIT 1"
-        " FOR UPDATE OF c SKIP LOCKED"
+        " WHERE p.state = 'active' ORDER BY c.fire_time"
     )
+    for row in candidates:
+        key = (CATCH_UP_LOCK, row["plan_id"], row["fire_time"])
+        if not await conn.fetchval(f"SELECT pg_try_advisory_lock({_CATCH_UP_KEY})", *key):
+            continue  # another replica fans it out
+        still_queued = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM catch_up c JOIN plans p ON p.id = c.plan_id"
+            " WHERE c.plan_id = $1 AND c.fire_time = $2 AND p.state = 'active')",
+            row["plan_id"],
+            row["fire_time"],
+        )
+        if still_queued:
+            return row
+        await conn.execute(f"SELECT pg_advisory_unlock({_CATCH_UP_KEY})", *key)
+    return None
+
+
+async def release_catch_up(conn: Conn, plan_id: str, fire_time: datetime) -> None:
+    """Unlock what `claim_catch_up` locked. When that fails (the fan-out was cancelled and the
+    connection with it), the pool's reset of the connection unlocks it, or it is closed."""
+    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
+        await conn.execute(
+            f"SELECT pg_advisory_unlock({_CATCH_UP_KEY})", CATCH_UP_LOCK, plan_id, fire_time
+        )
 
 
 async def catch_up_done(conn: Conn, plan_id: str, fire_time: datetime) -> None:

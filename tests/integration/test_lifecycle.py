@@ -136,6 +136,61 @@ async def test_a_catch_up_whose_grace_runs_out_before_a_replica_takes_it_is_miss
     assert fake.messages == []
 
 
+@pytest.mark.parametrize("act", ["cancel", "pause-and-resume"])
+async def test_acting_on_a_plan_while_its_catch_up_fans_out_does_not_wedge(
+    store, fake, channel, act
+):
+    """The catch-up of a resume is fanned out while a cancel, or a pause and a resume with skip,
+    come in (issue 9: concurrent admin calls stalled the daemon and its API). The catch-up kept
+    its row locked in a transaction across the fan-out, whose next batch waits for the plan row
+    the admin action holds while that action waits for the catch-up row: nobody moved again,
+    and every later call on the plan took one more pooled connection until none was left."""
+    plan = daily(grace="30 hours")
+    await register(store, plan)
+    users = [f"o-{i:03d}" for i in range(40)]
+    await audience(store, plan, users)
+    clock = Clock(PAUSED_AT)
+    lifecycle = Lifecycle(store, clock=clock)
+    await lifecycle.pause(plan.id, actor="test", reason="maintenance")
+    clock.now = RESUMED_AT
+    result = await lifecycle.resume(plan.id, actor="test", catch_up=True)
+    assert result.details["caught_up"] == [occ(4), occ(5)]
+    fake.inject(latency_s=0.1, times=10 * len(users))  # each send takes a while
+    d = dispatcher(store, channel, clock, batch_size=5, concurrency=2)
+
+    async def sent_at(occurrence: str) -> int:
+        return await store.pool.fetchval(
+            "SELECT count(*) FROM deliveries WHERE occurrence = $1 AND status = 'sent'",
+            occurrence,
+        )
+
+    catching_up = asyncio.create_task(process_catch_up(store, d, clock=clock))
+    try:
+
+        async def started() -> bool:
+            return await sent_at(occ(4)) >= 5
+
+        await eventually(started, what="the catch-up under way")
+        if act == "cancel":
+            await asyncio.wait_for(lifecycle.cancel(plan.id, actor="test", reason="x"), 5)
+            state = "cancelled"
+        else:
+            await asyncio.wait_for(lifecycle.pause(plan.id, actor="test", reason="x"), 5)
+            await asyncio.wait_for(lifecycle.resume(plan.id, actor="test"), 5)
+            state = "active"
+        await asyncio.wait_for(catching_up, 10)
+    finally:
+        catching_up.cancel()
+    assert await store.pool.fetchval("SELECT state FROM plans WHERE id = $1", plan.id) == state
+    # The admin action settled the queued catch-ups; the fan-out stopped within a batch.
+    assert await store.pool.fetchval("SELECT count(*) FROM catch_up") == 0
+    assert 5 <= await sent_at(occ(4)) < len(users)
+    assert await sent_at(occ(5)) == 0
+    assert (
+        await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'pending'") == 0
+    )
+
+
 async def test_resume_of_a_relative_plan_skip_advances_and_catch_up_sends(store, fake, channel):
     plan = weekly_relative()
     await register(store, plan)
@@ -218,6 +273,38 @@ async def test_bad_requests_get_a_clear_message_and_change_nothing(store):
         await lifecycle.pause(plan.id, actor="b", reason="again")
     assert await events(store) == before + 1
     assert (await store.plan(plan.id)).state == "paused"
+
+
+async def test_an_action_waiting_for_a_plan_file_load_sees_the_plan_it_loaded(store):
+    """A pause that waits for the plan row while a new version of the plan is being loaded acts
+    on that version (issue 9, concurrent admin calls and reloads): it answered 404 unknown_plan,
+    because the row it waited for, re-checked after the lock, pointed at a version its single
+    statement's snapshot had not seen."""
+    plan = daily()
+    await register(store, plan)
+    async with store.pool.acquire() as loading, loading.transaction():
+        # What a plan-file load does to the plan row, held open while the pause comes in.
+        await loading.execute("SELECT 1 FROM plans WHERE id = $1 FOR UPDATE", plan.id)
+        await loading.execute(
+            "INSERT INTO plan_versions (plan_id, version, content_hash, source_file, definition)"
+            " SELECT plan_id, 2, 'edited', source_file, definition FROM plan_versions"
+            " WHERE plan_id = $1 AND version = 1",
+            plan.id,
+        )
+        await loading.execute("UPDATE plans SET current_version = 2 WHERE id = $1", plan.id)
+        pausing = asyncio.create_task(Lifecycle(store).pause(plan.id, actor="a", reason="r"))
+
+        async def waiting() -> bool:
+            return bool(
+                await store.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await eventually(waiting, 5, "the pause waiting for the plan row")
+    result = await asyncio.wait_for(pausing, 5)
+    assert (result.state, result.version) == ("paused", 2)
 
 
 async def test_two_admins_at_once_serialise_on_the_plan_row(store):
