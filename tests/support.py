@@ -213,7 +213,15 @@ async def next_fire(scheduler: AsyncScheduler, plan_id: str) -> datetime:
 class DaemonProcess:
     """`reminders run` as a child process against a fake WeChat (the acceptance tests)."""
 
-    def __init__(self, replica: str, db_url: str, plans_dir: Path, fake_url: str, log: Path):
+    def __init__(
+        self,
+        replica: str,
+        db_url: str,
+        plans_dir: Path,
+        fake_url: str,
+        log: Path,
+        settings: dict[str, str] | None = None,  # more REMINDERS_* variables
+    ):
         env = {
             **os.environ,
             "DATABASE_URL": db_url,
@@ -225,6 +233,7 @@ class DaemonProcess:
             "REMINDERS_SWEEP_SECONDS": "1",
             "REMINDERS_BATCH_SIZE": "3",
             "REMINDERS_API_PORT": "0",
+            **(settings or {}),
         }
         with log.open("a") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(

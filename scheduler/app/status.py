@@ -14,6 +14,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from scheduler.app import engagement
+from scheduler.domain.consent import ConsentState
 from scheduler.domain.engagement import percent
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import (
@@ -207,6 +208,9 @@ async def replicas(store: Store) -> list[dict[str, Any]]:
     ]
 
 
+OVERVIEW_ERRORS = 5  # the newest failed or unknown sends the overview lists
+
+
 async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
     """Every plan in one line each, the unattached file problems, and the replicas."""
     reads = store.status
@@ -216,10 +220,18 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
         per = counts.setdefault(r["plan_id"], {})
         per[r["status"]] = {"24h": r["d1"], "7d": r["d7"], "all": r["total"]}
     enrolled = await reads.active_enrolments_per_plan()
+    consent_rows = await reads.consent_of_active_enrolments()
     problem_rows = await reads.file_problems()
     lines = []
     for p in plans:
         plan = Plan.model_validate(p["definition"])
+        # Runway at a glance: enrolments whose consent would not cover the plan's next send.
+        uncovered = sum(
+            r["n"]
+            for r in consent_rows
+            if r["plan_id"] == p["id"]
+            and not ConsentState(r["credits"], r["long_term"], r["banned"]).allows(plan.consent)
+        )
         nxt: str | None = None
         if p["state"] in ("active", "paused"):
             if plan.schedule.calendar is not None:
@@ -237,6 +249,7 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
                 "kind": "relative" if plan.is_relative else "calendar",
                 "next_fire": nxt,
                 "enrolled": enrolled.get(p["id"], 0),
+                "no_consent_next": uncovered,
                 "outcomes": counts.get(p["id"], {}),
                 "file_problem": any(r["plan_id"] == p["id"] for r in problem_rows),
             }
@@ -252,6 +265,19 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
                 "since": _iso(r["first_seen"]),
             }
             for r in problem_rows
+        ],
+        "last_errors": [
+            {
+                "plan_id": r["plan_id"],
+                "at": _iso(r["at"]),
+                "user": r["user_id"],
+                "occurrence": r["occurrence"],
+                "status": r["status"],
+                "reason": r["reason"],
+                "errcode": r["errcode"],
+                "detail": r["detail"],
+            }
+            for r in await reads.last_errors_anywhere(OVERVIEW_ERRORS)
         ],
         "replicas": await replicas(store),
         "fan_outs": await store.fanout.progress(),
@@ -284,7 +310,7 @@ def _within_a_minute(moments: list[str]) -> bool:
 def render_overview(report: dict[str, Any]) -> str:
     out = [f"reminders status as of {_when(report['as_of'])}", ""]
     head = (
-        f"{'PLAN':<18} {'STATE':<10} {'VER':>3} {'ENROLLED':>8}  {'NEXT':<21}"
+        f"{'PLAN':<18} {'STATE':<10} {'VER':>3} {'ENROLLED':>8} {'DRY':>5}  {'NEXT':<21}"
         f" {'SENT 24h/7d/all':>16} {'FAILED':>6} {'SKIPPED':>7} {'MISSED':>6}"
     )
     out.append(head)
@@ -293,7 +319,8 @@ def render_overview(report: dict[str, Any]) -> str:
         sent = o.get("sent", {})
         state = p["state"] + ("!" if p["file_problem"] else "")
         out.append(
-            f"{p['id']:<18} {state:<10} {p['version']:>3} {p['enrolled']:>8}  "
+            f"{p['id']:<18} {state:<10} {p['version']:>3} {p['enrolled']:>8}"
+            f" {p['no_consent_next']:>5}  "
             f"{_when(p['next_fire']):<21}"
             f" {'/'.join(str(sent.get(k, 0)) for k in ('24h', '7d', 'all')):>16}"
             f" {o.get('failed', {}).get('all', 0):>6} {o.get('skipped', {}).get('all', 0):>7}"
@@ -303,6 +330,16 @@ def render_overview(report: dict[str, Any]) -> str:
             out.append(f"{'':<18} ({p['state_reason']})")
     if not report["plans"]:
         out.append("(no plans loaded)")
+    elif any(p["no_consent_next"] for p in report["plans"]):
+        out.append("DRY: enrolments whose consent does not cover the next send (see status PLAN)")
+    if report["last_errors"]:
+        out += ["", "Last errors:"]
+        for e in report["last_errors"]:
+            why = e["reason"] + (f" {e['errcode']}" if e["errcode"] else "")
+            out.append(
+                f"  {_when(e['at'])} {e['plan_id']} {e['user']}: {e['status']} ({why})"
+                + (f" {e['detail']}" if e["detail"] else "")
+            )
     if report["file_problems"]:
         out += ["", "Plan files rejected (the last good version keeps running):"]
         for f in report["file_problems"]:
@@ -414,7 +451,9 @@ def render_plan(report: dict[str, Any], replica_rows: list[dict[str, Any]] | Non
     if not report["outcomes"]:
         out.append("              (nothing due yet)")
     runway = report.get("runway")
-    if runway and "error" not in runway:
+    if runway and "error" not in runway and not runway["enrolled"]:
+        out.append("  runway      no active enrolment: nothing left to cover")
+    elif runway and "error" not in runway:
         out.append(
             f"  runway      {runway['enrolled']} enrolled: {runway['covered_to_end']} covered to "
             f"the end, {runway['runs_dry_total']} run dry, "

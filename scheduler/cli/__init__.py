@@ -10,14 +10,22 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
+from scheduler.cli.common import (
+    UsageError,
+    aware,
+    pairs,
+    settings_for,
+    with_store,
+    zone,
+)
 from scheduler.errors import ConfigError, PlanError, RemindersError
-from scheduler.settings import Settings, load_settings
+from scheduler.settings import load_settings
 
 if TYPE_CHECKING:
     from scheduler.domain.consent import ConsentState
@@ -26,41 +34,8 @@ if TYPE_CHECKING:
     from scheduler.domain.schedule import Occurrence
     from scheduler.store.postgres import Store
 
-T = TypeVar("T")
 
 log = logging.getLogger("scheduler")
-
-
-class UsageError(RemindersError):
-    pass
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings()
-    if getattr(args, "plans", None):
-        settings = settings.model_copy(update={"plans_dir": Path(args.plans)})
-    return settings
-
-
-def _aware(text: str, what: str, default_tz: ZoneInfo | None = None) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(
-            f"{what}: {text!r} is not an ISO date-time, e.g. 2026-03-01T09:00+08:00"
-        ) from None
-    if moment.tzinfo is None:
-        if default_tz is None:
-            raise UsageError(f"{what}: {text!r} needs a UTC offset, e.g. 2026-03-01T09:00+08:00")
-        moment = moment.replace(tzinfo=default_tz)
-    return moment
-
-
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError(f"--tz: {name!r} is not an IANA time zone, e.g. Asia/Shanghai") from None
 
 
 # --- validate / preview -------------------------------------------------------------------------
@@ -145,16 +120,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
     if plan.schedule.calendar is not None:
         cal = plan.schedule.calendar
         tz = ZoneInfo(cal.timezone)
-        start = _aware(args.start, "--from", tz) if args.start else now
+        start = aware(args.start, "--from", tz) if args.start else now
         anchor = calendar_anchor(cal, start)
         occurrences: Iterator[Occurrence] = (
             o for o in calendar_occurrences(cal, anchor) if o.due_at >= start
         )
     else:
-        tz = _zone(args.tz)
-        start = _aware(args.start, "--from", tz) if args.start else now
+        tz = zone(args.tz)
+        start = aware(args.start, "--from", tz) if args.start else now
         occurrences = relative_occurrences(plan, start, tz)
-    variables = dict(_pairs(args.var))
+    variables = dict(pairs(args.var))
     rows: list[dict[str, Any]] = []
     limited = zip(occurrences, range(args.count), strict=False)
     for run in dry_run(plan, policy, (o for o, _ in limited), tz, variables):
@@ -205,33 +180,14 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(items: Sequence[str] | None) -> list[tuple[str, str]]:
-    pairs = []
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--var {item!r}: write key=value")
-        pairs.append((key, value))
-    return pairs
-
-
 # --- database-backed commands -------------------------------------------------------------------
-
-
-async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    from scheduler.app.daemon import database_url
-    from scheduler.store.postgres import Store
-
-    async with Store.open(database_url(settings, announce=False)) as store:
-        await store.migrate()
-        return await work(store)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     async def work(store: Store) -> list[str]:
         return await store.migrate()
 
-    applied = asyncio.run(_with_store(_settings(args), work))
+    applied = asyncio.run(with_store(settings_for(args), work))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 
@@ -253,7 +209,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
         recorded = await store.consent.record([report])
         return recorded.states[(args.user, args.template)]
 
-    state = asyncio.run(_with_store(_settings(args), work))
+    state = asyncio.run(with_store(settings_for(args), work))
     print(
         f"recorded {args.result} ({args.kind}) for {args.user} on {args.template}: "
         f"{state.credits} one-time credit(s), long-term {'on' if state.long_term else 'off'}"
@@ -265,7 +221,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from scheduler.app.daemon import has_credentials, run
 
-    settings = _settings(args)
+    settings = settings_for(args)
     if not settings.plans_dir.is_dir():
         raise UsageError(
             f"plans folder {settings.plans_dir} does not exist (set REMINDERS_PLANS_DIR)"
@@ -294,13 +250,13 @@ def _our_error(group: BaseExceptionGroup) -> RemindersError | None:
 def cmd_health(args: argparse.Namespace) -> int:
     from scheduler.app.daemon import replica_identity
 
-    settings = _settings(args)
+    settings = settings_for(args)
     replica = replica_identity(settings)
 
     async def work(store: Store) -> bool:
         return await store.status.replica_alive(replica)
 
-    healthy = asyncio.run(_with_store(settings, work))
+    healthy = asyncio.run(with_store(settings, work))
     print(f"replica {replica}: {'healthy' if healthy else 'no recent heartbeat'}")
     return 0 if healthy else 1
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.cli import UsageError, _pairs, _settings, _with_store
+from scheduler.cli.common import UsageError, pairs, settings_for, with_store
 from scheduler.domain.enrolment import (
     Enrolment,
     EnrolmentError,
@@ -122,11 +122,11 @@ async def _plan_for(store: Any, settings: Settings, plan_id: str) -> Plan:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
 
-    settings = _settings(args)
+    settings = settings_for(args)
 
     async def one(store: Any) -> str:
         plan = await _plan_for(store, settings, args.plan_id)
-        variables = dict(_pairs(args.var))
+        variables = dict(pairs(args.var))
         missing = [v for v in plan.variables if v not in variables]
         if missing:
             raise UsageError(f"plan {plan.id} needs --var for: {', '.join(missing)}")
@@ -153,7 +153,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if args.var and args.csv:
         raise UsageError("--var is for one user; with --csv, give variables as columns")
     if not args.csv:
-        print(asyncio.run(_with_store(settings, one)))
+        print(asyncio.run(with_store(settings, one)))
         return 0
     started = time.perf_counter()
     try:
@@ -162,7 +162,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {args.csv}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{args.csv} is not UTF-8 text") from None
-    imported, rejected = asyncio.run(_with_store(settings, lambda store: many(store, text)))
+    imported, rejected = asyncio.run(with_store(settings, lambda store: many(store, text)))
     seconds = time.perf_counter() - started
     for problem in rejected:
         print(f"rejected  {problem}", file=sys.stderr)
@@ -177,7 +177,7 @@ def cmd_runway(args: argparse.Namespace) -> int:
     async def work(store: Any) -> Any:
         return await store.consent.runway(args.plan_id, limit=args.limit)
 
-    report = asyncio.run(_with_store(_settings(args), work))
+    report = asyncio.run(with_store(settings_for(args), work))
     if report is None:
         raise UsageError(f"no plan {args.plan_id!r} is loaded")
     if args.json:

@@ -9,18 +9,17 @@ is `cli:<OS user>`. Daemons hear about each change through a NOTIFY (see schedul
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
+
+from scheduler.cli.common import run_with_store
 
 if TYPE_CHECKING:
     from scheduler.app.lifecycle import ActionResult, Lifecycle
     from scheduler.store.postgres import Store
-
-T = TypeVar("T")
 
 
 def cli_actor() -> str:
@@ -28,12 +27,6 @@ def cli_actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):  # no passwd entry (some containers)
         return "cli:unknown"
-
-
-def _run(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
-    from scheduler.cli import _settings, _with_store
-
-    return asyncio.run(_with_store(_settings(args), work))
 
 
 def _print_action(result: Any, as_json: bool) -> None:
@@ -68,7 +61,7 @@ def _lifecycle_action(
     async def work(store: Store) -> ActionResult:
         return await action(Lifecycle(store), cli_actor())
 
-    _print_action(_run(args, work), args.json)
+    _print_action(run_with_store(args, work), args.json)
     return 0
 
 
@@ -123,9 +116,9 @@ def cmd_stop_enrollment(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from scheduler.app import status
     from scheduler.app.engagement import attribution_window
-    from scheduler.cli import UsageError, _settings
+    from scheduler.cli.common import UsageError, settings_for
 
-    window = attribution_window(_settings(args).plans_dir)
+    window = attribution_window(settings_for(args).plans_dir)
 
     async def work(store: Store) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         now = datetime.now(UTC)
@@ -138,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"no plan {args.plan_id!r} is loaded (see `reminders status`)")
         return report, await status.replicas(store)
 
-    report, replica_rows = _run(args, work)
+    report, replica_rows = run_with_store(args, work)
     if args.json:
         if replica_rows is not None:
             report["replicas"] = replica_rows
@@ -156,7 +149,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     async def work(store: Store) -> list[dict[str, Any]]:
         return await Lifecycle(store).audit(plan_id=args.plan, user_id=args.user, limit=args.limit)
 
-    events = _run(args, work)
+    events = run_with_store(args, work)
     if args.json:
         print(json.dumps(events, ensure_ascii=False, indent=2))
         return 0
@@ -178,7 +171,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         await store.control.notify("reload")
         return await store.status.live_replica_count()
 
-    alive = _run(args, work)
+    alive = run_with_store(args, work)
     print(f"reload requested; {alive} live replica(s) will rescan their plans folder")
     return 0
 

@@ -20,8 +20,7 @@ def _day(text: str) -> date:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from scheduler.app import engagement
-    from scheduler.cli import UsageError, _settings
-    from scheduler.cli.ops import _run
+    from scheduler.cli.common import UsageError, run_with_store, settings_for
     from scheduler.domain.engagement import range_problem, zone_problem
 
     problem = range_problem(args.start, args.end) or (
@@ -29,7 +28,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     if problem:
         raise UsageError(problem)
-    window = engagement.attribution_window(_settings(args).plans_dir)
+    window = engagement.attribution_window(settings_for(args).plans_dir)
 
     async def work(store: Store) -> dict[str, Any] | None:
         return await engagement.report(
@@ -43,7 +42,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             tz=args.tz,
         )
 
-    report = _run(args, work)
+    report = run_with_store(args, work)
     if report is None:
         raise UsageError(f"no plan {args.plan_id!r} is loaded (see `reminders status`)")
     print(engagement.render(report, args.format))

@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from scheduler.cli import UsageError, _aware, _pairs, _zone
+from scheduler.cli.common import UsageError, aware, pairs, zone
 
 MAX_USERS = 1000
 MAX_WEEKS = 104
@@ -39,7 +39,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     weeks = _count(args.weeks, "--weeks", MAX_WEEKS)
     lines = _count(args.lines, "--lines", 10_000)
     paths = [Path(p) for p in args.plan_files]
-    start = _aware(args.start, "--start") if args.start else None
+    start = aware(args.start, "--start") if args.start else None
     policy_file = Path(args.policy) if args.policy else policy_file_for(paths[0])
     # What the daemon would refuse to load (`reminders validate`) is refused here too.
     checked = check_plans(paths, start or datetime.now(UTC), policy_file)
@@ -50,7 +50,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     plans = [item.plan for item in checked.plans]
     start = start or simulate.default_start(plans, datetime.now(UTC))
     end = start + timedelta(weeks=weeks)
-    tz = _zone(args.tz).key if args.tz else default_zone(plans[0])
+    tz = zone(args.tz).key if args.tz else default_zone(plans[0])
     audience = simulate.audience(
         plans,
         simulate.parse_consent(args.consent, plans),
@@ -58,7 +58,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         tz=tz,
         start=start,
         end=end,
-        variables=dict(_pairs(args.var)),
+        variables=dict(pairs(args.var)),
     )
     policy = load_policy(policy_file)
 

@@ -67,6 +67,12 @@ class StatusReads(Protocol):
     async def active_enrolments_per_plan(self) -> dict[str, int]:
         """Active enrolments by plan."""
 
+    async def consent_of_active_enrolments(self) -> list[dict[str, Any]]:
+        """Active enrolments per plan and the consent state of its template."""
+
+    async def last_errors_anywhere(self, limit: int) -> list[dict[str, Any]]:
+        """The newest failed or unknown sends of any plan."""
+
     async def file_problems(self) -> list[dict[str, Any]]:
         """Every rejected plan file."""
 

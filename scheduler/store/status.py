@@ -85,6 +85,23 @@ ACTIVE_ENROLMENTS_PER_PLAN = (
     "SELECT plan_id, count(*) AS n FROM enrollments WHERE status = 'active' GROUP BY plan_id"
 )
 FILE_PROBLEMS = "SELECT source_file, plan_id, problems, first_seen FROM plan_problems ORDER BY 1"
+LAST_ERRORS_ANYWHERE = (
+    "SELECT plan_id, coalesce(finished_at, claimed_at) AS at, user_id, occurrence, status,"
+    " reason, errcode, detail FROM deliveries"
+    " WHERE status IN ('failed', 'unknown') ORDER BY id DESC LIMIT $1"
+)
+# Credits are capped at 1: whether the next send is covered asks only if one is left.
+CONSENT_OF_ACTIVE_ENROLMENTS = (
+    "SELECT e.plan_id, least(coalesce(c.credits, 0), 1) AS credits,"
+    " coalesce(c.long_term, false) AS long_term, coalesce(c.banned, false) AS banned,"
+    " count(*) AS n"
+    " FROM enrollments e"
+    " JOIN plans p ON p.id = e.plan_id"
+    " JOIN plan_versions v ON v.plan_id = p.id AND v.version = p.current_version"
+    " LEFT JOIN consent c"
+    "  ON c.user_id = e.user_id AND c.template_id = v.definition -> 'template' ->> 'id'"
+    " WHERE e.status = 'active' GROUP BY 1, 2, 3, 4"
+)
 FIRST_DUE_STEP = "SELECT min(next_due_at) FROM enrollments WHERE plan_id = $1 AND status = 'active'"
 
 
@@ -166,6 +183,15 @@ class StatusStore:
     async def active_enrolments_per_plan(self) -> dict[str, int]:
         """Active enrolments by plan (plans without any are left out)."""
         return {r["plan_id"]: r["n"] for r in await self._pool.fetch(ACTIVE_ENROLMENTS_PER_PLAN)}
+
+    async def consent_of_active_enrolments(self) -> list[dict[str, Any]]:
+        """Active enrolments per plan and consent state of its template (plan_id, credits
+        capped at 1, long_term, banned, n)."""
+        return [dict(r) for r in await self._pool.fetch(CONSENT_OF_ACTIVE_ENROLMENTS)]
+
+    async def last_errors_anywhere(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` failed or unknown sends of any plan, newest first."""
+        return [dict(r) for r in await self._pool.fetch(LAST_ERRORS_ANYWHERE, limit)]
 
     async def file_problems(self) -> list[dict[str, Any]]:
         """Every rejected plan file (source_file, plan_id, problems, first_seen), by file."""

@@ -133,6 +133,7 @@ class FakeWeChat:
         self.quota_used = 0
         self.quota_readable = True  # False: the quota API answers 48001 (not for this account)
         self._faults: deque[_Fault] = deque()
+        self._token_faults: deque[tuple[int, float]] = deque()  # (errcode, latency_s)
         self._lost_replies: tuple[float, Reply, float] = (0.0, "normal", 0.0)
         self._random = random.Random(0)
         self.replies_lost = 0  # accepted messages whose reply was delayed or dropped
@@ -226,6 +227,21 @@ class FakeWeChat:
             for code in codes:
                 self._faults.append(_Fault(code, http_status, latency_s))
 
+    def inject_token_errors(
+        self, errcode: int = -1, *, latency_s: float = 0.0, times: int = 1
+    ) -> None:
+        """The next `times` token calls answer `errcode` (-1: WeChat is busy) after
+        `latency_s`, whatever the credentials."""
+        for _ in range(times):
+            self._token_faults.append((errcode, latency_s))
+
+    async def _token_fault(self) -> web.Response | None:
+        if not self._token_faults:
+            return None
+        errcode, latency_s = self._token_faults.popleft()
+        await asyncio.sleep(latency_s)
+        return self._error(errcode)
+
     def ban_template(self, template_id: str, *, after_sends: int = 0) -> None:
         """Ban a template (or the account's use of it) as WeChat does: after `after_sends` more
         accepted sends, every send on it gets 43107."""
@@ -290,6 +306,8 @@ class FakeWeChat:
 
     async def _stable_token(self, request: web.Request) -> web.Response:
         self._token_calls["stable_token"] += 1
+        if (fault := await self._token_fault()) is not None:
+            return fault
         body = await _json_object(request)
         if body is None:
             return self._error(47001, "data format error, POST a JSON object")
@@ -313,6 +331,8 @@ class FakeWeChat:
 
     async def _plain_token(self, request: web.Request) -> web.Response:
         self._token_calls["token"] += 1
+        if (fault := await self._token_fault()) is not None:
+            return fault
         query = request.query
         appid, secret = query.get("appid"), query.get("secret")
         errcode = self._credentials_error(query.get("grant_type"), appid, secret)

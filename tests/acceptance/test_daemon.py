@@ -66,8 +66,9 @@ async def audience(store: Store, plans_dir: Path, db_url: str) -> Store:
 def daemons(db_url: str, plans_dir: Path, fake_url: str, tmp_path: Path) -> Iterator:
     started: list[DaemonProcess] = []
 
-    def start(replica: str) -> DaemonProcess:
-        daemon = DaemonProcess(replica, db_url, plans_dir, fake_url, tmp_path / f"{replica}.log")
+    def start(replica: str, **settings: str) -> DaemonProcess:
+        log = tmp_path / f"{replica}.log"
+        daemon = DaemonProcess(replica, db_url, plans_dir, fake_url, log, settings)
         started.append(daemon)
         return daemon
 
@@ -133,6 +134,17 @@ async def test_two_daemons_on_one_database_never_send_a_duplicate(
         assert daemon.stop() == 0, (tmp_path / f"{replica}.log").read_text()
     messages = await assert_exactly_once(store, fake_url)
     assert len(messages) >= 5 * len(USERS)
+
+
+async def test_the_send_rate_setting_paces_the_daemon(audience, daemons, fake_url):
+    store = audience
+    daemon = daemons("r1", REMINDERS_SEND_RATE="4")
+    await wait_for(lambda: _at_least(store, 1), what="an occurrence sent")
+    assert daemon.stop() == 0
+    times = sorted(m["received_at"] for m in await fake_messages(fake_url))
+    # 8 users would go in milliseconds; at 4 a second they spread out.
+    assert len(times) >= len(USERS)
+    assert (len(times) - 1) / (times[-1] - times[0]) <= 4 * 1.3
 
 
 async def test_kill_9_mid_fan_out_leaves_unknown_rows_and_no_resend(audience, daemons, fake_url):

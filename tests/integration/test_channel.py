@@ -135,6 +135,20 @@ async def test_a_refreshed_token_refused_again_is_not_replaced_until_one_passes(
     assert token_calls(fake) == 3
 
 
+async def test_sends_waiting_on_a_failing_token_fetch_share_its_failure(
+    fake: FakeWeChat,
+) -> None:
+    # WeChat's token endpoint is busy (-1, slowly): the eight sends that need a token wait for
+    # the one fetch under way and take its failure, instead of each trying again in turn.
+    assert fake.base_url is not None
+    channel = make_channel(fake.base_url, retries=1)
+    fake.inject_token_errors(-1, latency_s=0.3, times=8)
+    results = await asyncio.gather(*(channel.send(MESSAGE) for _ in range(8)))
+    await channel.aclose()
+    assert {(r.outcome, r.reason) for r in results} == {(Outcome.FAILED, Reason.TRANSIENT)}
+    assert token_calls(fake) == 1 and fake.stats()["sends"] == 0
+
+
 @pytest.mark.parametrize("errcode", [-1, 43108])
 async def test_transient_errcode_then_success(
     fake: FakeWeChat, channel: WeChatChannel, errcode: int

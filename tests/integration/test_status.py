@@ -68,7 +68,11 @@ async def test_status_counts_match_the_ledger_by_window(store, fake, channel):
     assert "skipped (opted_out)" in text and "errcode 40003" in text
     overview = await status.overview(store, now=clock.now)
     assert overview["plans"][0]["outcomes"]["sent"]["all"] == 6
-    assert "daily" in status.render_overview(overview)
+    # o-b spent its credits; o-a's enrolment stopped at 40003; o-c has credits (opted out).
+    assert overview["plans"][0]["no_consent_next"] == 1
+    assert [(e["plan_id"], e["errcode"]) for e in overview["last_errors"]] == [(plan.id, 40003)]
+    text = status.render_overview(overview)
+    assert "daily" in text and "Last errors:" in text and "bad_openid 40003" in text
 
 
 async def test_status_of_a_relative_plan_and_a_paused_plan(store):
