@@ -313,7 +313,12 @@ class Store:
             assert row is not None  # the INSERT above made sure the plan's row exists
             changed = row["content_hash"] != content_hash
             if changed:
-                version = (row["current_version"] or 0) + 1
+                # After the newest version, not the current one: an edit back to older content
+                # makes an older version current again, and the next edit is newer than all.
+                version = await conn.fetchval(
+                    "SELECT coalesce(max(version), 0) + 1 FROM plan_versions WHERE plan_id = $1",
+                    plan_id,
+                )
                 await conn.execute(
                     "INSERT INTO plan_versions"
                     " (plan_id, version, content_hash, source_file, definition)"

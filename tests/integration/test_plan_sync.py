@@ -14,7 +14,7 @@ from apscheduler import AsyncScheduler, ScheduleLookupError
 from scheduler.app.daemon import Daemon, build_scheduler, schedule_id
 from scheduler.planfiles import LoadedPlan, content_hash, parse_plan
 from scheduler.store.postgres import Store
-from tests.support import DAILY, daemon_on, next_fire
+from tests.support import DAILY, daemon_on, daily, next_fire
 
 WEEKLY_RELATIVE = """
 id: rehab
@@ -112,3 +112,13 @@ async def test_replicas_starting_together_all_set_up_the_scheduler(store: Store,
 
     names = [f"replica-{i}" for i in range(4)]
     assert await asyncio.gather(*(start_replica(n) for n in names)) == names
+
+
+async def test_an_edit_after_going_back_to_older_content_gets_a_new_version(store: Store):
+    # A, B, back to A (version 1 again), then new content C: version 3, not a clash with B's 2.
+    a = daily()
+    b = a.model_copy(update={"name": "Daily B"})
+    c = a.model_copy(update={"name": "Daily C"})
+    versions = [(await store.register_plan(p, "daily.yaml")).record.version for p in (a, b, a, c)]
+    assert versions == [1, 2, 1, 3]
+    assert (await store.plan(a.id)).version == 3
