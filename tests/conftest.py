@@ -21,7 +21,8 @@ import pytest
 
 from scheduler.store.postgres import Store
 
-TEMPLATE_DB = "reminders_test_template"
+# One template per pytest-xdist worker: workers may share one server (TEST_DATABASE_URL).
+TEMPLATE_DB = f"reminders_test_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 
 
 def with_database(url: str, name: str) -> str:
