@@ -598,14 +598,17 @@ def render(report: Report, *, lines: int = 8) -> str:
         out.append(f"  {plan_id:<{width}}  {names}: {text[0]}")
         out += [f"  {'':<{width}}    {more}" for more in text[1:]]
     width = max((len(p) for p in report.counts), default=0)
-    seen: dict[tuple[Line, ...], str] = {}  # a timeline already printed -> whose
+    # Users with the same timeline (in the same zone) are one entry, named by its first user.
+    groups: dict[tuple[str, tuple[Line, ...]], list[str]] = {}
     for user, tz in report.zones.items():
-        timeline = report.timeline.get(user, [])
-        if (twin := seen.setdefault(tuple(timeline), user)) != user:
-            out += ["", f"{user} ({tz}): the same {len(timeline)} ledger rows as {twin}"]
-            continue
+        groups.setdefault((tz, tuple(report.timeline.get(user, []))), []).append(user)
+    for (tz, timeline), members in groups.items():
         shown = timeline[:lines]
-        out += ["", f"{user} ({tz}): first {len(shown)} of {len(timeline)} ledger rows"]
+        named = members[0] if len(members) == 1 else f"{members[0]} and {len(members) - 1} more"
+        out += ["", f"{named} ({tz}): first {len(shown)} of {len(timeline)} ledger rows"]
+        if len(members) > 1:
+            others = ", ".join(members[1:4]) + (", ..." if len(members) > 4 else "")
+            out.append(f"  (the same for {others})")
         for row in shown:
             outcome = label((row.status, row.reason))
             if row.deferred is not None:

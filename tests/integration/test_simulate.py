@@ -244,4 +244,5 @@ def test_the_command_as_a_process(tmp_path, pg_url):
         "            warned 2026-12-21 Mon 09:00+08:00: step 4 (2026-12-28 Mon 09:00+08:00) "
         "will be skipped no_consent, ask again"
     ) in lines
-    assert "o-sim-2 (Asia/Shanghai): the same 6 ledger rows as o-sim-1" in lines
+    assert "o-sim-1 and 1 more (Asia/Shanghai): first 6 of 6 ledger rows" in lines
+    assert "  (the same for o-sim-2)" in lines
