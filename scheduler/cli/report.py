@@ -29,7 +29,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     if problem:
         raise UsageError(problem)
-    window = engagement.attribution_window(_settings(args).plans_dir)
+    policy = engagement.policy_of(_settings(args).plans_dir)
+    window = policy.engagement.attribution_window.as_timedelta()
 
     async def work(store: Store) -> dict[str, Any] | None:
         return await engagement.report(
@@ -41,6 +42,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             end=args.end,
             by=args.by,
             tz=args.tz,
+            guard=policy.guard_for(args.plan_id),
         )
 
     report = _run(args, work)
