@@ -13,9 +13,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
+import yaml
 from prometheus_client import REGISTRY
 
+from scheduler.api.app import create_app
+from scheduler.api.server import ApiServer
 from scheduler.app import engagement
 from scheduler.app.daemon import Daemon
 from scheduler.app.engagement_guard import ACTOR, EngagementGuard
@@ -29,6 +33,7 @@ from scheduler.settings import Settings
 from scheduler.store.consent import ConsentReport, OpenReport
 from scheduler.store.postgres import Store
 from scheduler.testing.fake_wechat import FakeWeChat
+from tests.ingest_helpers import ADMIN_ONLY, settings
 from tests.support import Clock, dispatcher, plan_of, register, wait_for
 
 TEMPLATE = "tmpl_guard"
@@ -158,7 +163,7 @@ def pauses(rule: str) -> float:
 
 
 async def test_a_spike_after_one_step_pauses_the_plan_and_a_resume_is_not_undone(
-    store, fake, channel
+    store, fake, channel, tmp_path
 ):
     world = World(store, fake, channel, SPIKE_ONLY)
     await world.start()
@@ -217,6 +222,25 @@ async def test_a_spike_after_one_step_pauses_the_plan_and_a_resume_is_not_undone
     assert "guard       PAUSED this plan at 2026-03-06 04:00 UTC" in shown
     assert "guard       since then: no sends in 24 hours (nothing to judge)" in shown
     assert "pauses over 50.0 %, or at 3x the baseline and +2.0 %, from 30 sends" in shown
+
+    # The admin API, with the thresholds from the plans folder's policy.yaml.
+    (tmp_path / "policy.yaml").write_text(
+        yaml.safe_dump({"exceptions": SPIKE_ONLY.model_dump(mode="json")["exceptions"]})
+    )
+    app = create_app(settings(plans_dir=tmp_path), store, lifecycle=world.lifecycle)
+    server = ApiServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as api:
+            listed = (await api.get("/v1/plans", headers=ADMIN_ONLY)).json()
+            one = (await api.get(f"/v1/plans/{PLAN.id}", headers=ADMIN_ONLY)).json()
+    finally:
+        await server.stop()
+    assert [(p["id"], p["paused_by"], p["state_reason"]) for p in listed["plans"]] == [
+        (PLAN.id, ACTOR, reason)
+    ]
+    assert one["guard"]["paused"]["by"] == ACTOR
+    assert one["guard"]["thresholds"]["min_sends"] == 30  # the plan's exception
 
     # An admin resumes it: the same old cancellations (and late ones for step 6) do not pause it
     # again, though step 6 is still within the last 24 hours.
