@@ -345,8 +345,8 @@ def judge(observed: GuardFigures, guard: Guard) -> Verdict:
 
     - judged only from `min_sends` recent sends on;
     - `limit`: the recent rate is over `max_cancellation_rate`;
-    - `spike`: with a baseline of at least `baseline_min_sends` sends, the recent rate is at
-      least `spike_factor` times the baseline's and at least `spike_margin` above it.
+    - `spike`: with a baseline of at least `baseline_min_sends` sends, the recent rate is above
+      the baseline's, at least `spike_factor` times it and at least `spike_margin` above it.
 
     Rates are compared exactly (cancelled / sent against the thresholds as written)."""
     recent, baseline = observed.recent, observed.baseline
@@ -371,7 +371,12 @@ def judge(observed: GuardFigures, guard: Guard) -> Verdict:
             figures=text,
             note=f"no spike is judged with a baseline under {guard.baseline_min_sends:,} sends",
         )
-    if rate >= _exact(guard.spike_factor) * base and rate - base >= _exact(guard.spike_margin):
+    # Above the baseline at all, too: with a margin of 0, a rate of 0 is no spike of a 0 baseline.
+    if (
+        rate > base
+        and rate >= _exact(guard.spike_factor) * base
+        and rate - base >= _exact(guard.spike_margin)
+    ):
         return Verdict(rule="spike", figures=text)
     return Verdict(rule=None, figures=text)
 

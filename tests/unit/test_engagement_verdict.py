@@ -68,6 +68,14 @@ def test_verdict_at_the_boundaries(figures: GuardFigures, rule: str | None) -> N
     assert judge(figures, GUARD).rule == rule
 
 
+def test_a_spike_is_above_the_baseline_even_without_a_margin() -> None:
+    no_margin = Guard(spike_margin=0, min_sends=10, baseline_min_sends=10)
+    assert judge(seen(100, 0, 100, 0), no_margin).rule is None  # 0 % is no spike of 0 %
+    assert judge(seen(100, 1, 100, 0), no_margin).rule == "spike"
+    assert judge(seen(100, 3, 100, 1), no_margin).rule == "spike"  # 3x exactly
+    assert judge(seen(100, 2, 100, 1), no_margin).rule is None
+
+
 def test_the_verdict_says_why_it_does_not_judge() -> None:
     few = judge(seen(150, 40), GUARD)
     assert few.note == "not judged under 200 sends"
