@@ -109,6 +109,22 @@ def test_the_pause_reason_has_the_figures_the_rule_and_the_step() -> None:
     )
 
 
+def test_the_figures_come_from_the_stores_rows_per_window_and_step() -> None:
+    rows = [
+        {"recent": False, "plan_version": 1, "step": 1, "sent": 300, "cancelled": 3},
+        {"recent": False, "plan_version": 1, "step": 2, "sent": 290, "cancelled": 2},
+        {"recent": True, "plan_version": 1, "step": 3, "sent": 150, "cancelled": 4},
+        {"recent": True, "plan_version": 2, "step": 3, "sent": 130, "cancelled": 9},
+    ]
+    observed = GuardFigures.from_rows(rows)
+    assert (observed.recent.sent, observed.recent.cancelled) == (280, 13)
+    assert (observed.baseline.sent, observed.baseline.cancelled) == (590, 5)
+    worst = observed.worst_step()
+    assert worst is not None and (worst.version, worst.step) == (2, 3)
+    assert GuardFigures.from_rows([]).worst_step() is None
+    assert GUARD.with_override(None) is GUARD
+
+
 def test_the_click_through_floor() -> None:
     assert low_click_through(Figures(sent=100, opened=4), GUARD)
     assert not low_click_through(Figures(sent=100, opened=5), GUARD)  # exactly 5 %
