@@ -100,9 +100,14 @@ async def get_plan(
     caller: Admin,
     next: Annotated[int, Query(ge=1, le=100, description="How many next fire times")] = 5,
 ) -> dict[str, Any]:
-    window = engagement.attribution_window(request.app.state.settings.plans_dir)
+    policy = engagement.policy_of(request.app.state.settings.plans_dir)
     report = await plan_status(
-        _store(request), plan_id, now=_now(request), next_n=next, window=window
+        _store(request),
+        plan_id,
+        now=_now(request),
+        next_n=next,
+        window=policy.engagement.attribution_window.as_timedelta(),
+        guard=policy.guard_for(plan_id),
     )
     if report is None:
         raise ApiError(404, "unknown_plan", f"no plan {plan_id!r} is loaded")
@@ -139,17 +144,18 @@ async def get_engagement(
     problem = range_problem(start, end) or (zone_problem(tz) if tz is not None else None)
     if problem:
         raise ApiError(422, "invalid_request", problem)
-    window = engagement.attribution_window(request.app.state.settings.plans_dir)
+    policy = engagement.policy_of(request.app.state.settings.plans_dir)
     try:
         report = await engagement.report(
             _store(request),
             plan_id,
             now=_now(request),
-            window=window,
+            window=policy.engagement.attribution_window.as_timedelta(),
             start=start,
             end=end,
             by=by,
             tz=tz,
+            guard=policy.guard_for(plan_id),
         )
     except UnknownZone as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None

@@ -2,8 +2,10 @@
 
 One APScheduler schedule per plan (id `plan:<plan id>`), whose only argument is the plan id:
 calendar plans get their own trigger; relative plans get a sweep every `sweep_seconds` that sends
-the steps due in the enrolments table. Schedules are (re)added only when a plan's content changed,
-with triggers that start at `now`, so no past occurrence fires on a re-add.
+the steps due in the enrolments table. Every sweep period too, deferred sends whose moment came go
+through the gate again, and the engagement guard judges the plans' recent cancellations.
+Schedules are (re)added only when a plan's content changed, with triggers that start
+at `now`, so no past occurrence fires on a re-add.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from scheduler.app import metrics
 from scheduler.app.dispatcher import Clock, Dispatcher, FanOutReport, utc_now
+from scheduler.app.engagement_guard import EngagementGuard
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.channels.base import Channel
 from scheduler.domain.plan import Plan
@@ -146,6 +149,7 @@ class Daemon:
             lifecycle=self.lifecycle,
         )
         self.work_available = asyncio.Event()
+        self.guard = EngagementGuard(store, self.lifecycle, policy=lambda: self.dispatcher.policy)
 
     async def sync_plans(self, loaded: list[LoadedPlan]) -> SyncResult:
         """Record each plan's version and (re)schedule the plans whose content changed."""
@@ -244,6 +248,19 @@ class Daemon:
                 await self.store.prune_cap_counters(self.clock())
             except Exception:  # the database may be briefly away: try again next period
                 log.exception("retrying deferred sends failed")
+
+    async def guard_forever(self) -> None:
+        """Every sweep period, the engagement guard judges the active plans with recent sends
+        and pauses those whose cancellations say so (docs/engagement.md, "The guard"); one
+        replica at a time (the others skip that period)."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_seconds)
+            try:
+                async with self.store.engagement.guard_turn() as mine:
+                    if mine:
+                        await self.guard.check()
+            except Exception:  # the database may be briefly away: try again next period
+                log.exception("the engagement guard's check failed")
 
     async def heartbeat_forever(self) -> None:
         """Renew this replica's lease, and take over the work of replicas whose lease ran out."""
@@ -474,6 +491,7 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
             asyncio.create_task(daemon.work_forever()) for _ in range(settings.fanout_workers)
         ]
         deferred = asyncio.create_task(daemon.retry_deferred_forever())
+        guarding = asyncio.create_task(daemon.guard_forever())
         watching = asyncio.create_task(watcher.run())
         control = asyncio.create_task(ControlLoop(daemon, watcher).run())
         settle_heap()
@@ -484,9 +502,10 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         await asyncio.gather(*working, return_exceptions=True)
         heartbeat.cancel()
         deferred.cancel()
+        guarding.cancel()
         watcher.stop()
         control.cancel()
-        await asyncio.gather(watching, control, deferred, return_exceptions=True)
+        await asyncio.gather(watching, control, deferred, guarding, return_exceptions=True)
         loop.remove_signal_handler(signal.SIGHUP)
         await scheduler.stop()
         await scheduler.wait_until_stopped()

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from scheduler.domain import engagement as figures
 from scheduler.domain.engagement import Group, Grouping
 from scheduler.domain.plan import Plan
-from scheduler.domain.policy import DEFAULT_POLICY
+from scheduler.domain.policy import DEFAULT_POLICY, Guard, Policy
 from scheduler.errors import PlanError
 from scheduler.store.postgres import Store
 
@@ -24,18 +24,24 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = DEFAULT_POLICY.engagement.attribution_window.as_timedelta()
 
 
-def attribution_window(plans_dir: Path | None) -> timedelta:
-    """The policy's attribution window (the plans folder's `policy.yaml`); the default when
-    there is no folder, and, with a warning, when its policy does not validate."""
+def policy_of(plans_dir: Path | None) -> Policy:
+    """The plans folder's policy (`policy.yaml`): the default when there is no folder, and,
+    with a warning, when its policy does not validate."""
     if plans_dir is None:
-        return DEFAULT_WINDOW
+        return DEFAULT_POLICY
     from scheduler.planfiles import load_policy
 
     try:
-        return load_policy(plans_dir).engagement.attribution_window.as_timedelta()
+        return load_policy(plans_dir)
     except PlanError as exc:
-        log.warning("engagement: policy not readable, default attribution window used: %s", exc)
-        return DEFAULT_WINDOW
+        log.warning("engagement: policy not readable, the default one used: %s", exc)
+        return DEFAULT_POLICY
+
+
+def attribution_window(plans_dir: Path | None) -> timedelta:
+    """The policy's attribution window (the plans folder's `policy.yaml`); the default when
+    there is no folder, and, with a warning, when its policy does not validate."""
+    return policy_of(plans_dir).engagement.attribution_window.as_timedelta()
 
 
 def plan_zone(plan: Plan) -> str:
@@ -58,11 +64,14 @@ async def report(
     end: date | None = None,
     by: Grouping = "step",
     tz: str | None = None,
+    guard: Guard | None = None,
 ) -> dict[str, Any] | None:
     """The plan's figures for the deliveries due from `start` to `end` (local dates in `tz`,
     both included; None: no bound, up to `now`), per `by`, with their total and the 24 h / 7 d /
     all-time windows before `now`. None when no such plan is loaded. `tz` must be a valid IANA
-    zone (the callers check it); None: the plan's own (`plan_zone`)."""
+    zone (the callers check it); None: the plan's own (`plan_zone`). Grouped by step or
+    variant, each row says whether its click-through is under the floor of `guard` (the
+    plan's thresholds; None: the default policy's)."""
     row = await store.status.plan(plan_id)
     if row is None:
         return None
@@ -77,6 +86,9 @@ async def report(
     )
     groups = [Group.from_row(r) for r in rows]
     lines = figures.grouped(groups, by)
+    floor = guard or DEFAULT_POLICY.guard_for(plan_id)
+    if "step" in figures.KEYS[by]:
+        lines = figures.flag_steps(lines, floor)
     return {
         "plan_id": plan_id,
         "as_of": now.isoformat(),
@@ -85,6 +97,10 @@ async def report(
         "tz": zone,
         "by": by,
         "attribution_window_hours": window / timedelta(hours=1),
+        "click_through_floor": {
+            "min_click_through": floor.min_click_through,
+            "min_sends": floor.click_through_min_sends,
+        },
         "rows": [line.as_json() for line in lines],
         "total": figures.total(g.figures for g in groups).as_json(),
         "windows": {k: f.as_json() for k, f in figures.windows(groups).items()},
@@ -97,7 +113,11 @@ def render(report: dict[str, Any], fmt: figures.Format) -> str:
 
     by: Grouping = report["by"]
     lines = [
-        figures.Line({k: r[k] for k in figures.KEYS[by]}, figures.Figures.from_json(r))
+        figures.Line(
+            {k: r[k] for k in figures.KEYS[by]},
+            figures.Figures.from_json(r),
+            r.get(figures.FLAG),
+        )
         for r in report["rows"]
     ]
     if fmt == "json":
@@ -110,21 +130,35 @@ def render(report: dict[str, Any], fmt: figures.Format) -> str:
         f"{report['plan_id']}: engagement by {by}, deliveries due {span} ({report['tz']}); "
         f"cancellations attributed within {report['attribution_window_hours']:g} h"
     )
-    return head + "\n" + figures.to_table(lines, by, overall)
+    table = head + "\n" + figures.to_table(lines, by, overall)
+    if any(line.low_click_through for line in lines):
+        floor = report["click_through_floor"]
+        under = figures.percent(floor["min_click_through"])
+        table += (
+            f"\n{figures.LOW_CTR}: click-through under {under} from {floor['min_sends']:,}"
+            " sends (policy engagement.min_click_through)"
+        )
+    return table
 
 
 async def plan_windows(
-    store: Store, plan_id: str, *, now: datetime, window: timedelta = DEFAULT_WINDOW
+    store: Store,
+    plan_id: str,
+    *,
+    now: datetime,
+    window: timedelta = DEFAULT_WINDOW,
+    guard: Guard | None = None,
 ) -> dict[str, Any]:
     """For `reminders status PLAN`: the 24 h / 7 d / all-time figures and the all-time figures
-    per step (of each version)."""
-    found = await report(store, plan_id, now=now, window=window, by="step")
+    per step (of each version), each step flagged when its click-through is under the floor."""
+    found = await report(store, plan_id, now=now, window=window, by="step", guard=guard)
     if found is None:
         return {}
     return {
         "windows": found["windows"],
         "steps": found["rows"],
         "attribution_window_hours": found["attribution_window_hours"],
+        "click_through_floor": found["click_through_floor"],
     }
 
 

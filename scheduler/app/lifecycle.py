@@ -135,9 +135,17 @@ class Lifecycle:
 
     # --- plans ----------------------------------------------------------------------------------
 
-    async def pause(self, plan_id: str, *, actor: str, reason: str | None) -> ActionResult:
-        """No new occurrence starts; a fan-out in progress stops at its next batch."""
-        return await self._transition(plan_id, "pause", actor, reason)
+    async def pause(
+        self,
+        plan_id: str,
+        *,
+        actor: str,
+        reason: str | None,
+        details: dict[str, Any] | None = None,
+    ) -> ActionResult:
+        """No new occurrence starts; a fan-out in progress stops at its next batch. `details`
+        go into the audit row (e.g. the figures an automatic pause judged)."""
+        return await self._transition(plan_id, "pause", actor, reason, extra=details)
 
     async def resume(
         self, plan_id: str, *, actor: str, reason: str | None = None, catch_up: bool = False
@@ -154,7 +162,14 @@ class Lifecycle:
         return await self._transition(plan_id, "complete", actor, reason)
 
     async def _transition(
-        self, plan_id: str, action: str, actor: str, reason: str | None, *, catch_up: bool = False
+        self,
+        plan_id: str,
+        action: str,
+        actor: str,
+        reason: str | None,
+        *,
+        catch_up: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> ActionResult:
         reason = _reason(action, reason)
         now = self.clock()
@@ -165,7 +180,7 @@ class Lifecycle:
             target = TRANSITIONS[action].get(row["state"])
             if target is None:
                 raise _refusal(plan_id, action, row)
-            details: dict[str, Any] = {}
+            details: dict[str, Any] = dict(extra or {})
             if action == "resume":
                 details, target = await self._resume_backlog(conn, plan_id, row, now, catch_up)
             elif action == "cancel":

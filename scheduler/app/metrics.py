@@ -8,6 +8,7 @@ scraped, so every replica reports the same cluster-wide values for them.
     reminders_sends_total{plan,outcome,reason}   final outcomes this replica wrote to the ledger
     reminders_send_latency_seconds               one WeChat send, retries included
     reminders_wechat_errcodes_total{errcode}     every non-zero errcode WeChat answered
+    reminders_engagement_pauses_total{plan,rule} plans the engagement guard paused (limit, spike)
     reminders_fire_lag_seconds{kind}             start of a fire minus its scheduled time
     reminders_due_backlog{plan,kind}             due work not yet done (see `refresh_gauges`)
     reminders_plans{state}, reminders_replicas_alive, reminders_plan_file_problems
@@ -58,6 +59,12 @@ DAMAGE_STOPS = Counter(
     "Errcodes acted on beyond their send (scheduler/app/damage.py): plans paused for a template,"
     " page or credential error, or a user's enrolments stopped for an invalid openid.",
     ["scope", "errcode"],
+)
+ENGAGEMENT_PAUSES = Counter(
+    "reminders_engagement_pauses",
+    "Plans the engagement guard paused (scheduler/app/engagement_guard.py), by plan and rule:"
+    " limit (cancellation rate over the policy's limit) or spike (against the plan's baseline).",
+    ["plan", "rule"],
 )
 FIRE_LAG = Histogram(
     "reminders_fire_lag_seconds",

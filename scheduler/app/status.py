@@ -14,9 +14,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from scheduler.app import engagement
+from scheduler.app.engagement_guard import ACTOR as GUARD_ACTOR
+from scheduler.app.engagement_guard import judge_plan
 from scheduler.domain.consent import ConsentState
-from scheduler.domain.engagement import percent
+from scheduler.domain.engagement import LOW_CTR, percent, thresholds_text
 from scheduler.domain.plan import Plan
+from scheduler.domain.policy import DEFAULT_POLICY, Guard
 from scheduler.domain.schedule import (
     calendar_anchor,
     calendar_occurrences,
@@ -68,9 +71,11 @@ async def plan_status(
     next_n: int = 5,
     errors_n: int = 5,
     window: timedelta = engagement.DEFAULT_WINDOW,
+    guard: Guard | None = None,
 ) -> dict[str, Any] | None:
     """One plan's full status, or None when no such plan is loaded (`window`: the policy's
-    attribution window of cancellations)."""
+    attribution window of cancellations; `guard`: the plan's engagement guard thresholds,
+    None: the default policy's)."""
     reads = store.status
     row = await reads.plan(plan_id)
     if row is None:
@@ -139,7 +144,9 @@ async def plan_status(
     ]
     report["file_problems"] = await _problems(store, plan_id, row["source_file"])
     report["runway"] = await _runway(store, plan_id, now)
-    report["engagement"] = await _engagement(store, plan_id, now, window)
+    guard = guard or DEFAULT_POLICY.guard_for(plan_id)
+    report["engagement"] = await _engagement(store, plan_id, now, window, guard)
+    report["guard"] = await _guard(store, plan_id, now, window, guard, row["state"], changed)
     return report
 
 
@@ -182,14 +189,49 @@ async def _runway(store: Store, plan_id: str, now: datetime) -> dict[str, Any] |
 
 
 async def _engagement(
-    store: Store, plan_id: str, now: datetime, window: timedelta
+    store: Store, plan_id: str, now: datetime, window: timedelta, guard: Guard
 ) -> dict[str, Any]:
     """The engagement figures (`scheduler.app.engagement`), or the reason they could not be read."""
     try:
-        return await engagement.plan_windows(store, plan_id, now=now, window=window)
+        return await engagement.plan_windows(store, plan_id, now=now, window=window, guard=guard)
     except Exception as exc:  # status must show the rest even if this part fails
         log.warning("engagement figures of %s not available: %s", plan_id, exc)
         return {"error": str(exc)}
+
+
+async def _guard(
+    store: Store,
+    plan_id: str,
+    now: datetime,
+    window: timedelta,
+    guard: Guard,
+    state: str,
+    changed: Any,
+) -> dict[str, Any]:
+    """The engagement guard's view of the plan: its thresholds, its verdict on the recent
+    deliveries now, and the automatic pause in force (if the plan is paused by it)."""
+    section: dict[str, Any] = {
+        "thresholds": guard.model_dump(mode="json"),
+        "rule": thresholds_text(guard),
+        "paused": None,
+    }
+    if state == "paused" and changed is not None and changed["actor"] == GUARD_ACTOR:
+        section["paused"] = {"at": _iso(changed["recorded_at"]), "by": GUARD_ACTOR}
+    try:
+        judged = await judge_plan(store, plan_id, guard, now=now, window=window)
+    except Exception as exc:  # status must show the rest even if this part fails
+        log.warning("engagement guard verdict of %s not available: %s", plan_id, exc)
+        return {**section, "error": str(exc)}
+    verdict = judged.verdict
+    section["verdict"] = {
+        "pause": verdict.pause,
+        "rule": verdict.rule,
+        "figures": verdict.figures,
+        "note": verdict.note,
+        "recent": judged.observed.recent.as_json(),
+        "baseline": judged.observed.baseline.as_json(),
+    }
+    return section
 
 
 async def replicas(store: Store) -> list[dict[str, Any]]:
@@ -232,6 +274,10 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
             if r["plan_id"] == p["id"]
             and not ConsentState(r["credits"], r["long_term"], r["banned"]).allows(plan.consent)
         )
+        paused_by = None
+        if p["state"] == "paused":  # who paused it: an admin, damage control, the guard
+            last = await reads.last_state_change(p["id"], STATE_ACTIONS)
+            paused_by = last["actor"] if last else None
         nxt: str | None = None
         if p["state"] in ("active", "paused"):
             if plan.schedule.calendar is not None:
@@ -245,6 +291,7 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
                 "name": plan.name,
                 "state": p["state"],
                 "state_reason": p["state_reason"],
+                "paused_by": paused_by,
                 "version": p["current_version"],
                 "kind": "relative" if plan.is_relative else "calendar",
                 "next_fire": nxt,
@@ -326,6 +373,8 @@ def render_overview(report: dict[str, Any]) -> str:
             f" {o.get('failed', {}).get('all', 0):>6} {o.get('skipped', {}).get('all', 0):>7}"
             f" {o.get('missed', {}).get('all', 0):>6}"
         )
+        if p.get("paused_by") == GUARD_ACTOR:
+            out.append(f"{'':<18} PAUSED BY THE ENGAGEMENT GUARD: reminders resume {p['id']}")
         if p["state"] != "active" and p["state_reason"]:
             out.append(f"{'':<18} ({p['state_reason']})")
     if not report["plans"]:
@@ -401,8 +450,41 @@ def render_engagement(section: dict[str, Any]) -> list[str]:
 
     for name, label in (("24h", "last 24 h"), ("7d", "last 7 days"), ("all", "all time")):
         out.append(line(label, section["windows"][name]))
+    floor = section.get("click_through_floor")
     for s in section["steps"]:
-        out.append(line(f"v{s['version']} step {s['step']}", s))
+        flag = ""
+        if s.get("low_click_through") and floor:
+            flag = (
+                f"   {LOW_CTR}: under {percent(floor['min_click_through'])}"
+                f" from {floor['min_sends']:,} sends"
+            )
+        out.append(line(f"v{s['version']} step {s['step']}", s) + flag)
+    return out
+
+
+def render_guard(section: dict[str, Any], plan_id: str) -> list[str]:
+    """The engagement guard's lines of `reminders status PLAN`: an automatic pause in force
+    and what to do, its verdict on the recent deliveries, its thresholds."""
+    if not section:
+        return []
+    out = []
+    if section.get("paused"):
+        out.append(
+            f"  guard       PAUSED this plan at {_when(section['paused']['at'])}: fix the "
+            f"content, then `reminders resume {plan_id}` (docs/engagement.md)"
+        )
+    if "error" in section:
+        out.append(f"  guard       verdict unavailable: {section['error']}")
+    else:
+        v = section["verdict"]
+        said = "would pause" if v["pause"] else "ok"
+        if section.get("paused"):
+            said = "since then"  # what the pause judged is left out: what a resume starts from
+        if v["pause"]:
+            said += f" ({v['rule']})"
+        note = f" ({v['note']})" if v["note"] else ""
+        out.append(f"  guard       {said}: {v['figures']}{note}")
+    out.append(f"              {section['rule']}")
     return out
 
 
@@ -467,6 +549,7 @@ def render_plan(report: dict[str, Any], replica_rows: list[dict[str, Any]] | Non
     elif runway:
         out.append(f"  runway      unavailable: {runway['error']}")
     out += render_engagement(report.get("engagement") or {})
+    out += render_guard(report.get("guard") or {}, report["id"])
     if report["last_errors"]:
         out.append("  last errors")
         for e in report["last_errors"]:

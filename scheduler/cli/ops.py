@@ -115,17 +115,23 @@ def cmd_stop_enrollment(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from scheduler.app import status
-    from scheduler.app.engagement import attribution_window
+    from scheduler.app.engagement import policy_of
     from scheduler.cli.common import UsageError, settings_for
 
-    window = attribution_window(settings_for(args).plans_dir)
+    policy = policy_of(settings_for(args).plans_dir)
+    window = policy.engagement.attribution_window.as_timedelta()
 
     async def work(store: Store) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         now = datetime.now(UTC)
         if args.plan_id is None:
             return await status.overview(store, now=now), None
         report = await status.plan_status(
-            store, args.plan_id, now=now, next_n=args.next, window=window
+            store,
+            args.plan_id,
+            now=now,
+            next_n=args.next,
+            window=window,
+            guard=policy.guard_for(args.plan_id),
         )
         if report is None:
             raise UsageError(f"no plan {args.plan_id!r} is loaded (see `reminders status`)")

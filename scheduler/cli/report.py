@@ -28,7 +28,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     if problem:
         raise UsageError(problem)
-    window = engagement.attribution_window(settings_for(args).plans_dir)
+    policy = engagement.policy_of(settings_for(args).plans_dir)
+    window = policy.engagement.attribution_window.as_timedelta()
 
     async def work(store: Store) -> dict[str, Any] | None:
         return await engagement.report(
@@ -40,6 +41,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             end=args.end,
             by=args.by,
             tz=args.tz,
+            guard=policy.guard_for(args.plan_id),
         )
 
     report = run_with_store(args, work)

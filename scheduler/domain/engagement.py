@@ -10,8 +10,11 @@ import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
+from fractions import Fraction
 from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from scheduler.domain.policy import Guard
 
 Grouping = Literal["day", "step", "version", "variant"]
 GROUPINGS: tuple[str, ...] = get_args(Grouping)
@@ -165,13 +168,19 @@ def windows(groups: Iterable[Group]) -> dict[str, Figures]:
 
 @dataclass(frozen=True, slots=True)
 class Line:
-    """One line of a report: its key (named by the grouping's columns) and its figures."""
+    """One line of a report: its key (named by the grouping's columns), its figures, and, for
+    a step's line, whether its click-through is under the policy's floor (None: not judged)."""
 
     key: dict[str, Any]
     figures: Figures = field(default_factory=Figures)
+    low_click_through: bool | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {**self.key, **self.figures.as_json()}
+        flag = {} if self.low_click_through is None else {FLAG: self.low_click_through}
+        return {**self.key, **self.figures.as_json(), **flag}
+
+
+FLAG = "low_click_through"
 
 
 def grouped(groups: Iterable[Group], by: Grouping) -> list[Line]:
@@ -187,25 +196,41 @@ def grouped(groups: Iterable[Group], by: Grouping) -> list[Line]:
 # --- output ---------------------------------------------------------------------------------------
 
 
+LOW_CTR = "low CTR"  # the flag of a step whose click-through is under the floor
+
+
 def percent(rate: float | None) -> str:
     return "-" if rate is None else f"{rate * 100:.1f}%"
 
 
+def _flagged(lines: Sequence[Line]) -> bool:
+    return any(line.low_click_through is not None for line in lines)
+
+
 def to_csv(lines: Sequence[Line], by: Grouping) -> str:
-    """A header and one row per line; rates as fractions (0.25), empty without sends."""
+    """A header and one row per line; rates as fractions (0.25), empty without sends; steps'
+    lines end with `low_click_through` (true or false) when they were judged."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*KEYS[by], *FIGURES])
+    columns = (*KEYS[by], *FIGURES, *((FLAG,) if _flagged(lines) else ()))
+    writer.writerow(columns)
     for line in lines:
         row = line.as_json()
-        writer.writerow(["" if row[c] is None else row[c] for c in (*KEYS[by], *FIGURES)])
+        writer.writerow(
+            [
+                "" if row.get(c) is None else str(row[c]).lower() if c == FLAG else row[c]
+                for c in columns
+            ]
+        )
     return out.getvalue()
 
 
 def to_table(lines: Sequence[Line], by: Grouping, overall: Figures) -> str:
     """Aligned columns, rates as percentages, and a total line."""
     keys = KEYS[by]
+    flags = _flagged(lines)
     head = [k.upper() for k in keys] + ["SENT", "DELIVERED", "OPENED", "CTR", "CANCELLED", "CANC%"]
+    head += ["FLAG"] if flags else []
     rows = [
         [
             *(str(line.key[k]) for k in keys),
@@ -215,6 +240,7 @@ def to_table(lines: Sequence[Line], by: Grouping, overall: Figures) -> str:
             percent(line.figures.click_through),
             str(line.figures.cancelled),
             percent(line.figures.cancellation_rate),
+            *([LOW_CTR if line.low_click_through else ""] if flags else []),
         ]
         for line in lines
     ]
@@ -228,6 +254,7 @@ def to_table(lines: Sequence[Line], by: Grouping, overall: Figures) -> str:
             percent(overall.click_through),
             str(overall.cancelled),
             percent(overall.cancellation_rate),
+            *([""] if flags else []),
         ]
     )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -239,3 +266,168 @@ def to_table(lines: Sequence[Line], by: Grouping, overall: Figures) -> str:
         ).rstrip()
 
     return "\n".join(fmt(r) for r in [head, *rows])
+
+
+# --- the guard (docs/engagement.md, "The guard") --------------------------------------------------
+
+Rule = Literal["limit", "spike"]
+
+
+def _exact(value: float) -> Fraction:
+    """A threshold as the decimal the policy wrote (0.05 is 1/20, not the nearest binary)."""
+    return Fraction(repr(value))
+
+
+def points(rate: Fraction | float) -> str:
+    """A rate as the reason text writes it: `7.2 %`."""
+    return f"{float(rate) * 100:.1f} %"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepFigures:
+    """The recent deliveries of one plan version and step."""
+
+    version: int
+    step: int
+    figures: Figures
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardFigures:
+    """What the guard judges: the deliveries due in the recent window, those of the baseline
+    window before it, and the recent ones per (version, step)."""
+
+    recent: Figures
+    baseline: Figures
+    steps: tuple[StepFigures, ...] = ()
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> GuardFigures:
+        """The rows of `EngagementStore.guard_counts`."""
+        recent, baseline, steps = Figures(), Figures(), []
+        for r in rows:
+            f = Figures(sent=r["sent"], cancelled=r["cancelled"])
+            if r["recent"]:
+                recent = recent + f
+                steps.append(StepFigures(version=r["plan_version"], step=r["step"], figures=f))
+            else:
+                baseline = baseline + f
+        return cls(recent=recent, baseline=baseline, steps=tuple(steps))
+
+    def worst_step(self) -> StepFigures | None:
+        """The recent step with the most cancellations (then the higher rate), if any has one."""
+        cancelled = [s for s in self.steps if s.figures.cancelled]
+        if not cancelled:
+            return None
+        return max(
+            cancelled,
+            key=lambda s: (s.figures.cancelled, Fraction(s.figures.cancelled, s.figures.sent)),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    """The guard's judgement of one plan. `rule`: why it pauses (None: it does not); `figures`:
+    the recent rate and the baseline in words; `note`: why it does not judge, or not the
+    baseline, when that is so."""
+
+    rule: Rule | None
+    figures: str
+    note: str | None = None
+
+    @property
+    def pause(self) -> bool:
+        return self.rule is not None
+
+
+def judge(observed: GuardFigures, guard: Guard) -> Verdict:
+    """Whether the recent deliveries' cancellations pause the plan:
+
+    - judged only from `min_sends` recent sends on;
+    - `limit`: the recent rate is over `max_cancellation_rate`;
+    - `spike`: with a baseline of at least `baseline_min_sends` sends, the recent rate is above
+      the baseline's, at least `spike_factor` times it and at least `spike_margin` above it.
+
+    Rates are compared exactly (cancelled / sent against the thresholds as written)."""
+    recent, baseline = observed.recent, observed.baseline
+    span, before = guard.recent_window, guard.baseline_window
+    if recent.sent == 0:
+        return Verdict(rule=None, figures=f"no sends in {span}", note="nothing to judge")
+    rate = Fraction(recent.cancelled, recent.sent)
+    text = f"cancellations {points(rate)} of {recent.sent:,} sends in {span}"
+    has_baseline = baseline.sent >= guard.baseline_min_sends
+    if has_baseline:
+        base = Fraction(baseline.cancelled, baseline.sent)
+        text += f", baseline {points(base)} of {baseline.sent:,} sends in the {before} before"
+    else:
+        text += f", no baseline ({baseline.sent:,} sends in the {before} before)"
+    if recent.sent < guard.min_sends:
+        return Verdict(rule=None, figures=text, note=f"not judged under {guard.min_sends:,} sends")
+    if rate > _exact(guard.max_cancellation_rate):
+        return Verdict(rule="limit", figures=text)
+    if not has_baseline:
+        return Verdict(
+            rule=None,
+            figures=text,
+            note=f"no spike is judged with a baseline under {guard.baseline_min_sends:,} sends",
+        )
+    # Above the baseline at all, too: with a margin of 0, a rate of 0 is no spike of a 0 baseline.
+    if (
+        rate > base
+        and rate >= _exact(guard.spike_factor) * base
+        and rate - base >= _exact(guard.spike_margin)
+    ):
+        return Verdict(rule="spike", figures=text)
+    return Verdict(rule=None, figures=text)
+
+
+def thresholds_text(guard: Guard) -> str:
+    """The pause rule in words, e.g. for `reminders status PLAN`."""
+    if not guard.auto_pause:
+        return "automatic pause off"
+    return (
+        f"pauses over {points(guard.max_cancellation_rate)}, or at {guard.spike_factor:g}x the "
+        f"baseline and +{points(guard.spike_margin)}, from {guard.min_sends:,} sends"
+    )
+
+
+def pause_reason(verdict: Verdict, observed: GuardFigures, guard: Guard) -> str:
+    """The reason an automatic pause records: the rule met, the figures, the step with the most
+    cancellations, and what to do."""
+    if verdict.rule == "limit":
+        rule = f"over the {points(guard.max_cancellation_rate)} limit"
+    else:
+        rule = (
+            f"a spike (at least {guard.spike_factor:g}x the baseline and "
+            f"+{points(guard.spike_margin)})"
+        )
+    reason = f"engagement guard: {verdict.figures}: {rule}"
+    worst = observed.worst_step()
+    if worst is not None:
+        f = worst.figures
+        reason += (
+            f"; most after step {worst.step} (version {worst.version}): {f.cancelled:,} of "
+            f"{f.sent:,} ({points(Fraction(f.cancelled, f.sent))})"
+        )
+    return reason + ". Check the content, then resume the plan"
+
+
+def low_click_through(figures: Figures, guard: Guard) -> bool:
+    """A step's flag: from `click_through_min_sends` sends on, opened / sent is under
+    `min_click_through` (compared exactly)."""
+    return (
+        guard.min_click_through > 0
+        and figures.sent >= guard.click_through_min_sends
+        and Fraction(figures.opened, figures.sent) < _exact(guard.min_click_through)
+    )
+
+
+def flag_steps(lines: Sequence[Line], guard: Guard) -> list[Line]:
+    """Each step's line with its click-through flag (`low_click_through`). A plan whose report
+    has no open at all flags nothing: its mini program may not report opens, and an unmeasured
+    0 % is no finding."""
+    measured = any(line.figures.opened for line in lines)
+    return [
+        Line(line.key, line.figures, measured and low_click_through(line.figures, guard))
+        for line in lines
+    ]

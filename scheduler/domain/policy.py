@@ -190,6 +190,107 @@ class Caps(Model):
         return self.category_week.get(category, self.category_week_default)
 
 
+def _rate(value: Any) -> Any:
+    """A rate as a fraction (0.05) or a percentage ("5%", "5 %")."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            try:
+                return float(text[:-1].strip()) / 100
+            except ValueError:
+                raise ValueError(f"{value!r} is not a percentage, e.g. '5%' or 0.05") from None
+    return value
+
+
+# A fraction of the sends, 0 to 1; a file may also write it as a percentage ("5%").
+Rate = Annotated[float, BeforeValidator(_rate), Field(ge=0, le=1, allow_inf_nan=False)]
+Factor = Annotated[float, Field(ge=1, le=1000, allow_inf_nan=False)]
+
+
+def _fixed_window(name: str, window: Duration | None) -> None:
+    if window is None:
+        return
+    if window.unit == "month":
+        raise ValueError(f"{name}: give it in hours, days or weeks: a month has no fixed length")
+    if window.amount == 0:
+        raise ValueError(f"{name}: a zero window counts nothing")
+
+
+class GuardOverride(Model):
+    """Guard thresholds one plan gets instead of the policy's (`exceptions.PLAN.engagement`):
+    each field left out keeps the policy's value."""
+
+    auto_pause: bool | None = None
+    recent_window: DurationText | None = None
+    baseline_window: DurationText | None = None
+    min_sends: PositiveInt | None = None
+    max_cancellation_rate: Rate | None = None
+    spike_factor: Factor | None = None
+    spike_margin: Rate | None = None
+    baseline_min_sends: PositiveInt | None = None
+    min_click_through: Rate | None = None
+    click_through_min_sends: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _windows(self) -> GuardOverride:
+        _fixed_window("recent_window", self.recent_window)
+        _fixed_window("baseline_window", self.baseline_window)
+        return self
+
+
+class Guard(Model):
+    """The engagement guard's thresholds (docs/engagement.md, "The guard"): when a plan pauses
+    itself on cancellations, and when a step's click-through is flagged."""
+
+    auto_pause: bool = Field(
+        True, description="Pause a plan on a cancellation rate over the limit or a spike."
+    )
+    recent_window: DurationText = Field(
+        default_factory=lambda: Duration(amount=24, unit="hour"),
+        description="The deliveries judged: those due this long before now.",
+    )
+    baseline_window: DurationText = Field(
+        default_factory=lambda: Duration(amount=7, unit="day"),
+        description="The plan's baseline: the deliveries due this long before the recent window.",
+    )
+    min_sends: PositiveInt = Field(
+        200, description="The recent window is judged from this many sends on."
+    )
+    max_cancellation_rate: Rate = Field(
+        0.05, description="Pause when more than this fraction of the recent sends was cancelled."
+    )
+    spike_factor: Factor = Field(
+        3.0, description="A spike: the recent rate is at least this many times the baseline ..."
+    )
+    spike_margin: Rate = Field(
+        0.02, description="... and at least this much (a fraction) above it."
+    )
+    baseline_min_sends: PositiveInt = Field(
+        200, description="A baseline of fewer sends is no baseline (only the limit applies)."
+    )
+    min_click_through: Rate = Field(
+        0.05, description="A step whose click-through is under this is flagged (0: never)."
+    )
+    click_through_min_sends: PositiveInt = Field(
+        100, description="A step is flagged from this many sends on."
+    )
+
+    @model_validator(mode="after")
+    def _windows(self) -> Guard:
+        _fixed_window("recent_window", self.recent_window)
+        _fixed_window("baseline_window", self.baseline_window)
+        return self
+
+    def with_override(self, override: GuardOverride | None) -> Guard:
+        """These thresholds with a plan's override applied (validated again)."""
+        if override is None:
+            return self
+        given = override.model_dump(exclude_none=True)
+        if not given:
+            return self
+        return Guard.model_validate({**self.model_dump(), **given})
+
+
 class PlanException(Model):
     """Limits the policy grants one plan instead of the general ones (looser or stricter)."""
 
@@ -199,10 +300,13 @@ class PlanException(Model):
     plan_day: PositiveInt | None = None
     plan_week: PositiveInt | None = None
     quiet_hours: QuietWindow | None = None
+    engagement: GuardOverride | None = Field(
+        None, description="The engagement guard's thresholds for this plan."
+    )
 
 
-class Engagement(Model):
-    """How the engagement figures are counted (docs/engagement.md)."""
+class Engagement(Guard):
+    """How the engagement figures are counted, and the guard's thresholds (docs/engagement.md)."""
 
     # WeChat's events and the mini program's reports lag, and a user rarely cancels the moment a
     # message arrives: a cancellation up to this long after a delivery is that delivery's.
@@ -220,6 +324,13 @@ class Engagement(Model):
         if window.amount == 0:
             raise ValueError("a zero window attributes nothing")
         return window
+
+    @property
+    def guard(self) -> Guard:
+        """The guard's thresholds alone (what a plan's override applies to)."""
+        return Guard.model_validate(
+            {k: v for k, v in self.model_dump().items() if k in Guard.model_fields}
+        )
 
 
 class Policy(Model):
@@ -244,6 +355,12 @@ class Policy(Model):
         default_factory=dict, description="Plan id -> the limits granted to that plan."
     )
     engagement: Engagement = Field(default_factory=Engagement)
+
+    def guard_for(self, plan_id: str) -> Guard:
+        """The engagement guard's thresholds for one plan: the policy's, with the plan's
+        exception (`exceptions.PLAN.engagement`) applied."""
+        exception = self.exceptions.get(plan_id)
+        return self.engagement.guard.with_override(exception.engagement if exception else None)
 
     @field_validator("exceptions")
     @classmethod

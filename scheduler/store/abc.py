@@ -106,6 +106,30 @@ class EngagementReads(Protocol):
     async def plan_ids(self) -> list[str]:
         """Every plan's id."""
 
+    async def guard_counts(
+        self,
+        plan_id: str,
+        *,
+        since: datetime,
+        recent_from: datetime,
+        until: datetime,
+        window: timedelta,
+        leave_out: list[tuple[datetime, datetime]],
+    ) -> list[dict[str, Any]]:
+        """The engagement guard's counts: accepted sends due in [since, until) per (recent,
+        plan_version, step), with sent and cancelled, leaving out the `leave_out` spans."""
+
+    async def guarded_plans(self, since: datetime, until: datetime) -> list[str]:
+        """Active plans with an accepted send due in [since, until]."""
+
+    async def judged_spans(
+        self, plan_id: str, *, actor: str, since: datetime
+    ) -> list[tuple[datetime, datetime]]:
+        """The due-time spans the plan's automatic pauses by `actor` judged, since `since`."""
+
+    def guard_turn(self) -> AbstractAsyncContextManager[bool]:
+        """True while this replica holds the guard's turn, False when another one does."""
+
 
 class ClusterGaugeReads(Protocol):
     """The shared-state gauges of /metrics (`scheduler.store.metrics.MetricsStore`)."""

@@ -15,10 +15,16 @@ plan, WeChat accepted and did not report undelivered, due at most `window` befor
 when the reporter says it happened (`occurred_at`); a 43101's is the due time of the send that
 got it. A popup choice reported twice (the backend and WeChat's push, `corroborates`) counts once,
 and a delivery counts as cancelled at most once however many cancellations point at it.
+
+The engagement guard (`scheduler.app.engagement_guard`) reads the same attribution through
+`guard_counts`: a plan's recent and baseline deliveries per step, leaving out the spans its
+earlier automatic pauses judged (their audit rows, `judged_spans`).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,21 +37,11 @@ class UnknownZone(StoreError):
     """PostgreSQL does not know the time zone the days were asked in."""
 
 
-# $1 plan, $2 from (NULL: the beginning), $3 to (exclusive; NULL: no end), $4 now (the windows),
-# $5 the attribution window, $6 the time zone of the days.
-ENGAGEMENT_ROWS = """
-WITH sent AS (
-    SELECT d.id, d.plan_version, d.step, coalesce(d.variant, 'default') AS variant,
-           (d.due_at AT TIME ZONE $6::text)::date AS day,
-           CASE WHEN d.due_at > $4::timestamptz - interval '24 hours' THEN 1
-                WHEN d.due_at > $4::timestamptz - interval '7 days' THEN 7
-                ELSE 0 END AS age,
-           d.push_errcode = 0 AS delivered
-    FROM deliveries d
-    WHERE d.plan_id = $1 AND (d.status = 'sent' OR d.reason = 'push_failed')
-      AND ($2::timestamptz IS NULL OR d.due_at >= $2)
-      AND ($3::timestamptz IS NULL OR d.due_at < $3)
-), cancellations AS (
+# The attribution rule, shared by the queries below: the plan's cancellations (`cancellations`)
+# and the deliveries they are attributed to (`attributed`). Parameters: $1 plan, $2 from (NULL:
+# the beginning), $3 to (exclusive; NULL: no end), $5 the attribution window.
+ATTRIBUTION = """
+cancellations AS (
     SELECT e.user_id, e.template_id,
            CASE WHEN e.result = 'exhausted'
                 THEN coalesce((SELECT f.due_at FROM deliveries f WHERE f.id = e.delivery_id),
@@ -73,7 +69,26 @@ WITH sent AS (
     ) AS last
     WHERE last.plan_id = $1
       AND ($3::timestamptz IS NULL OR c.at < $3 + $5::interval)
-), opened AS (
+)"""
+
+# $1 plan, $2 from (NULL: the beginning), $3 to (exclusive; NULL: no end), $4 now (the windows),
+# $5 the attribution window, $6 the time zone of the days.
+ENGAGEMENT_ROWS = (
+    """
+WITH sent AS (
+    SELECT d.id, d.plan_version, d.step, coalesce(d.variant, 'default') AS variant,
+           (d.due_at AT TIME ZONE $6::text)::date AS day,
+           CASE WHEN d.due_at > $4::timestamptz - interval '24 hours' THEN 1
+                WHEN d.due_at > $4::timestamptz - interval '7 days' THEN 7
+                ELSE 0 END AS age,
+           d.push_errcode = 0 AS delivered
+    FROM deliveries d
+    WHERE d.plan_id = $1 AND (d.status = 'sent' OR d.reason = 'push_failed')
+      AND ($2::timestamptz IS NULL OR d.due_at >= $2)
+      AND ($3::timestamptz IS NULL OR d.due_at < $3)
+),"""
+    + ATTRIBUTION
+    + """, opened AS (
     SELECT DISTINCT o.delivery_id AS id FROM opens o JOIN sent s ON s.id = o.delivery_id
 )
 SELECT s.plan_version, s.step, s.variant, s.day, s.age,
@@ -87,6 +102,52 @@ LEFT JOIN attributed a ON a.id = s.id
 GROUP BY s.plan_version, s.step, s.variant, s.day, s.age
 ORDER BY s.plan_version, s.step, s.variant, s.day, s.age
 """
+)
+
+# The engagement guard's counts (docs/engagement.md, "The guard"): the plan's deliveries due in
+# [$2, $3) WeChat accepted, in the `recent` window from $4 or the `baseline` before it, per plan
+# version and step, with how many had a cancellation attributed. Deliveries due in one of the
+# spans $6 (what earlier automatic pauses judged) are left out. $5: the attribution window.
+GUARD_COUNTS = (
+    """
+WITH sent AS (
+    SELECT d.id, d.plan_version, d.step, d.due_at >= $4::timestamptz AS recent
+    FROM deliveries d
+    WHERE d.plan_id = $1 AND (d.status = 'sent' OR d.reason = 'push_failed')
+      AND d.due_at >= $2::timestamptz AND d.due_at < $3::timestamptz
+      AND NOT d.due_at <@ ANY ($6::tstzrange[])
+),"""
+    + ATTRIBUTION
+    + """
+SELECT s.recent, s.plan_version, s.step, count(*) AS sent, count(a.id) AS cancelled
+FROM sent s
+LEFT JOIN attributed a ON a.id = s.id
+GROUP BY s.recent, s.plan_version, s.step
+ORDER BY s.recent, s.plan_version, s.step
+"""
+)
+
+# Active plans with a delivery WeChat accepted due since $1: the ones the guard looks at.
+GUARDED_PLANS = """
+SELECT p.id FROM plans p
+WHERE p.state = 'active'
+  AND EXISTS (SELECT 1 FROM deliveries d
+              WHERE d.plan_id = p.id AND d.due_at >= $1 AND d.due_at <= $2
+                AND (d.status = 'sent' OR d.reason = 'push_failed'))
+ORDER BY p.id
+"""
+
+# The spans of deliveries earlier automatic pauses of the plan judged (recorded since $2).
+JUDGED_SPANS = """
+SELECT (details ->> 'judged_from')::timestamptz AS judged_from,
+       (details ->> 'judged_to')::timestamptz AS judged_to
+FROM plan_events
+WHERE plan_id = $1 AND action = 'pause' AND actor = $3 AND recorded_at >= $2
+  AND details ? 'judged_from' AND details ? 'judged_to'
+ORDER BY id
+"""
+
+GUARD_LOCK = 72_410_013  # pg_try_advisory_lock key: one replica runs the guard at a time
 
 PLAN_IDS = "SELECT id FROM plans ORDER BY id"
 
@@ -121,3 +182,47 @@ class EngagementStore:
     async def plan_ids(self) -> list[str]:
         """Every plan's id."""
         return [r["id"] for r in await self._pool.fetch(PLAN_IDS)]
+
+    async def guard_counts(
+        self,
+        plan_id: str,
+        *,
+        since: datetime,
+        recent_from: datetime,
+        until: datetime,
+        window: timedelta,
+        leave_out: list[tuple[datetime, datetime]],
+    ) -> list[dict[str, Any]]:
+        """The plan's deliveries due in [since, until) WeChat accepted, per (recent, plan_version,
+        step): `recent` is due at `recent_from` or later; with `sent` and `cancelled` (attributed
+        within `window`). Deliveries due in one of the `leave_out` spans (both ends included)
+        are not counted."""
+        spans = [asyncpg.Range(lower, upper, upper_inc=True) for lower, upper in leave_out]
+        records = await self._pool.fetch(
+            GUARD_COUNTS, plan_id, since, until, recent_from, window, spans
+        )
+        return [dict(r) for r in records]
+
+    async def guarded_plans(self, since: datetime, until: datetime) -> list[str]:
+        """Active plans with a delivery WeChat accepted due in [since, until]."""
+        return [r["id"] for r in await self._pool.fetch(GUARDED_PLANS, since, until)]
+
+    async def judged_spans(
+        self, plan_id: str, *, actor: str, since: datetime
+    ) -> list[tuple[datetime, datetime]]:
+        """The spans of due times the plan's automatic pauses by `actor` recorded since `since`
+        judged (their audit rows' `judged_from` and `judged_to`)."""
+        rows = await self._pool.fetch(JUDGED_SPANS, plan_id, since, actor)
+        return [(r["judged_from"], r["judged_to"]) for r in rows]
+
+    @asynccontextmanager
+    async def guard_turn(self) -> AsyncIterator[bool]:
+        """Whether this replica runs the guard now: True while it holds the guard's advisory
+        lock, False (at once) when another replica is running it."""
+        async with self._pool.acquire() as conn:
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", GUARD_LOCK))
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", GUARD_LOCK)
