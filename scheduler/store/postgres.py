@@ -139,6 +139,7 @@ class Due:
     data: dict[str, str]
     stop: Stop | None = None
     counters: tuple[CapUse, ...] = ()
+    variant: str | None = None  # the step's content variant; None: its only content
 
 
 def _gate_row(due: Due) -> tuple[Any, ...]:
@@ -152,6 +153,7 @@ def _gate_row(due: Due) -> tuple[Any, ...]:
         due.data,
         stop and (stop.status, stop.reason, stop.detail, stop.defer_until),
         [(c.key, c.limit, c.resets_at) for c in due.counters],
+        due.variant,
     )
 
 

@@ -42,7 +42,7 @@
 --       boolean[]) -> TABLE(delivery_id bigint, user_id text, status text, reason text)
 --   gate_v2_rows(p_rows gate_row_v2[]) -> TABLE(pos integer, occurrence text, user_id text, step
 --       integer, due_at timestamp with time zone, message jsonb, stop gate_stop_v2, caps
---       gate_cap_v2[])
+--       gate_cap_v2[], variant text)
 --   gate_v2_take_credits(p_batch gate_batch_v2, p_rows gate_row_v2[], p_ids bigint[], p_allowed
 --       boolean[]) -> void
 --   record_flight_v1(p_replica text, p_still_in_flight bigint[], p_candidates bigint[], p_ids
@@ -90,7 +90,8 @@ CREATE TYPE gate_row_v2 AS (
     due_at timestamp with time zone,
     message jsonb,
     stop gate_stop_v2,
-    caps gate_cap_v2[]
+    caps gate_cap_v2[],
+    variant text
 );
 
 CREATE TYPE gate_stop_v2 AS (
@@ -679,9 +680,10 @@ AS $function$
     WITH input AS (SELECT * FROM gate_v2_rows(p_rows)),
     claimed AS (
         INSERT INTO deliveries AS d
-            (plan_id, plan_version, occurrence, user_id, step, due_at, status, message, claimed_by)
+            (plan_id, plan_version, occurrence, user_id, step, due_at, status, message,
+             claimed_by, variant)
         SELECT (p_batch).plan_id, (p_batch).version, i.occurrence, i.user_id, i.step, i.due_at,
-               'pending', i.message, (p_batch).replica
+               'pending', i.message, (p_batch).replica, i.variant
         FROM input i
         ON CONFLICT (plan_id, occurrence, user_id) DO UPDATE
             SET status = 'pending', reason = NULL, detail = NULL, defer_until = NULL,
@@ -803,13 +805,14 @@ AS $function$
 $function$;
 
 CREATE OR REPLACE FUNCTION public.gate_v2_rows(p_rows gate_row_v2[])
- RETURNS TABLE(pos integer, occurrence text, user_id text, step integer, due_at timestamp with time zone, message jsonb, stop gate_stop_v2, caps gate_cap_v2[])
+ RETURNS TABLE(pos integer, occurrence text, user_id text, step integer, due_at timestamp with time zone, message jsonb, stop gate_stop_v2, caps gate_cap_v2[], variant text)
  LANGUAGE sql
  IMMUTABLE
 AS $function$
-    SELECT r.pos::int, r.occurrence, r.user_id, r.step, r.due_at, r.message, r.stop, r.caps
+    SELECT r.pos::int, r.occurrence, r.user_id, r.step, r.due_at, r.message, r.stop, r.caps,
+           r.variant
     FROM unnest(p_rows) WITH ORDINALITY
-         AS r (occurrence, user_id, step, due_at, message, stop, caps, pos)
+         AS r (occurrence, user_id, step, due_at, message, stop, caps, variant, pos)
 $function$;
 
 CREATE OR REPLACE FUNCTION public.gate_v2_take_credits(p_batch gate_batch_v2, p_rows gate_row_v2[], p_ids bigint[], p_allowed boolean[])

@@ -4,6 +4,11 @@
 -- claim_deliveries (v1) stays, unchanged, so replicas of the previous release keep claiming on
 -- the same tables during a rolling upgrade; a later migration drops it once no release calls it.
 
+-- The content variant a delivery carried (a step's weighted variants, docs/engagement.md). NULL:
+-- the step's only content (reported as 'default'). Nullable without a default: adding it
+-- rewrites nothing.
+ALTER TABLE deliveries ADD COLUMN variant text;
+
 -- Decided by the dispatcher before the call: a rule of steps 4-6 stopped the send.
 CREATE TYPE gate_stop_v2 AS (status text, reason text, detail text, defer_until timestamptz);
 -- One frequency-cap counter a send would count.
@@ -13,21 +18,22 @@ CREATE TYPE gate_batch_v2 AS (
     plan_id text, version int, template_id text, consent_kind text, replica text,
     on_capped text, max_delay interval
 );
--- One send of the batch: its ledger key and message, its stop (or NULL) and its counters.
+-- One send of the batch: its ledger key, message and variant, its stop (or NULL) and counters.
 CREATE TYPE gate_row_v2 AS (
     occurrence text, user_id text, step int, due_at timestamptz, message jsonb,
-    stop gate_stop_v2, caps gate_cap_v2[]
+    stop gate_stop_v2, caps gate_cap_v2[], variant text
 );
 
 -- The rows with their position in the batch: every step's per-row answer is an array indexed
 -- by that position.
 CREATE FUNCTION gate_v2_rows(p_rows gate_row_v2[])
 RETURNS TABLE (pos int, occurrence text, user_id text, step int, due_at timestamptz,
-               message jsonb, stop gate_stop_v2, caps gate_cap_v2[])
+               message jsonb, stop gate_stop_v2, caps gate_cap_v2[], variant text)
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT r.pos::int, r.occurrence, r.user_id, r.step, r.due_at, r.message, r.stop, r.caps
+    SELECT r.pos::int, r.occurrence, r.user_id, r.step, r.due_at, r.message, r.stop, r.caps,
+           r.variant
     FROM unnest(p_rows) WITH ORDINALITY
-         AS r (occurrence, user_id, step, due_at, message, stop, caps, pos)
+         AS r (occurrence, user_id, step, due_at, message, stop, caps, variant, pos)
 $$;
 
 -- Step 8 first, so that only rows this call owns go on: new rows are inserted, a deferred row
@@ -37,9 +43,10 @@ RETURNS bigint[] LANGUAGE sql AS $$
     WITH input AS (SELECT * FROM gate_v2_rows(p_rows)),
     claimed AS (
         INSERT INTO deliveries AS d
-            (plan_id, plan_version, occurrence, user_id, step, due_at, status, message, claimed_by)
+            (plan_id, plan_version, occurrence, user_id, step, due_at, status, message,
+             claimed_by, variant)
         SELECT (p_batch).plan_id, (p_batch).version, i.occurrence, i.user_id, i.step, i.due_at,
-               'pending', i.message, (p_batch).replica
+               'pending', i.message, (p_batch).replica, i.variant
         FROM input i
         ON CONFLICT (plan_id, occurrence, user_id) DO UPDATE
             SET status = 'pending', reason = NULL, detail = NULL, defer_until = NULL,

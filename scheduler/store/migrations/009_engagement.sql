@@ -1,9 +1,8 @@
 -- Engagement figures (issue 13; docs/engagement.md): what each delivery led to, read by
 -- scheduler/store/engagement.py.
 
--- The content variant a delivery carried. NULL: the step's only content (reported as
--- 'default'); nothing writes it yet. Nullable without a default, so adding it rewrites nothing.
-ALTER TABLE deliveries ADD COLUMN variant text;
+-- deliveries.variant (the content variant a delivery carried) is added by 008 with the claim
+-- that writes it.
 
 -- A cancellation is attributed to the user's last delivery of the template before it: looked up
 -- per (user, due time) among the sends WeChat accepted.
