@@ -23,6 +23,15 @@ async def fake_fixture() -> AsyncIterator[FakeWeChat]:
     await fake.stop()
 
 
+@pytest.fixture(name="fake")
+async def consent_checking_fake_fixture() -> AsyncIterator[FakeWeChat]:
+    """A fake WeChat that refuses sends without consent (43101), as the real one does."""
+    fake = FakeWeChat(check_consent=True)
+    await fake.start("127.0.0.1", 0)
+    yield fake
+    await fake.stop()
+
+
 @pytest.fixture(name="channel")
 async def channel_fixture(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
     channel = WeChatChannel(

@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 STATE_ACTIONS = ("pause", "resume", "cancel", "complete", "completed", "paused", "cancelled")
 
 
+def _error(row: Any) -> dict[str, Any]:
+    """A failed or unknown send, as status shows it."""
+    return {
+        "at": _iso(row["at"]),
+        "user": row["user_id"],
+        "occurrence": row["occurrence"],
+        "status": row["status"],
+        "reason": row["reason"],
+        "errcode": row["errcode"],
+        "detail": row["detail"],
+    }
+
+
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
@@ -130,16 +143,7 @@ async def plan_status(
     report["enrollments"] = await reads.enrolments_by_status(plan_id)
     report["outcomes"] = await outcome_counts(store, plan_id, now)
     report["last_errors"] = [
-        {
-            "at": _iso(r["at"]),
-            "user": r["user_id"],
-            "occurrence": r["occurrence"],
-            "status": r["status"],
-            "reason": r["reason"],
-            "errcode": r["errcode"],
-            "detail": r["detail"],
-            "version": r["plan_version"],
-        }
+        {**_error(r), "version": r["plan_version"]}
         for r in await reads.last_errors(plan_id, errors_n)
     ]
     report["file_problems"] = await _problems(store, plan_id, row["source_file"])
@@ -314,16 +318,7 @@ async def overview(store: Store, *, now: datetime) -> dict[str, Any]:
             for r in problem_rows
         ],
         "last_errors": [
-            {
-                "plan_id": r["plan_id"],
-                "at": _iso(r["at"]),
-                "user": r["user_id"],
-                "occurrence": r["occurrence"],
-                "status": r["status"],
-                "reason": r["reason"],
-                "errcode": r["errcode"],
-                "detail": r["detail"],
-            }
+            {"plan_id": r["plan_id"], **_error(r)}
             for r in await reads.last_errors_anywhere(OVERVIEW_ERRORS)
         ],
         "replicas": await replicas(store),

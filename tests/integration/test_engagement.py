@@ -24,11 +24,10 @@ from scheduler.api.server import ApiServer
 from scheduler.app import engagement, metrics
 from scheduler.app.lifecycle import Lifecycle
 from scheduler.app.status import plan_status, render_plan
-from scheduler.channels.wechat import WeChatChannel
 from scheduler.cli import main
 from scheduler.store.postgres import Store
-from scheduler.testing.fake_wechat import FakeWeChat
 from tests.ingest_helpers import ADMIN_ONLY, INGEST, settings
+from tests.ops_helpers import channel_fixture, consent_checking_fake_fixture  # noqa: F401 - fixtures
 from tests.support import Clock, dispatcher, plan_of, register
 from tests.wechat_pushes import change, event, popup, sent, signed_query, to_xml
 
@@ -57,21 +56,6 @@ U1, U2, U3, U4, U5 = USERS = [f"oTips{i}" for i in range(1, 6)]
 def at(day: int, hour: int = 1, minute: int = 0) -> datetime:
     """March `day`, 2026, UTC. 01:00 UTC is 09:00 in Shanghai: step n fires on March n."""
     return datetime(2026, 3, day, hour, minute, tzinfo=UTC)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeWeChat]:
-    fake = FakeWeChat(check_consent=True)
-    await fake.start("127.0.0.1", 0)
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def channel(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
-    channel = WeChatChannel(base_url=fake.base_url, appid="app", secret="secret", retries=1)
-    yield channel
-    await channel.aclose()
 
 
 @pytest.fixture

@@ -8,13 +8,11 @@ the same old cancellations, and a step whose click-through is under the floor is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-import pytest
 import yaml
 from prometheus_client import REGISTRY
 
@@ -34,6 +32,7 @@ from scheduler.store.consent import ConsentReport, OpenReport
 from scheduler.store.postgres import Store
 from scheduler.testing.fake_wechat import FakeWeChat
 from tests.ingest_helpers import ADMIN_ONLY, settings
+from tests.ops_helpers import channel_fixture, consent_checking_fake_fixture  # noqa: F401 - fixtures
 from tests.support import Clock, dispatcher, plan_of, register, wait_for
 
 TEMPLATE = "tmpl_guard"
@@ -72,21 +71,6 @@ def policy(**thresholds: Any) -> Policy:
 
 # A 40-user cohort's thresholds; the limit out of the way, so that the spike rule decides.
 SPIKE_ONLY = policy(min_sends=30, baseline_min_sends=60, max_cancellation_rate=0.5)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeWeChat]:
-    fake = FakeWeChat(check_consent=True)
-    await fake.start("127.0.0.1", 0)
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def channel(fake: FakeWeChat) -> AsyncIterator[WeChatChannel]:
-    channel = WeChatChannel(base_url=fake.base_url, appid="app", secret="secret", retries=1)
-    yield channel
-    await channel.aclose()
 
 
 class World:
