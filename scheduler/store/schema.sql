@@ -707,7 +707,8 @@ AS $function$
         GROUP BY 1, 2, 3
     ), edges AS (
         -- Due after an edge within its hour: in d1 / d7 though their hour is not (h1, h7), or
-        -- not due yet though their hour is (h_now).
+        -- not due yet though their hour is (h_now). The bounds are written out (not taken from
+        -- `edge`) so that the planner sees them and reads each plan's rows by (plan_id, due_at).
         SELECT d.plan_id, d.status, coalesce(d.reason, '') AS reason,
                count(*) FILTER (WHERE d.due_at > e.l1 AND d.due_at < e.h1 + interval '1 hour')
                - count(*) FILTER (WHERE d.due_at > p_now) AS d1,
@@ -719,9 +720,15 @@ AS $function$
         CROSS JOIN LATERAL (
             SELECT d.plan_id, d.status, d.reason, d.due_at FROM deliveries d
             WHERE d.plan_id = p.plan_id
-              AND ((d.due_at > e.l1 AND d.due_at < e.h1 + interval '1 hour')
-                   OR (d.due_at > e.l7 AND d.due_at < e.h7 + interval '1 hour')
-                   OR (d.due_at > p_now AND d.due_at < e.h_now + interval '1 hour'))
+              AND ((d.due_at > p_now - interval '24 hours'
+                    AND d.due_at < date_trunc('hour', p_now - interval '24 hours', 'UTC')
+                                   + interval '1 hour')
+                   OR (d.due_at > p_now - interval '7 days'
+                       AND d.due_at < date_trunc('hour', p_now - interval '7 days', 'UTC')
+                                      + interval '1 hour')
+                   OR (d.due_at > p_now
+                       AND d.due_at < date_trunc('hour', p_now, 'UTC') + interval '1 hour'))
+            OFFSET 0  -- keeps it a loop over the plans, each an index scan
         ) AS d
         GROUP BY 1, 2, 3
     )
