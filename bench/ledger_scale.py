@@ -19,7 +19,8 @@ It then times, each --repeat times (the median is reported):
                  included, about 0.6 s of it here)
   status_plan_s  `reminders status PLAN --json` for the plan with the most rows
   api_plans_s    GET /v1/plans on the real app served on loopback (uvicorn, admin token)
-and prints the in-process time of the status reads too (overview and plan_status). The last line
+and prints the in-process time of the status reads too (overview and plan_status), and of one
+GET /metrics (its engagement gauges read every plan's last 7 days). The last line
 is
 
     rows=N status_s=S status_plan_s=P api_plans_s=A fanout_per_s=n/a prune_s=n/a table_mb=M
@@ -250,7 +251,9 @@ async def bench(args: argparse.Namespace, db_url: str) -> str:
             started = time.perf_counter()
             await status.plan_status(store, big, now=datetime.now(UTC))
             in_plan.append(time.perf_counter() - started)
-        settings = Settings(api_tokens={"bench": {"token": ADMIN_TOKEN, "scopes": ["admin"]}})
+        settings = Settings(
+            api_tokens={"bench": {"token": ADMIN_TOKEN, "scopes": ["admin", "metrics"]}}
+        )
         server = ApiServer(create_app(settings, store), "127.0.0.1", 0)
         await server.start()
         try:
@@ -265,6 +268,9 @@ async def bench(args: argparse.Namespace, db_url: str) -> str:
                     api_s.append(time.perf_counter() - started)
                     response.raise_for_status()
                 api_s = api_s[1:]
+                started = time.perf_counter()
+                (await client.get("/metrics")).raise_for_status()  # engagement gauges: 7 days
+                metrics_s = time.perf_counter() - started
         finally:
             await server.stop()
         table = await store.pool.fetchval("SELECT pg_total_relation_size('deliveries')")
@@ -277,7 +283,7 @@ async def bench(args: argparse.Namespace, db_url: str) -> str:
         )
     print(
         f"in process: overview {statistics.median(in_overview):.3f} s,"
-        f" plan_status {statistics.median(in_plan):.3f} s;"
+        f" plan_status {statistics.median(in_plan):.3f} s; GET /metrics {metrics_s:.3f} s;"
         f" delivery_counts {count_rows:,} rows, {counts / 2**20:.1f} MB"
     )
     return (

@@ -658,6 +658,7 @@ CREATE OR REPLACE FUNCTION public.delivery_counts_truncated_v1()
  LANGUAGE plpgsql
 AS $function$
 BEGIN
+    PERFORM pg_advisory_xact_lock(72410010);  -- after a roll-up under way, not beside it
     DELETE FROM delivery_counts;
     DELETE FROM delivery_counts_delta;
     RETURN NULL;
@@ -1093,7 +1094,7 @@ DECLARE
     v_folded int;
     v_emptied delivery_counts[];
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(72410010) THEN
+    IF NOT pg_try_advisory_xact_lock(72410010) THEN  -- the counts' key (migrations take 72410001)
         RETURN -1;
     END IF;
     WITH folded AS (

@@ -82,6 +82,7 @@ $$;
 CREATE FUNCTION delivery_counts_truncated_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM pg_advisory_xact_lock(72410010);  -- after a roll-up under way, not beside it
     DELETE FROM delivery_counts;
     DELETE FROM delivery_counts_delta;
     RETURN NULL;
@@ -116,7 +117,7 @@ DECLARE
     v_folded int;
     v_emptied delivery_counts[];
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(72410010) THEN
+    IF NOT pg_try_advisory_xact_lock(72410010) THEN  -- the counts' key (migrations take 72410001)
         RETURN -1;
     END IF;
     WITH folded AS (
