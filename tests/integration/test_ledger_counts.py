@@ -5,6 +5,7 @@ whatever hour a window's edge falls in."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from scheduler.app.lifecycle import Lifecycle
@@ -231,3 +232,19 @@ async def test_last_errors_come_from_their_own_index(store: Store):
     await store.pool.execute("ANALYZE deliveries")
     plan = "\n".join(r[0] for r in await store.pool.fetch("EXPLAIN " + LAST_ERRORS, "p", 5))
     assert "deliveries_errors" in plan, plan
+
+
+async def test_roll_ups_beside_each_other_and_writers_fold_each_delta_once(store: Store):
+    async def write(k: int) -> None:
+        rows = [("occ", f"u{k}-{i}", 1, FIRE + timedelta(hours=i % 5)) for i in range(20)]
+        await store.skip(plan_id="p", version=1, replica="r", rows=rows, status="missed",
+                         reason="grace_exceeded")  # fmt: skip
+
+    for k in range(10):
+        await write(k)
+    folded = await asyncio.gather(
+        *(store.status.roll_up() for _ in range(3)), *(write(k) for k in range(10, 20))
+    )
+    assert max(folded[:3]) >= 10 and min(folded[:3]) >= -1
+    await assert_rolled_up_match(store)
+    assert await store.pool.fetchval("SELECT sum(n) FROM delivery_counts") == 400
