@@ -238,14 +238,16 @@ class Daemon:
 
     async def retry_deferred_forever(self) -> None:
         """Every sweep period, the deferred sends whose moment has come go through the gate
-        again (any replica may take them: their rows are locked with SKIP LOCKED), and cap
-        counters of windows long past are forgotten."""
+        again (any replica may take them: their rows are locked with SKIP LOCKED), cap
+        counters of windows long past are forgotten, and the ledger's count deltas are folded
+        into its counts (so status never reads more than a sweep period of them)."""
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
             try:
                 for plan_id in await self.store.plans_with_due_deferrals(self.clock()):
                     await self.dispatcher.retry_deferred(plan_id)
                 await self.store.prune_cap_counters(self.clock())
+                await self.store.status.roll_up()
             except Exception:  # the database may be briefly away: try again next period
                 log.exception("retrying deferred sends failed")
 

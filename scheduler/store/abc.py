@@ -46,6 +46,9 @@ class StatusReads(Protocol):
     async def enrolments_by_status(self, plan_id: str) -> dict[str, int]:
         """The plan's enrolments counted by status."""
 
+    async def roll_up(self) -> int:
+        """Fold the ledger's count deltas into its counts; -1: another roll-up was running."""
+
     async def outcome_counts(self, plan_id: str | None, now: datetime) -> list[dict[str, Any]]:
         """Ledger rows due by `now` per (status, reason), for one plan or all (None)."""
 

@@ -17,6 +17,7 @@
 --   007_send_rate.sql
 --   008_typed_claim.sql
 --   009_engagement.sql
+--   010_ledger_counts.sql
 --
 -- Functions:
 --   claim_deliveries(p_plan text, p_version integer, p_template text, p_consent_kind text,
@@ -28,6 +29,12 @@
 --       text, reason text)
 --   claim_deliveries_v2(p_batch gate_batch_v2, p_rows gate_row_v2[]) -> TABLE(delivery_id bigint,
 --       user_id text, status text, reason text)
+--   delivery_counts_deleted_v1() -> trigger
+--   delivery_counts_inserted_v1() -> trigger
+--   delivery_counts_truncated_v1() -> trigger
+--   delivery_counts_updated_v1() -> trigger
+--   delivery_outcomes_v1(p_plan text, p_now timestamp with time zone) -> TABLE(plan_id text, status
+--       text, reason text, d1 bigint, d7 bigint, total bigint)
 --   finish_deliveries(p_template text, p_consent_kind text, p_ids bigint[], p_statuses text[],
 --       p_reasons text[], p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until
 --       timestamp with time zone[]) -> void
@@ -56,6 +63,7 @@
 --       bigint[])
 --   recover_replica_v1(p_replica text, p_dead_after interval) -> TABLE(unknown integer, released
 --       integer, chunks integer)
+--   roll_up_delivery_counts_v1() -> integer
 
 -- ------------------------------------------------------------------------------------------------
 -- Extensions
@@ -204,11 +212,29 @@ CREATE TABLE deliveries (
     CONSTRAINT deliveries_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'sent'::text, 'failed'::text, 'skipped'::text, 'deferred'::text, 'unknown'::text, 'missed'::text])))
 );
 CREATE INDEX deliveries_deferred ON public.deliveries USING btree (defer_until) WHERE (status = 'deferred'::text);
+CREATE INDEX deliveries_errors ON public.deliveries USING btree (plan_id, id) WHERE (status = ANY (ARRAY['failed'::text, 'unknown'::text]));
 CREATE INDEX deliveries_msgid ON public.deliveries USING btree (msgid) WHERE (msgid IS NOT NULL);
 CREATE INDEX deliveries_pending ON public.deliveries USING btree (claimed_by) WHERE (status = 'pending'::text);
 CREATE INDEX deliveries_plan_due ON public.deliveries USING btree (plan_id, due_at);
 CREATE INDEX deliveries_plan_status ON public.deliveries USING btree (plan_id, status);
 CREATE INDEX deliveries_user_sent ON public.deliveries USING btree (user_id, due_at) WHERE (status = 'sent'::text);
+
+CREATE TABLE delivery_counts (
+    plan_id  text NOT NULL,
+    due_hour timestamp with time zone NOT NULL,
+    status   text NOT NULL,
+    reason   text NOT NULL,
+    n        bigint NOT NULL,
+    CONSTRAINT delivery_counts_pkey PRIMARY KEY (plan_id, due_hour, status, reason)
+);
+
+CREATE TABLE delivery_counts_delta (
+    plan_id  text NOT NULL,
+    due_hour timestamp with time zone NOT NULL,
+    status   text NOT NULL,
+    reason   text NOT NULL,
+    n        bigint NOT NULL
+);
 
 CREATE TABLE enrollments (
     plan_id     text NOT NULL,
@@ -378,7 +404,13 @@ CREATE TABLE send_rate (
 -- Triggers
 -- ------------------------------------------------------------------------------------------------
 
--- (none)
+CREATE TRIGGER deliveries_counts_delete AFTER DELETE ON deliveries REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION delivery_counts_deleted_v1();
+
+CREATE TRIGGER deliveries_counts_insert AFTER INSERT ON deliveries REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION delivery_counts_inserted_v1();
+
+CREATE TRIGGER deliveries_counts_truncate AFTER TRUNCATE ON deliveries FOR EACH STATEMENT EXECUTE FUNCTION delivery_counts_truncated_v1();
+
+CREATE TRIGGER deliveries_counts_update AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION delivery_counts_updated_v1();
 
 -- ------------------------------------------------------------------------------------------------
 -- Functions
@@ -596,6 +628,117 @@ BEGIN
         SELECT * FROM gate_v2_record_refusals(p_batch, p_rows, v_ids, v_out, v_consented,
                                               v_capped_until, v_allowed);
 END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.delivery_counts_deleted_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO delivery_counts_delta (plan_id, due_hour, status, reason, n)
+    SELECT plan_id, date_trunc('hour', due_at, 'UTC'), status, coalesce(reason, ''), -count(*)
+    FROM old_rows GROUP BY 1, 2, 3, 4;
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.delivery_counts_inserted_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO delivery_counts_delta (plan_id, due_hour, status, reason, n)
+    SELECT plan_id, date_trunc('hour', due_at, 'UTC'), status, coalesce(reason, ''), count(*)
+    FROM new_rows GROUP BY 1, 2, 3, 4;
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.delivery_counts_truncated_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM pg_advisory_xact_lock(72410010);  -- after a roll-up under way, not beside it
+    DELETE FROM delivery_counts;
+    DELETE FROM delivery_counts_delta;
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.delivery_counts_updated_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO delivery_counts_delta (plan_id, due_hour, status, reason, n)
+    SELECT plan_id, due_hour, status, reason, sum(n)
+    FROM (SELECT plan_id, date_trunc('hour', due_at, 'UTC') AS due_hour, status,
+                 coalesce(reason, '') AS reason, 1 AS n FROM new_rows
+          UNION ALL
+          SELECT plan_id, date_trunc('hour', due_at, 'UTC'), status, coalesce(reason, ''), -1
+          FROM old_rows) AS moved
+    GROUP BY 1, 2, 3, 4
+    HAVING sum(n) <> 0;  -- an update of other columns (claimed_by, push_*) adds nothing
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.delivery_outcomes_v1(p_plan text, p_now timestamp with time zone)
+ RETURNS TABLE(plan_id text, status text, reason text, d1 bigint, d7 bigint, total bigint)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    WITH edge AS (
+        SELECT p_now - interval '24 hours' AS l1, p_now - interval '7 days' AS l7,
+               date_trunc('hour', p_now, 'UTC') AS h_now,
+               date_trunc('hour', p_now - interval '24 hours', 'UTC') AS h1,
+               date_trunc('hour', p_now - interval '7 days', 'UTC') AS h7
+    ), counted AS (
+        SELECT c.plan_id, c.due_hour, c.status, c.reason, c.n FROM delivery_counts c
+        WHERE p_plan IS NULL OR c.plan_id = p_plan
+        UNION ALL
+        SELECT c.plan_id, c.due_hour, c.status, c.reason, c.n FROM delivery_counts_delta c
+        WHERE p_plan IS NULL OR c.plan_id = p_plan
+    ), hours AS (
+        SELECT c.plan_id, c.status, c.reason,
+               coalesce(sum(c.n) FILTER (WHERE c.due_hour > e.h1), 0) AS d1,
+               coalesce(sum(c.n) FILTER (WHERE c.due_hour > e.h7), 0) AS d7,
+               sum(c.n) AS total
+        FROM counted c, edge e WHERE c.due_hour <= e.h_now
+        GROUP BY 1, 2, 3
+    ), edges AS (
+        -- Due after an edge within its hour: in d1 / d7 though their hour is not (h1, h7), or
+        -- not due yet though their hour is (h_now). The bounds are written out (not taken from
+        -- `edge`) so that the planner sees them and reads each plan's rows by (plan_id, due_at).
+        SELECT d.plan_id, d.status, coalesce(d.reason, '') AS reason,
+               count(*) FILTER (WHERE d.due_at > e.l1 AND d.due_at < e.h1 + interval '1 hour')
+               - count(*) FILTER (WHERE d.due_at > p_now) AS d1,
+               count(*) FILTER (WHERE d.due_at > e.l7 AND d.due_at < e.h7 + interval '1 hour')
+               - count(*) FILTER (WHERE d.due_at > p_now) AS d7,
+               - count(*) FILTER (WHERE d.due_at > p_now) AS total
+        FROM edge e
+        CROSS JOIN (SELECT DISTINCT c.plan_id FROM counted c) AS p
+        CROSS JOIN LATERAL (
+            SELECT d.plan_id, d.status, d.reason, d.due_at FROM deliveries d
+            WHERE d.plan_id = p.plan_id
+              AND ((d.due_at > p_now - interval '24 hours'
+                    AND d.due_at < date_trunc('hour', p_now - interval '24 hours', 'UTC')
+                                   + interval '1 hour')
+                   OR (d.due_at > p_now - interval '7 days'
+                       AND d.due_at < date_trunc('hour', p_now - interval '7 days', 'UTC')
+                                      + interval '1 hour')
+                   OR (d.due_at > p_now
+                       AND d.due_at < date_trunc('hour', p_now, 'UTC') + interval '1 hour'))
+            OFFSET 0  -- keeps it a loop over the plans, each an index scan
+        ) AS d
+        GROUP BY 1, 2, 3
+    )
+    SELECT plan_id, status, nullif(reason, ''), sum(d1)::bigint, sum(d7)::bigint,
+           sum(total)::bigint
+    FROM (SELECT * FROM hours UNION ALL SELECT * FROM edges) AS both_
+    GROUP BY 1, 2, 3
+    HAVING sum(total) > 0
 $function$;
 
 CREATE OR REPLACE FUNCTION public.finish_deliveries(p_template text, p_consent_kind text, p_ids bigint[], p_statuses text[], p_reasons text[], p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until timestamp with time zone[])
@@ -943,5 +1086,39 @@ BEGIN
 
     UPDATE replicas r SET in_flight = '{}' WHERE r.id = p_replica;
     RETURN QUERY SELECT v_unknown, v_released, v_chunks;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.roll_up_delivery_counts_v1()
+ RETURNS integer
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_folded int;
+    v_emptied delivery_counts[];
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(72410010) THEN  -- the counts' key (migrations take 72410001)
+        RETURN -1;
+    END IF;
+    WITH folded AS (
+        DELETE FROM delivery_counts_delta RETURNING plan_id, due_hour, status, reason, n
+    ), summed AS (
+        SELECT plan_id, due_hour, status, reason, sum(n)::bigint AS n, count(*) AS deltas
+        FROM folded GROUP BY 1, 2, 3, 4
+    ), upserted AS (
+        INSERT INTO delivery_counts AS c (plan_id, due_hour, status, reason, n)
+        SELECT plan_id, due_hour, status, reason, n FROM summed ORDER BY 1, 2, 3, 4
+        ON CONFLICT (plan_id, due_hour, status, reason) DO UPDATE SET n = c.n + excluded.n
+        RETURNING c.*
+    )
+    SELECT (SELECT coalesce(sum(deltas), 0)::int FROM summed),
+           (SELECT coalesce(array_agg(ROW(u.plan_id, u.due_hour, u.status, u.reason, u.n)
+                                      ::delivery_counts), '{}')
+            FROM upserted u WHERE u.n = 0)
+    INTO v_folded, v_emptied;
+    DELETE FROM delivery_counts c USING unnest(v_emptied) AS z
+    WHERE c.plan_id = z.plan_id AND c.due_hour = z.due_hour AND c.status = z.status
+      AND c.reason = z.reason AND c.n = 0;
+    RETURN v_folded;
 END;
 $function$;
