@@ -17,7 +17,13 @@ from scheduler.app import engagement
 from scheduler.app.engagement_guard import ACTOR as GUARD_ACTOR
 from scheduler.app.engagement_guard import judge_plan
 from scheduler.domain.consent import ConsentState
-from scheduler.domain.engagement import LOW_CTR, percent, thresholds_text
+from scheduler.domain.engagement import (
+    INTERVALS,
+    LOW_CTR,
+    interval_text,
+    percent,
+    thresholds_text,
+)
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import DEFAULT_POLICY, Guard
 from scheduler.domain.schedule import (
@@ -459,7 +465,18 @@ def render_engagement(section: dict[str, Any]) -> list[str]:
                 f" from {floor['min_sends']:,} sends"
             )
         out.append(line(f"v{s['version']} step {s['step']}", s) + flag)
+    for v in section.get("variants", []):
+        # Each variant's rates with their 95 % intervals: which wording keeps users subscribed.
+        label = f"v{v['version']} step {v['step']} {v['variant']}"
+        ctr, canc = (interval_text(_pair(v[k])) for k in INTERVALS)
+        flag = f"   {LOW_CTR}" if v.get("low_click_through") else ""
+        out.append(line(label, v))
+        out.append(f"              {'':<15} 95% CI: CTR {ctr}, cancellations {canc}{flag}")
     return out
+
+
+def _pair(interval: list[float] | None) -> tuple[float, float] | None:
+    return None if interval is None else (interval[0], interval[1])
 
 
 def render_guard(section: dict[str, Any], plan_id: str) -> list[str]:
