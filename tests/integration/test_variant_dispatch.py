@@ -7,11 +7,15 @@ messages carry the variant's text, a second dispatcher (a restart) assigns the s
 from __future__ import annotations
 
 import asyncio
+import copy
 import csv
 import io
 from collections import Counter
 from datetime import UTC, datetime
 
+import yaml
+
+from scheduler import simulate
 from scheduler.app import engagement
 from scheduler.app.status import plan_status, render_plan
 from scheduler.cli import main
@@ -19,6 +23,8 @@ from scheduler.domain.consent import Result
 from scheduler.domain.engagement import wilson
 from scheduler.domain.messages import variant_for
 from scheduler.domain.plan import ConsentKind
+from scheduler.domain.policy import Policy
+from scheduler.planfiles import load_plans
 from scheduler.store.consent import ConsentReport, OpenReport
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
 from tests.support import Clock, dispatcher, plan_of, register
@@ -171,3 +177,67 @@ async def test_each_user_gets_the_assigned_variant_across_a_restart_and_reports_
     assert counted == {k: by_step[k[0]][k[1]] for k in lines}
     row = next(r for r in out if r["variant"] == "direct")
     assert (row["cancelled"], row["cancellation_rate_ci_low"]) == ("2", str(low))
+
+
+async def test_simulate_shows_each_users_variant(db_url, tmp_path):
+    """`reminders simulate`'s timelines name the variant each simulated user got."""
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    (folder / "wording.yaml").write_text(
+        yaml.safe_dump(PLAN.model_dump(mode="json"), allow_unicode=True), encoding="utf-8"
+    )
+    loaded, problems = load_plans([folder])
+    assert problems == []
+    plans = [item.plan for item in loaded]
+    start, end = at(2), at(5)
+    users = simulate.audience(
+        plans,
+        simulate.parse_consent(None, plans),
+        users=12,
+        tz="Asia/Shanghai",
+        start=start,
+        end=end,
+        variables={},
+    )
+    report = await simulate.run(db_url, loaded, Policy(), users, start, end)
+    rows = [(user, row) for user, lines in report.timeline.items() for row in lines]
+    assert len(rows) == 12 * 3 and {row.status for _, row in rows} == {"sent"}
+    assert all(row.variant == variant_for(PLAN, row.step, user) for user, row in rows)
+    text = simulate.render(report)
+    assert "step   2  sent [variant gentle]" in text or "step   2  sent [variant direct]" in text
+    assert {r["variant"] for t in simulate.as_json(report)["timeline"].values() for r in t} == {
+        "gentle", "direct", "short", "long"
+    }  # fmt: skip
+
+
+async def test_a_deferred_send_keeps_its_variant_and_text_through_a_plan_edit(store, fake, channel):
+    """A message deferred by quiet hours waits in the ledger with its variant and text: the
+    retry sends that message, even after an edit rewrote (and renamed) the step's variants."""
+    late = PLAN.model_dump(mode="json")
+    late["schedule"]["calendar"]["daily"] = {"at": "23:00"}  # in transport's quiet hours
+    first = plan_of(late)
+    await register(store, first)
+    for user in USERS[:9]:
+        await store.enroll(first.id, user, at(1), "Asia/Shanghai", {}, None)
+        await store.record_consent(user, TEMPLATE, "long_term", "accept", "test")
+    clock = Clock(at(2, 15, 1))  # 23:01 in Shanghai
+    await dispatcher(store, channel, clock).fire(first.id, at(2, 15))
+    held = await ledger(store)
+    assert {r["status"] for r in held} == {"deferred"}
+    assert all(r["variant"] == variant_for(first, 2, r["user_id"]) for r in held)
+
+    edited = copy.deepcopy(late)
+    edited["message"]["steps"]["2"]["variants"] = {
+        "calm": {"weight": 1, "fields": {"thing1": "Rewritten {step}"}}
+    }
+    await register(store, plan_of(edited))
+    clock.now = at(2, 22, 1)  # 06:01 in Shanghai: the quiet hours are over
+    await dispatcher(store, channel, clock, replica_id="restarted").retry_deferred(first.id)
+    sent = await ledger(store)
+    assert {r["status"] for r in sent} == {"sent"}
+    assert [(r["user_id"], r["variant"], r["message"]) for r in sent] == [
+        (r["user_id"], r["variant"], r["message"]) for r in held
+    ]
+    assert sorted((m["touser"], m["data"]["thing1"]) for m in fake.messages) == sorted(
+        (r["user_id"], TEXT[r["variant"]].format(step=2)) for r in held
+    )
