@@ -13,10 +13,14 @@ import io
 from collections import Counter
 from datetime import UTC, datetime
 
+import httpx
 import yaml
 
 from scheduler import simulate
+from scheduler.api.app import create_app
+from scheduler.api.server import ApiServer
 from scheduler.app import engagement
+from scheduler.app.lifecycle import Lifecycle
 from scheduler.app.status import plan_status, render_plan
 from scheduler.cli import main
 from scheduler.domain.consent import Result
@@ -26,6 +30,7 @@ from scheduler.domain.plan import ConsentKind
 from scheduler.domain.policy import Policy
 from scheduler.planfiles import load_plans
 from scheduler.store.consent import ConsentReport, OpenReport
+from tests.ingest_helpers import ADMIN_ONLY, settings
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
 from tests.support import Clock, dispatcher, plan_of, register
 
@@ -165,6 +170,21 @@ async def test_each_user_gets_the_assigned_variant_across_a_restart_and_reports_
     assert status is not None
     text = render_plan(status)
     assert "v1 step 2 direct" in text and "95% CI: CTR" in text
+
+    # The admin API answers the same rows, intervals included.
+    app = create_app(settings(plans_dir=tmp_path), store, lifecycle=Lifecycle(store, clock=clock))
+    server = ApiServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            response = await client.get(
+                f"/v1/plans/{PLAN.id}/engagement?by=variant", headers=ADMIN_ONLY
+            )
+    finally:
+        await server.stop()
+    assert response.status_code == 200, response.text
+    served = {(r["step"], r["variant"]): r for r in response.json()["rows"]}
+    assert served[2, "direct"]["cancellation_rate_ci"] == d["cancellation_rate_ci"]
 
     # `reminders report --by variant --format csv` (the CLI runs its own loop: in a thread).
     monkeypatch.setenv("DATABASE_URL", db_url)
