@@ -327,11 +327,20 @@ def points(rate: Fraction | float) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepFigures:
-    """The recent deliveries of one plan version and step."""
+    """The recent deliveries of one plan version and step, and per content variant when the
+    step had variants (`variants`: name -> figures; empty without)."""
 
     version: int
     step: int
     figures: Figures
+    variants: tuple[tuple[str, Figures], ...] = ()
+
+    def worst_variant(self) -> tuple[str, Figures] | None:
+        """The variant with the most cancellations (then the higher rate), if any has one."""
+        cancelled = [(n, f) for n, f in self.variants if f.cancelled]
+        if not cancelled:
+            return None
+        return max(cancelled, key=lambda v: (v[1].cancelled, Fraction(v[1].cancelled, v[1].sent)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -345,16 +354,31 @@ class GuardFigures:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> GuardFigures:
-        """The rows of `EngagementStore.guard_counts`."""
-        recent, baseline, steps = Figures(), Figures(), []
+        """The rows of `EngagementStore.guard_counts` (per variant, or per step without one)."""
+        recent, baseline = Figures(), Figures()
+        steps: dict[tuple[int, int], dict[str, Figures]] = {}
         for r in rows:
             f = Figures(sent=r["sent"], cancelled=r["cancelled"])
             if r["recent"]:
                 recent = recent + f
-                steps.append(StepFigures(version=r["plan_version"], step=r["step"], figures=f))
+                per = steps.setdefault((r["plan_version"], r["step"]), {})
+                name = r.get("variant") or DEFAULT_VARIANT
+                per[name] = per.get(name, Figures()) + f
             else:
                 baseline = baseline + f
-        return cls(recent=recent, baseline=baseline, steps=tuple(steps))
+        return cls(
+            recent=recent,
+            baseline=baseline,
+            steps=tuple(
+                StepFigures(
+                    version=version,
+                    step=step,
+                    figures=total(per.values()),
+                    variants=() if set(per) == {DEFAULT_VARIANT} else tuple(sorted(per.items())),
+                )
+                for (version, step), per in sorted(steps.items())
+            ),
+        )
 
     def worst_step(self) -> StepFigures | None:
         """The recent step with the most cancellations (then the higher rate), if any has one."""
@@ -451,6 +475,12 @@ def pause_reason(verdict: Verdict, observed: GuardFigures, guard: Guard) -> str:
             f"; most after step {worst.step} (version {worst.version}): {f.cancelled:,} of "
             f"{f.sent:,} ({points(Fraction(f.cancelled, f.sent))})"
         )
+        if (variant := worst.worst_variant()) is not None:
+            name, v = variant
+            reason += (
+                f", most of them in variant {name}: {v.cancelled:,} of {v.sent:,} "
+                f"({points(Fraction(v.cancelled, v.sent))})"
+            )
     return reason + ". Check the content, then resume the plan"
 
 

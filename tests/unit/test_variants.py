@@ -309,3 +309,36 @@ def test_the_wilson_interval_has_none_without_sends_and_refuses_a_part_over_the_
         "click_through_ci": [0.0, 0.3244],
         "cancellation_rate_ci": [0.0715, 0.5907],
     }
+
+
+# --- the guard names the variant ----------------------------------------------------------------
+
+
+def test_the_guards_pause_reason_names_the_variant_with_the_most_cancellations() -> None:
+    from scheduler.domain.engagement import GuardFigures, judge, pause_reason
+    from scheduler.domain.policy import DEFAULT_POLICY
+
+    guard = DEFAULT_POLICY.guard_for("tips")
+    rows = [
+        {"recent": False, "plan_version": 1, "step": 2, "variant": "default", "sent": 600,
+         "cancelled": 3},
+        {"recent": True, "plan_version": 1, "step": 3, "variant": "direct", "sent": 100,
+         "cancelled": 30},
+        {"recent": True, "plan_version": 1, "step": 3, "variant": "gentle", "sent": 200,
+         "cancelled": 4},
+    ]  # fmt: skip
+    observed = GuardFigures.from_rows(rows)
+    worst = observed.worst_step()
+    assert worst is not None and (worst.step, worst.figures.sent, worst.figures.cancelled) == (
+        3,
+        300,
+        34,
+    )
+    reason = pause_reason(judge(observed, guard), observed, guard)
+    assert (
+        "most after step 3 (version 1): 34 of 300 (11.3 %), most of them in variant direct: "
+        "30 of 100 (30.0 %). Check the content" in reason
+    ), reason
+    # a step without variants reads as before
+    plain = GuardFigures.from_rows([{**r, "variant": "default"} for r in rows[:2]])
+    assert "variant" not in pause_reason(judge(plain, guard), plain, guard)
