@@ -133,6 +133,8 @@ def _too_big(size: int) -> str:
 def _field_path(loc: tuple[int | str, ...]) -> str:
     # pydantic puts the model-validator's own tag in loc for unions; drop the noise
     parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    if parts[:2] == ["message", "steps"] and parts[3:4] == ["fields"]:
+        del parts[3]  # a step's texts are written beside its `variants`, not under `fields`
     return ".".join(parts)
 
 

@@ -128,6 +128,7 @@ class Line:
     status: str
     reason: str | None
     deferred: str | None = None  # why it was deferred first, if it was
+    variant: str | None = None  # the step's content variant the user got (None: its only one)
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,9 @@ async def _read_ledger(
         if why is not None:
             report.deferred_fate.setdefault(row["plan_id"], Counter())[key] += 1
         at = until if row["status"] == "sent" else row["due_at"]
-        line = Line(at, row["plan_id"], row["step"], row["status"], row["reason"], why)
+        line = Line(
+            at, row["plan_id"], row["step"], row["status"], row["reason"], why, row["variant"]
+        )
         report.timeline.setdefault(row["user_id"], []).append(line)
     for lines in report.timeline.values():
         lines.sort(key=lambda line: (line.at, line.plan))
@@ -613,6 +616,8 @@ def render(report: Report, *, lines: int = 8) -> str:
             outcome = label((row.status, row.reason))
             if row.deferred is not None:
                 outcome += f" (deferred first: {row.deferred})"
+            if row.variant is not None:
+                outcome += f" [variant {row.variant}]"
             out.append(f"  {local(row.at, tz)}  {row.plan:<{width}}  step {row.step:>3}  {outcome}")
     return "\n".join(out + render_left(report))
 
@@ -681,6 +686,7 @@ def as_json(report: Report) -> dict[str, Any]:
                     "outcome": row.status,
                     "reason": row.reason,
                     "deferred": row.deferred,
+                    "variant": row.variant,
                 }
                 for row in rows
             ]

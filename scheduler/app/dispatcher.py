@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,7 +27,7 @@ from scheduler.app.flight import FlightRecorder
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.app.quota import QuotaWatch, quota_reset_after
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
-from scheduler.domain.messages import RenderError, render
+from scheduler.domain.messages import RenderError, render, variant_for
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
 from scheduler.domain.plan_state import PlanState
@@ -579,8 +579,13 @@ class Dispatcher:
         moments: dict[tuple[Any, ...], Decision] = {}
         for recipient in recipients:
             occurrence, step, due_at, tz = when(recipient)
+            # The user's variant of the step, the same on every replica and after a restart; the
+            # claim writes it into the ledger row (a deferred row keeps it and its message).
+            variant = variant_for(active.plan, step, recipient.user_id)
             try:
-                data = render(active.plan, step, due_at, tz, recipient.user_id, recipient.vars)
+                data = render(
+                    active.plan, step, due_at, tz, recipient.user_id, recipient.vars, variant
+                )
             except RenderError as exc:
                 log.warning(
                     "plan %s: cannot render for %s: %s",
@@ -591,9 +596,8 @@ class Dispatcher:
                 )
                 broken.append((occurrence, recipient.user_id, step, due_at))
                 continue
-            dues.append(
-                self._gate(active.plan, occurrence, recipient, step, due_at, data, now, moments)
-            )
+            due = self._gate(active.plan, occurrence, recipient, step, due_at, data, now, moments)
+            dues.append(due if variant is None else replace(due, variant=variant))
         report.unrenderable += len(broken)
         metrics.count(active.record.id, Outcome.SKIPPED, Reason.UNRENDERABLE, len(broken))
         await self.store.skip(

@@ -65,13 +65,16 @@ async def report(
     by: Grouping = "step",
     tz: str | None = None,
     guard: Guard | None = None,
+    variants: bool = False,
 ) -> dict[str, Any] | None:
     """The plan's figures for the deliveries due from `start` to `end` (local dates in `tz`,
     both included; None: no bound, up to `now`), per `by`, with their total and the 24 h / 7 d /
     all-time windows before `now`. None when no such plan is loaded. `tz` must be a valid IANA
     zone (the callers check it); None: the plan's own (`plan_zone`). Grouped by step or
     variant, each row says whether its click-through is under the floor of `guard` (the
-    plan's thresholds; None: the default policy's)."""
+    plan's thresholds; None: the default policy's). Per variant, each row has the 95 % Wilson
+    intervals of its rates; `variants`: the rows per variant as well (`variants`, with the same
+    flag and intervals), when any delivery carried a variant."""
     row = await store.status.plan(plan_id)
     if row is None:
         return None
@@ -89,6 +92,10 @@ async def report(
     floor = guard or DEFAULT_POLICY.guard_for(plan_id)
     if "step" in figures.KEYS[by]:
         lines = figures.flag_steps(lines, floor)
+    extra: dict[str, Any] = {}
+    if variants and any(g.variant != figures.DEFAULT_VARIANT for g in groups):
+        per_variant = figures.flag_steps(figures.grouped(groups, "variant"), floor)
+        extra["variants"] = [line.as_json() for line in per_variant]
     return {
         "plan_id": plan_id,
         "as_of": now.isoformat(),
@@ -104,6 +111,7 @@ async def report(
         "rows": [line.as_json() for line in lines],
         "total": figures.total(g.figures for g in groups).as_json(),
         "windows": {k: f.as_json() for k, f in figures.windows(groups).items()},
+        **extra,
     }
 
 
@@ -150,13 +158,17 @@ async def plan_windows(
     guard: Guard | None = None,
 ) -> dict[str, Any]:
     """For `reminders status PLAN`: the 24 h / 7 d / all-time figures and the all-time figures
-    per step (of each version), each step flagged when its click-through is under the floor."""
-    found = await report(store, plan_id, now=now, window=window, by="step", guard=guard)
+    per step (of each version), each step flagged when its click-through is under the floor,
+    and per variant with their intervals (`variants`) when the plan's messages had variants."""
+    found = await report(
+        store, plan_id, now=now, window=window, by="step", guard=guard, variants=True
+    )
     if found is None:
         return {}
     return {
         "windows": found["windows"],
         "steps": found["rows"],
+        **({"variants": found["variants"]} if "variants" in found else {}),
         "attribution_window_hours": found["attribution_window_hours"],
         "click_through_floor": found["click_through_floor"],
     }

@@ -17,7 +17,13 @@ from scheduler.app import engagement
 from scheduler.app.engagement_guard import ACTOR as GUARD_ACTOR
 from scheduler.app.engagement_guard import judge_plan
 from scheduler.domain.consent import ConsentState
-from scheduler.domain.engagement import LOW_CTR, percent, thresholds_text
+from scheduler.domain.engagement import (
+    INTERVALS,
+    LOW_CTR,
+    interval_text,
+    percent,
+    thresholds_text,
+)
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import DEFAULT_POLICY, Guard
 from scheduler.domain.schedule import (
@@ -425,20 +431,24 @@ def render_replicas(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_engagement(section: dict[str, Any]) -> list[str]:
-    """The engagement lines of `reminders status PLAN`: windows, then all time per step."""
+    """The engagement lines of `reminders status PLAN`: windows, then all time per step, then
+    per variant with the 95 % intervals of its rates (when the plan's messages had variants)."""
     if "error" in section:
         return [f"  engagement  unavailable: {section['error']}"]
     if not section:
         return []
     hours = section["attribution_window_hours"]
+    variants = section.get("variants", [])
+    labels = [_variant_label(v) for v in variants]
+    width = max([15, *(len(label) for label in labels)])  # variant names run to 32
     out = [
-        f"  engagement  {'(by due time)':<15} {'sent':>6} {'deliv.':>6} {'opened':>6} "
+        f"  engagement  {'(by due time)':<{width}} {'sent':>6} {'deliv.':>6} {'opened':>6} "
         f"{'CTR':>6} {'cancel':>6} {'canc.%':>6}   (docs/engagement.md; window {hours:g} h)"
     ]
 
     def line(label: str, f: dict[str, Any]) -> str:
         return (
-            f"              {label:<15} {f['sent']:>6} {f['delivered']:>6} {f['opened']:>6} "
+            f"              {label:<{width}} {f['sent']:>6} {f['delivered']:>6} {f['opened']:>6} "
             f"{percent(f['click_through']):>6} {f['cancelled']:>6} "
             f"{percent(f['cancellation_rate']):>6}"
         )
@@ -454,7 +464,20 @@ def render_engagement(section: dict[str, Any]) -> list[str]:
                 f" from {floor['min_sends']:,} sends"
             )
         out.append(line(f"v{s['version']} step {s['step']}", s) + flag)
+    for label, v in zip(labels, variants, strict=True):
+        # Each variant's rates with their 95 % intervals: which wording keeps users subscribed.
+        ctr, canc = (interval_text(_pair(v[k])) for k in INTERVALS)
+        flag = f"   {LOW_CTR}" if v.get("low_click_through") else ""
+        out.append(line(label, v) + f"   95% CI: CTR {ctr}, canc. {canc}{flag}")
     return out
+
+
+def _variant_label(v: dict[str, Any]) -> str:
+    return f"v{v['version']} step {v['step']} {v['variant']}"
+
+
+def _pair(interval: list[float] | None) -> tuple[float, float] | None:
+    return None if interval is None else (interval[0], interval[1])
 
 
 def render_guard(section: dict[str, Any], plan_id: str) -> list[str]:

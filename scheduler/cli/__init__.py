@@ -132,7 +132,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     variables = dict(pairs(args.var))
     rows: list[dict[str, Any]] = []
     limited = zip(occurrences, range(args.count), strict=False)
-    for run in dry_run(plan, policy, (o for o, _ in limited), tz, variables):
+    for run in dry_run(plan, policy, (o for o, _ in limited), tz, variables, args.user):
         occurrence = run.occurrence
         data = (
             run.message
@@ -145,6 +145,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
                 "local": occurrence.due_at.astimezone(tz).isoformat(),
                 "utc": occurrence.due_at.isoformat(),
                 "message": data,
+                "variant": run.variant,
                 "rule": _mark(run),
             }
         )
@@ -171,6 +172,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
         for day in [d for d in days_off if d < row["local"][:10]]:
             print(f"  skipped   {day}  ({days_off.pop(day)})")
         text = "; ".join(f"{k}={v}" for k, v in row["message"].items())
+        if row["variant"] is not None:
+            text = f"[variant {row['variant']}] {text}"
         print(f"  step {row['step']:>3}  {row['local']}  (UTC {row['utc'][:16]})  {text}")
         if (mark := row["rule"]) is not None:
             held = f" until {mark['until'][:16]}" if "until" in mark else ""
@@ -314,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--tz", default="Asia/Shanghai", help="user's time zone (relative plans)")
     p.add_argument("--var", action="append", help="a user variable, key=value")
+    p.add_argument(
+        "--user",
+        default="preview-user",
+        help="the user (openid) previewed: {user}, and which content variants they get",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--policy", help="policy file (default: policy.yaml next to the plan)")
     p.set_defaults(func=cmd_preview)

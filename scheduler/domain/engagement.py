@@ -64,6 +64,29 @@ def ratio(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
+Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95 % interval
+
+
+def wilson(part: int, whole: int, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval of the rate part / whole (95 % by default), to four decimals;
+    None when there is no whole. Unlike the normal approximation it stays inside [0, 1] and is
+    not empty at 0 % or 100 %, which matters for a variant's few hundred sends."""
+    if whole <= 0:
+        return None
+    if not 0 <= part <= whole:
+        raise ValueError(f"{part} of {whole} is not a rate")
+    p, z2 = part / whole, z * z
+    centre = (p + z2 / (2 * whole)) / (1 + z2 / whole)
+    half = z / (1 + z2 / whole) * (p * (1 - p) / whole + z2 / (4 * whole * whole)) ** 0.5
+    # exact at the edges: 0 % has a lower bound of 0, 100 % an upper bound of 1
+    low = 0.0 if part == 0 else max(0.0, centre - half)
+    high = 1.0 if part == whole else min(1.0, centre + half)
+    return round(low, 4), round(high, 4)
+
+
+INTERVALS = ("click_through_ci", "cancellation_rate_ci")  # the JSON keys of a variant's intervals
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Figures:
     """What a set of deliveries led to. `sent`: WeChat accepted them; `delivered`: its sent
@@ -102,6 +125,14 @@ class Figures:
             opened=data["opened"],
             cancelled=data["cancelled"],
         )
+
+    def intervals(self) -> dict[str, list[float] | None]:
+        """The 95 % Wilson intervals of the click-through and cancellation rates, as JSON."""
+        ctr, canc = wilson(self.opened, self.sent), wilson(self.cancelled, self.sent)
+        return {
+            "click_through_ci": None if ctr is None else list(ctr),
+            "cancellation_rate_ci": None if canc is None else list(canc),
+        }
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -177,7 +208,9 @@ class Line:
 
     def as_json(self) -> dict[str, Any]:
         flag = {} if self.low_click_through is None else {FLAG: self.low_click_through}
-        return {**self.key, **self.figures.as_json(), **flag}
+        # A variant's rates come with their intervals: which wording is better, or not yet known.
+        ci = self.figures.intervals() if "variant" in self.key else {}
+        return {**self.key, **self.figures.as_json(), **ci, **flag}
 
 
 FLAG = "low_click_through"
@@ -212,10 +245,14 @@ def to_csv(lines: Sequence[Line], by: Grouping) -> str:
     lines end with `low_click_through` (true or false) when they were judged."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    columns = (*KEYS[by], *FIGURES, *((FLAG,) if _flagged(lines) else ()))
+    bounds = CI_COLUMNS if by == "variant" else ()
+    columns = (*KEYS[by], *FIGURES, *bounds, *((FLAG,) if _flagged(lines) else ()))
     writer.writerow(columns)
     for line in lines:
         row = line.as_json()
+        for name in INTERVALS if bounds else ():
+            interval = row.pop(name)
+            row[f"{name}_low"], row[f"{name}_high"] = interval or (None, None)
         writer.writerow(
             [
                 "" if row.get(c) is None else str(row[c]).lower() if c == FLAG else row[c]
@@ -225,38 +262,43 @@ def to_csv(lines: Sequence[Line], by: Grouping) -> str:
     return out.getvalue()
 
 
+# A variant's CSV row: each interval as two columns, empty without sends.
+CI_COLUMNS = tuple(f"{name}_{end}" for name in INTERVALS for end in ("low", "high"))
+
+
+def interval_text(interval: tuple[float, float] | None) -> str:
+    """An interval as a table writes it: `11.8-76.9%`."""
+    if interval is None:
+        return "-"
+    return f"{interval[0] * 100:.1f}-{interval[1] * 100:.1f}%"
+
+
 def to_table(lines: Sequence[Line], by: Grouping, overall: Figures) -> str:
     """Aligned columns, rates as percentages, and a total line."""
     keys = KEYS[by]
     flags = _flagged(lines)
-    head = [k.upper() for k in keys] + ["SENT", "DELIVERED", "OPENED", "CTR", "CANCELLED", "CANC%"]
+    ci = by == "variant"  # each variant's rates with their 95 % Wilson intervals
+
+    def cells(f: Figures) -> list[str]:
+        ctr = [percent(f.click_through), *([interval_text(wilson(f.opened, f.sent))] * ci)]
+        canc = [
+            percent(f.cancellation_rate),
+            *([interval_text(wilson(f.cancelled, f.sent))] * ci),
+        ]
+        return [str(f.sent), str(f.delivered), str(f.opened), *ctr, str(f.cancelled), *canc]
+
+    head = [k.upper() for k in keys] + ["SENT", "DELIVERED", "OPENED", "CTR"]
+    head += ["CTR 95% CI"] * ci + ["CANCELLED", "CANC%"] + ["CANC 95% CI"] * ci
     head += ["FLAG"] if flags else []
     rows = [
         [
             *(str(line.key[k]) for k in keys),
-            str(line.figures.sent),
-            str(line.figures.delivered),
-            str(line.figures.opened),
-            percent(line.figures.click_through),
-            str(line.figures.cancelled),
-            percent(line.figures.cancellation_rate),
+            *cells(line.figures),
             *([LOW_CTR if line.low_click_through else ""] if flags else []),
         ]
         for line in lines
     ]
-    rows.append(
-        [
-            "total",
-            *([""] * (len(keys) - 1)),
-            str(overall.sent),
-            str(overall.delivered),
-            str(overall.opened),
-            percent(overall.click_through),
-            str(overall.cancelled),
-            percent(overall.cancellation_rate),
-            *([""] if flags else []),
-        ]
-    )
+    rows.append(["total", *([""] * (len(keys) - 1)), *cells(overall), *([""] if flags else [])])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def fmt(cells: list[str]) -> str:
@@ -285,11 +327,20 @@ def points(rate: Fraction | float) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepFigures:
-    """The recent deliveries of one plan version and step."""
+    """The recent deliveries of one plan version and step, and per content variant when the
+    step had variants (`variants`: name -> figures; empty without)."""
 
     version: int
     step: int
     figures: Figures
+    variants: tuple[tuple[str, Figures], ...] = ()
+
+    def worst_variant(self) -> tuple[str, Figures] | None:
+        """The variant with the most cancellations (then the higher rate), if any has one."""
+        cancelled = [(n, f) for n, f in self.variants if f.cancelled]
+        if not cancelled:
+            return None
+        return max(cancelled, key=lambda v: (v[1].cancelled, Fraction(v[1].cancelled, v[1].sent)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -303,16 +354,31 @@ class GuardFigures:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> GuardFigures:
-        """The rows of `EngagementStore.guard_counts`."""
-        recent, baseline, steps = Figures(), Figures(), []
+        """The rows of `EngagementStore.guard_counts` (per variant, or per step without one)."""
+        recent, baseline = Figures(), Figures()
+        steps: dict[tuple[int, int], dict[str, Figures]] = {}
         for r in rows:
             f = Figures(sent=r["sent"], cancelled=r["cancelled"])
             if r["recent"]:
                 recent = recent + f
-                steps.append(StepFigures(version=r["plan_version"], step=r["step"], figures=f))
+                per = steps.setdefault((r["plan_version"], r["step"]), {})
+                name = r.get("variant") or DEFAULT_VARIANT
+                per[name] = per.get(name, Figures()) + f
             else:
                 baseline = baseline + f
-        return cls(recent=recent, baseline=baseline, steps=tuple(steps))
+        return cls(
+            recent=recent,
+            baseline=baseline,
+            steps=tuple(
+                StepFigures(
+                    version=version,
+                    step=step,
+                    figures=total(per.values()),
+                    variants=() if set(per) == {DEFAULT_VARIANT} else tuple(sorted(per.items())),
+                )
+                for (version, step), per in sorted(steps.items())
+            ),
+        )
 
     def worst_step(self) -> StepFigures | None:
         """The recent step with the most cancellations (then the higher rate), if any has one."""
@@ -409,6 +475,12 @@ def pause_reason(verdict: Verdict, observed: GuardFigures, guard: Guard) -> str:
             f"; most after step {worst.step} (version {worst.version}): {f.cancelled:,} of "
             f"{f.sent:,} ({points(Fraction(f.cancelled, f.sent))})"
         )
+        if (variant := worst.worst_variant()) is not None:
+            name, v = variant
+            reason += (
+                f", most of them in variant {name}: {v.cancelled:,} of {v.sent:,} "
+                f"({points(Fraction(v.cancelled, v.sent))})"
+            )
     return reason + ". Check the content, then resume the plan"
 
 

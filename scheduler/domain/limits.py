@@ -34,3 +34,7 @@ MAX_ZONE_NAME = 64  # IANA names are under 40 characters
 # Format specs in message texts (`{step:02d}`): a WeChat field holds at most 32 characters, so a
 # wider width or precision is never needed (and a huge one would build a huge string per send).
 MAX_FORMAT_WIDTH = 32
+# Content variants (message.variants, message.steps.N.variants): a handful of wordings to compare,
+# each with a positive integer weight; the total weight stays small for the assignment's modulo.
+MAX_VARIANTS = 10
+MAX_VARIANT_WEIGHT = 1_000

@@ -8,6 +8,7 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from scheduler.domain.plan import Plan, placeholders
+from scheduler.domain.variants import choose
 
 
 class RenderError(ValueError):
@@ -26,8 +27,10 @@ def render(
     tz: ZoneInfo,
     user: str,
     variables: Mapping[str, object],
+    variant: str | None = None,
 ) -> dict[str, str]:
-    """The template data for `step` (from 1): the step's own texts over the plan's defaults."""
+    """The template data for `step` (from 1): the step's own texts over the plan's defaults, and
+    `variant`'s (one of the step's variants, `variant_for`) over both."""
     date, time = _local_date_and_time(due_at, tz)
     values = _Strict(variables)
     values.update(
@@ -38,11 +41,21 @@ def render(
         plan_name=plan.name,
         user=user,
     )
-    texts = {**plan.message.default, **plan.message.steps.get(step, {})}
+    texts = plan.message.texts(step, variant)
     try:
         return {key: _checked(text).format_map(values) for key, text in texts.items()}
     except (ValueError, IndexError, AttributeError) as exc:  # a bad format spec for this value
         raise RenderError(str(exc)) from None
+
+
+def variant_for(plan: Plan, step: int, user: str) -> str | None:
+    """The variant of `step` that `user` gets (scheduler.domain.variants: stable, by weight);
+    None when the step has one content."""
+    found = plan.message.variants_of(step)
+    if found is None:
+        return None
+    scope, variants = found
+    return choose({name: v.weight for name, v in variants.items()}, plan.id, scope, user)
 
 
 @lru_cache(maxsize=4096)

@@ -22,8 +22,10 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializerFunctionWrapHandler,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -36,6 +38,8 @@ from scheduler.domain.limits import (
     MAX_FORMAT_WIDTH,
     MAX_TEXT,
     MAX_TIMES_PER_DAY,
+    MAX_VARIANT_WEIGHT,
+    MAX_VARIANTS,
     MAX_YEAR,
     MAX_ZONE_NAME,
     MIN_YEAR,
@@ -453,11 +457,148 @@ class Template(Model):
 BUILTIN_VARIABLES = ("step", "count", "date", "time", "plan_name", "user")
 
 
+_VARIANT_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
+
+
+class Variant(Model):
+    """One wording of a step (or of every step): its share of the users and its fields."""
+
+    weight: int = Field(
+        ge=1,
+        le=MAX_VARIANT_WEIGHT,
+        strict=True,
+        description="Its share of the users: weight / the total weight of the variants.",
+    )
+    fields: dict[Text, Text] = Field(
+        default_factory=dict,
+        description="Field key -> text, over the step's and the default's (none: them as is).",
+    )
+
+
+def _check_variants(variants: dict[str, Variant]) -> dict[str, Variant]:
+    for name in variants:
+        if name == "default":
+            raise ValueError(
+                "'default' is what reports call a message without variants: name it otherwise"
+            )
+        if not _VARIANT_NAME.match(name):
+            raise ValueError(
+                f"{name[:40]!r} is not a variant name: use 1-32 lowercase letters, digits, "
+                "'-' or '_'"
+            )
+    if not 1 <= len(variants) <= MAX_VARIANTS:
+        raise ValueError(f"give 1 to {MAX_VARIANTS} variants (found {len(variants)})")
+    return variants
+
+
+Variants = Annotated[
+    dict[str, Variant],
+    AfterValidator(_check_variants),
+    Field(
+        description="Variant name ([a-z0-9_-], up to 32) -> its weight and fields; each user "
+        "gets one, stably (docs/plans.md).",
+        json_schema_extra={
+            "propertyNames": {"pattern": _VARIANT_NAME.pattern, "not": {"const": "default"}},
+            "minProperties": 1,
+            "maxProperties": MAX_VARIANTS,
+        },
+    ),
+]
+
+
+def _step_schema(schema: dict[str, Any]) -> None:
+    # As written in a plan file: the step's field texts, and `variants` beside them.
+    properties = schema.pop("properties")
+    schema.pop("required", None)
+    schema.pop("title", None)
+    schema["properties"] = {"variants": properties["variants"]}
+    schema["additionalProperties"] = properties["fields"]["additionalProperties"]
+
+
+class Step(Model):
+    """What differs at one step: field texts over the default, and maybe variants. A plan file
+    writes the texts and `variants` side by side (`3: {thing2: "...", variants: {...}}`): no
+    template key is called `variants` (keys are a WeChat type and a number)."""
+
+    model_config = ConfigDict(json_schema_extra=_step_schema)
+
+    fields: dict[Text, Text] = Field(default_factory=dict)
+    variants: Variants | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _side_by_side(cls, value: Any) -> Any:
+        if isinstance(value, Step) or not isinstance(value, dict):
+            return value
+        out: dict[str, Any] = {"fields": {k: v for k, v in value.items() if k != "variants"}}
+        if "variants" in value:
+            out["variants"] = value["variants"]
+        return out
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        out: dict[str, Any] = dict(data["fields"])
+        if self.variants is not None:
+            out["variants"] = data["variants"]
+        return out
+
+
 class Message(Model):
     default: dict[Text, Text] = Field(description="Field key -> text, with {variables}.")
-    steps: dict[int, dict[Text, Text]] = Field(
-        default_factory=dict, description="Step number (from 1) -> fields that differ at that step."
+    steps: dict[int, Step] = Field(
+        default_factory=dict,
+        description="Step number (from 1) -> fields that differ at that step, and its variants.",
     )
+    variants: Variants | None = Field(
+        None,
+        description="Variants of every step without variants of its own; a user keeps one "
+        "variant at every such step.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A plan without variants dumps as before variants existed: its content hash (and so
+        # its version) stays the same.
+        data: dict[str, Any] = handler(self)
+        if self.variants is None:
+            data.pop("variants", None)
+        return data
+
+    def step_fields(self, step: int) -> dict[str, str]:
+        """The texts `step` writes itself (over the default)."""
+        own = self.steps.get(step)
+        return own.fields if own is not None else {}
+
+    def variants_of(self, step: int) -> tuple[str, dict[str, Variant]] | None:
+        """The variants `step` uses, with their assignment scope (the step number, or
+        `default` for the message-wide ones); None: the step has one content."""
+        own = self.steps.get(step)
+        if own is not None and own.variants is not None:
+            return str(step), own.variants
+        if self.variants is not None:
+            return "default", self.variants
+        return None
+
+    def texts(self, step: int, variant: str | None = None) -> dict[str, str]:
+        """The texts of `step` (in `variant`): the variant's over the step's over the default."""
+        texts = {**self.default, **self.step_fields(step)}
+        if variant is not None:
+            found = self.variants_of(step)
+            if found is None or variant not in found[1]:
+                raise KeyError(f"step {step} has no variant {variant!r}")
+            texts.update(found[1][variant].fields)
+        return texts
+
+    def path_of(self, step: int, key: str, variant: str | None = None) -> str:
+        """Where the text of `key` at `step` (in `variant`) is written in the plan file."""
+        if variant is not None and (found := self.variants_of(step)) is not None:
+            if key in found[1][variant].fields:
+                base = "message" if found[0] == "default" else f"message.steps.{step}"
+                return f"{base}.variants.{variant}.fields.{key}"
+        if key in self.step_fields(step):
+            return f"message.steps.{step}.{key}"
+        return f"message.default.{key}"
 
 
 # --- delivery: what the policy rules do with this plan's messages (docs/rules.md) ---------------
@@ -565,9 +706,7 @@ class Plan(Model):
             names = ", ".join(sorted(missing))
             raise ValueError(f"message.default: missing template fields: {names}")
         count = self.occurrence_limit
-        for where, fields in [("default", self.message.default)] + [
-            (f"steps.{n}", f) for n, f in self.message.steps.items()
-        ]:
+        for where, fields in self._message_texts():
             extra = set(fields) - keys
             if extra:
                 raise ValueError(
@@ -591,6 +730,20 @@ class Plan(Model):
                 "nor a template field"
             )
         return self
+
+    def _message_texts(self) -> list[tuple[str, dict[str, str]]]:
+        """Every set of field texts of the message, with where it is written (under message)."""
+        found = [("default", self.message.default)]
+        found += [
+            (f"variants.{n}.fields", v.fields) for n, v in (self.message.variants or {}).items()
+        ]
+        for step, own in self.message.steps.items():
+            found.append((f"steps.{step}", own.fields))
+            found += [
+                (f"steps.{step}.variants.{n}.fields", v.fields)
+                for n, v in (own.variants or {}).items()
+            ]
+        return found
 
     @property
     def occurrence_limit(self) -> int | None:

@@ -29,7 +29,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from itertools import islice
 from zoneinfo import ZoneInfo
 
-from scheduler.domain.messages import RenderError, render
+from scheduler.domain.messages import RenderError, render, variant_for
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import ConsentKind, Plan, placeholders
 from scheduler.domain.policy import FrequencyLimit, Policy, QuietWindow
@@ -568,6 +568,7 @@ class DryRun:
     decision: Decision  # the final one: go, or skipped
     sent_at: datetime | None  # when it would go (later than due if it was deferred)
     deferred: Violation | None = None  # why it was deferred first, if it was
+    variant: str | None = None  # the step's variant this user gets (None: its only content)
 
 
 def dry_run(
@@ -593,10 +594,13 @@ def dry_run(
 
     def take(occurrence: Occurrence) -> None:
         order.append(occurrence.step)
+        variant = variant_for(plan, occurrence.step, user)
         try:
-            message = render(plan, occurrence.step, occurrence.due_at, tz, user, variables)
+            message = render(plan, occurrence.step, occurrence.due_at, tz, user, variables, variant)
         except RenderError as exc:
-            done[occurrence.step] = DryRun(occurrence, None, str(exc), Decision(), None)
+            done[occurrence.step] = DryRun(
+                occurrence, None, str(exc), Decision(), None, variant=variant
+            )
             return
         due = occurrence.due_at
         heapq.heappush(waiting, (due, 1, due, occurrence.step, _Pending(occurrence, message)))
@@ -620,7 +624,13 @@ def dry_run(
                     counts.update(c.key for c in decision.counters)
                 sent_at = now if decision.go else None
                 done[step] = DryRun(
-                    pending.occurrence, pending.message, None, decision, sent_at, pending.deferred
+                    pending.occurrence,
+                    pending.message,
+                    None,
+                    decision,
+                    sent_at,
+                    pending.deferred,
+                    variant_for(plan, step, user),
                 )
         while order and order[0] in done:  # in step order, each as soon as it is final
             yield done.pop(order.pop(0))
@@ -765,39 +775,43 @@ def _message_violations(
     found: dict[tuple[str | None, str], Violation] = {}
     for step in steps:
         due = due_by_step.get(step) or (sampled[-1].due_at if sampled else now)
-        try:
-            message = render(plan, step, due, tz, "", empty)
-        except RenderError:
-            continue  # a format spec that needs the user's value: only the gate can tell
+        variants = plan.message.variants_of(step)
+        # Every variant of the step is a message some users get: each meets every rule.
+        for variant in sorted(variants[1]) if variants is not None else [None]:
+            try:
+                message = render(plan, step, due, tz, "", empty, variant)
+            except RenderError:
+                continue  # a format spec that needs the user's value: only the gate can tell
 
-        texts = {**plan.message.default, **plan.message.steps.get(step, {})}
-        fixed = {k for k, text in texts.items() if not per_user & set(placeholders(text))}
-        fields = [
-            v
-            for v in field_violations(plan, message)
-            # A field with a per-user variable: only a thing's fixed text, already too long.
-            if v.field in fixed or (_type_of(plan, v.field) == "thing" and message[v.field or ""])
-        ]
-        for violation in content_violations(plan, message, policy) + fields:
-            path = _message_path(plan, violation.field, step)
-            found.setdefault((path, violation.rule), _at(violation, path, step))
+            texts = plan.message.texts(step, variant)
+            fixed = {k for k, text in texts.items() if not per_user & set(placeholders(text))}
+            fields = [
+                v
+                for v in field_violations(plan, message)
+                # A field with a per-user variable: only a thing's fixed text, already too long.
+                if v.field in fixed
+                or (_type_of(plan, v.field) == "thing" and message[v.field or ""])
+            ]
+            for violation in content_violations(plan, message, policy) + fields:
+                path = _message_path(plan, violation.field, step, variant)
+                found.setdefault((path, violation.rule), _at(violation, path, step, variant))
     return list(found.values())
 
 
-def _message_path(plan: Plan, key: str | None, step: int) -> str:
-    """Where a field's text of `step` is written in the plan file."""
+def _message_path(plan: Plan, key: str | None, step: int, variant: str | None = None) -> str:
+    """Where a field's text of `step` (in `variant`) is written in the plan file."""
     if key is None:
         return "message"
-    own = key in plan.message.steps.get(step, {})
-    return f"message.steps.{step}.{key}" if own else f"message.default.{key}"
+    return plan.message.path_of(step, key, variant)
 
 
 def _type_of(plan: Plan, key: str | None) -> str | None:
     return plan.template.fields.get(key or "")
 
 
-def _at(violation: Violation, path: str, step: int) -> Violation:
-    return Violation(violation.reason, violation.rule, f"{violation.detail} (step {step})", path)
+def _at(violation: Violation, path: str, step: int, variant: str | None = None) -> Violation:
+    where = f"step {step}" if variant is None else f"step {step}, variant {variant}"
+    return Violation(violation.reason, violation.rule, f"{violation.detail} ({where})", path)
 
 
 def static_violations(

@@ -106,12 +106,13 @@ ORDER BY s.plan_version, s.step, s.variant, s.day, s.age
 
 # The engagement guard's counts (docs/engagement.md, "The guard"): the plan's deliveries due in
 # [$2, $3) WeChat accepted, in the `recent` window from $4 or the `baseline` before it, per plan
-# version and step, with how many had a cancellation attributed. Deliveries due in one of the
-# spans $6 (what earlier automatic pauses judged) are left out. $5: the attribution window.
+# version, step and variant, with how many had a cancellation attributed. Deliveries due in one
+# of the spans $6 (what earlier automatic pauses judged) are left out. $5: the attribution window.
 GUARD_COUNTS = (
     """
 WITH sent AS (
-    SELECT d.id, d.plan_version, d.step, d.due_at >= $4::timestamptz AS recent
+    SELECT d.id, d.plan_version, d.step, coalesce(d.variant, 'default') AS variant,
+           d.due_at >= $4::timestamptz AS recent
     FROM deliveries d
     WHERE d.plan_id = $1 AND (d.status = 'sent' OR d.reason = 'push_failed')
       AND d.due_at >= $2::timestamptz AND d.due_at < $3::timestamptz
@@ -119,11 +120,11 @@ WITH sent AS (
 ),"""
     + ATTRIBUTION
     + """
-SELECT s.recent, s.plan_version, s.step, count(*) AS sent, count(a.id) AS cancelled
+SELECT s.recent, s.plan_version, s.step, s.variant, count(*) AS sent, count(a.id) AS cancelled
 FROM sent s
 LEFT JOIN attributed a ON a.id = s.id
-GROUP BY s.recent, s.plan_version, s.step
-ORDER BY s.recent, s.plan_version, s.step
+GROUP BY s.recent, s.plan_version, s.step, s.variant
+ORDER BY s.recent, s.plan_version, s.step, s.variant
 """
 )
 
@@ -194,9 +195,9 @@ class EngagementStore:
         leave_out: list[tuple[datetime, datetime]],
     ) -> list[dict[str, Any]]:
         """The plan's deliveries due in [since, until) WeChat accepted, per (recent, plan_version,
-        step): `recent` is due at `recent_from` or later; with `sent` and `cancelled` (attributed
-        within `window`). Deliveries due in one of the `leave_out` spans (both ends included)
-        are not counted."""
+        step, variant): `recent` is due at `recent_from` or later; with `sent` and `cancelled`
+        (attributed within `window`). Deliveries due in one of the `leave_out` spans (both ends
+        included) are not counted."""
         spans = [asyncpg.Range(lower, upper, upper_inc=True) for lower, upper in leave_out]
         records = await self._pool.fetch(
             GUARD_COUNTS, plan_id, since, until, recent_from, window, spans

@@ -22,7 +22,7 @@ NEXT_DEFERRED_RETRY = (
 )
 DEFERRED = "SELECT id, reason, defer_until FROM deliveries WHERE status = 'deferred'"
 LEDGER = (
-    "SELECT id, plan_id, user_id, step, due_at, status, reason FROM deliveries"
+    "SELECT id, plan_id, user_id, step, due_at, status, reason, variant FROM deliveries"
     " ORDER BY due_at, plan_id, user_id"
 )
 UNFINISHED = (
@@ -59,8 +59,8 @@ class SimulationStore:
         return [dict(r) for r in await self._pool.fetch(DEFERRED)]
 
     async def ledger(self) -> list[dict[str, Any]]:
-        """Every ledger row (id, plan_id, user_id, step, due_at, status, reason), by due time,
-        plan and user."""
+        """Every ledger row (id, plan_id, user_id, step, due_at, status, reason, variant), by due
+        time, plan and user."""
         return [dict(r) for r in await self._pool.fetch(LEDGER)]
 
     async def unfinished(self) -> list[dict[str, Any]]:
