@@ -43,6 +43,7 @@ from scheduler.app.engagement_guard import EngagementGuard
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.channels.base import Channel
 from scheduler.domain.plan import Plan
+from scheduler.domain.plan_state import PlanState
 from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relative_due
 from scheduler.planfiles import LoadedPlan, load_policy
 from scheduler.settings import Settings
@@ -157,7 +158,7 @@ class Daemon:
         for item in loaded:
             plan = item.plan
             registration = await self.store.register_plan(plan, str(item.path))
-            if registration.record.state in ("cancelled", "completed"):
+            if registration.record.state in (PlanState.CANCELLED, PlanState.COMPLETED):
                 await self._remove_schedule(plan.id)  # over: an edit does not revive it
                 result.unchanged.append(plan.id)
                 continue
@@ -171,7 +172,7 @@ class Daemon:
             if trigger is None:
                 result.finished.append(plan.id)
                 await self._remove_schedule(plan.id)
-                if registration.record.state == "active":  # its count or end date is reached
+                if registration.record.state is PlanState.ACTIVE:  # its count or end is reached
                     try:
                         await self.lifecycle.complete(
                             plan.id, actor="daemon", reason="no occurrence left"

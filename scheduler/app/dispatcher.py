@@ -190,7 +190,7 @@ class Dispatcher:
         if active is None:
             log.warning("schedule fired for unknown plan %s", plan_id, extra={"plan_id": plan_id})
             return FanOutReport()
-        if not PlanState(active.record.state).fires:
+        if not active.record.state.fires:
             log.info(
                 "plan %s is %s: fire skipped",
                 plan_id,
@@ -520,7 +520,7 @@ class Dispatcher:
         report = FanOutReport()
         active = await self.load(plan_id)
         # A completed plan's last occurrence may have sends deferred past its completion.
-        if active is None or not PlanState(active.record.state).sends:
+        if active is None or not active.record.state.sends:
             report.stopped = True
             return report
         if self.stopping.is_set():

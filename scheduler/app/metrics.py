@@ -35,6 +35,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from scheduler.domain.plan_state import PlanState
+
 __all__ = ["CONTENT_TYPE_LATEST", "render"]
 
 send_log = logging.getLogger("scheduler.sends")
@@ -183,7 +185,7 @@ async def refresh_gauges(store: Any, *, window: timedelta | None = None) -> None
         for plan_id, n in per_plan.items():
             DUE_BACKLOG.labels(plan_id, kind).set(n)
     PLANS.clear()
-    for state in ("active", "paused", "cancelled", "completed"):
+    for state in PlanState:
         PLANS.labels(state).set(0)
     for state, n in gauges.plans.items():
         PLANS.labels(state).set(n)

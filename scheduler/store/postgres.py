@@ -28,7 +28,7 @@ from tenacity import (
 
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
-from scheduler.domain.plan_state import SENDING_STATES
+from scheduler.domain.plan_state import SENDING_STATES, PlanState
 from scheduler.errors import StoreError
 from scheduler.planfiles import content_hash as plan_content_hash
 from scheduler.store.abc import (
@@ -58,7 +58,7 @@ CONTROL_CHANNEL = "reminders_control"  # NOTIFY channel every daemon replica LIS
 @dataclass(frozen=True)
 class PlanRecord:
     id: str
-    state: str
+    state: PlanState
     version: int
     content_hash: str
     definition: dict[str, Any]
@@ -743,7 +743,7 @@ _CURRENT_PLANS = (
 def _plan_record(row: asyncpg.Record) -> PlanRecord:
     return PlanRecord(
         row["id"],
-        row["state"],
+        PlanState(row["state"]),
         row["current_version"],
         row["content_hash"],
         row["definition"],
