@@ -34,3 +34,7 @@ MAX_ZONE_NAME = 64  # IANA names are under 40 characters
 # Format specs in message texts (`{step:02d}`): a WeChat field holds at most 32 characters, so a
 # wider width or precision is never needed (and a huge one would build a huge string per send).
 MAX_FORMAT_WIDTH = 32
+# Adapt rules (`adapt`) and the extra steps they send (`message.extra`): every due user is
+# matched against the rules in order, so a handful is all a plan needs.
+MAX_ADAPT_RULES = 20
+MAX_EXTRA_STEPS = 20

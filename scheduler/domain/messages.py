@@ -26,8 +26,11 @@ def render(
     tz: ZoneInfo,
     user: str,
     variables: Mapping[str, object],
+    *,
+    extra: str | None = None,
 ) -> dict[str, str]:
-    """The template data for `step` (from 1): the step's own texts over the plan's defaults."""
+    """The template data for `step` (from 1): the step's own texts over the plan's defaults; or,
+    given `extra`, that extra step's texts (message.extra) over the defaults, sent at `step`."""
     date, time = _local_date_and_time(due_at, tz)
     values = _Strict(variables)
     values.update(
@@ -38,7 +41,8 @@ def render(
         plan_name=plan.name,
         user=user,
     )
-    texts = {**plan.message.default, **plan.message.steps.get(step, {})}
+    own = plan.message.extra[extra] if extra is not None else plan.message.steps.get(step, {})
+    texts = {**plan.message.default, **own}
     try:
         return {key: _checked(text).format_map(values) for key, text in texts.items()}
     except (ValueError, IndexError, AttributeError) as exc:  # a bad format spec for this value

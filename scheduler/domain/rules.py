@@ -763,14 +763,18 @@ def _message_violations(
     steps = sorted({1, *plan.message.steps, *([last] if last else [])})
     due_by_step = {o.step: o.due_at for o in sampled}
     found: dict[tuple[str | None, str], Violation] = {}
-    for step in steps:
+    # Each extra step is checked as sent at step 1 (its texts do not depend on the step).
+    variants: list[tuple[int, str | None]] = [(step, None) for step in steps]
+    variants += [(1, name) for name in plan.message.extra]
+    for step, extra in variants:
         due = due_by_step.get(step) or (sampled[-1].due_at if sampled else now)
         try:
-            message = render(plan, step, due, tz, "", empty)
+            message = render(plan, step, due, tz, "", empty, extra=extra)
         except RenderError:
             continue  # a format spec that needs the user's value: only the gate can tell
 
-        texts = {**plan.message.default, **plan.message.steps.get(step, {})}
+        own = plan.message.extra[extra] if extra is not None else plan.message.steps.get(step, {})
+        texts = {**plan.message.default, **own}
         fixed = {k for k, text in texts.items() if not per_user & set(placeholders(text))}
         fields = [
             v
@@ -779,15 +783,18 @@ def _message_violations(
             if v.field in fixed or (_type_of(plan, v.field) == "thing" and message[v.field or ""])
         ]
         for violation in content_violations(plan, message, policy) + fields:
-            path = _message_path(plan, violation.field, step)
-            found.setdefault((path, violation.rule), _at(violation, path, step))
+            path = _message_path(plan, violation.field, step, extra)
+            found.setdefault((path, violation.rule), _at(violation, path, step, extra))
     return list(found.values())
 
 
-def _message_path(plan: Plan, key: str | None, step: int) -> str:
-    """Where a field's text of `step` is written in the plan file."""
+def _message_path(plan: Plan, key: str | None, step: int, extra: str | None = None) -> str:
+    """Where a field's text of `step` (or of the extra step) is written in the plan file."""
     if key is None:
         return "message"
+    if extra is not None:
+        own = key in plan.message.extra[extra]
+        return f"message.extra.{extra}.{key}" if own else f"message.default.{key}"
     own = key in plan.message.steps.get(step, {})
     return f"message.steps.{step}.{key}" if own else f"message.default.{key}"
 
@@ -796,8 +803,9 @@ def _type_of(plan: Plan, key: str | None) -> str | None:
     return plan.template.fields.get(key or "")
 
 
-def _at(violation: Violation, path: str, step: int) -> Violation:
-    return Violation(violation.reason, violation.rule, f"{violation.detail} (step {step})", path)
+def _at(violation: Violation, path: str, step: int, extra: str | None = None) -> Violation:
+    where = f"extra step {extra}" if extra is not None else f"step {step}"
+    return Violation(violation.reason, violation.rule, f"{violation.detail} ({where})", path)
 
 
 def static_violations(
