@@ -13,6 +13,7 @@ sent; what was claimed but never handed to the channel goes back to the pool (`R
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from scheduler.app.flight import FlightRecorder
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.app.quota import QuotaWatch, quota_reset_after
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
+from scheduler.domain.adapt import NEVER_SEEN, Adaptation, decide, extra_occurrence
 from scheduler.domain.messages import RenderError, render
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
@@ -484,14 +486,19 @@ class Dispatcher:
                     )
                     report.missed += len(late)
                     metrics.count(plan_id, Outcome.MISSED, Reason.GRACE_EXCEEDED, len(late))
+                    on_time = [r for r in due if now - _next_due(r) <= grace]
+                    adapted = await self._adapt(active, conn, on_time, now, report)
                     dues = await self._render_all(
                         active,
-                        [r for r in due if now - _next_due(r) <= grace],
+                        [r for r in on_time if not _skips(adapted.get(r.user_id))],
                         report,
                         lambda r: (_step_key(r), r.next_step + 1, _next_due(r), ZoneInfo(r.tz)),
                         conn=conn,
                     )
                     claims = await self._claim(conn, active, dues)
+                    # Extra steps after the plan's own: they meet the caps the steps counted.
+                    extras = await self._render_extras(active, on_time, adapted, now, report, conn)
+                    extra_claims = await self._claim(conn, active, extras)
                     await self.store.advance_enrollments(
                         conn,
                         plan_id,
@@ -504,6 +511,8 @@ class Dispatcher:
                     )
                 # Sends start only after the claim and the advance have committed.
                 yield dues, claims
+                if extras:
+                    yield extras, extra_claims
             else:
                 return  # stopping
             if state is None or not PlanState(state).fires:
@@ -511,6 +520,91 @@ class Dispatcher:
 
         await self._pipeline(active, batches(), report)
         return report
+
+    async def _adapt(
+        self,
+        active: ActivePlan,
+        conn: Any,
+        recipients: list[Recipient],
+        now: datetime,
+        report: FanOutReport,
+    ) -> dict[str, Adaptation]:
+        """The plan's adapt rules on a batch of due users (docs/plans.md#adapt): what each user
+        did is read in one query, the first matching rule decides, and the steps it skips are
+        recorded `skipped` (reason `adapted`, the rule in the detail). Returns the decisions."""
+        rules, record = active.plan.adapt, active.record
+        if not rules or not recipients:
+            return {}
+        seen = await self.store.activity.last_seen(conn, [r.user_id for r in recipients])
+        adapted = {
+            r.user_id: a
+            for r in recipients
+            if (a := decide(rules, seen.get(r.user_id, NEVER_SEEN), now)) is not None
+        }
+        skipped = [r for r in recipients if _skips(adapted.get(r.user_id))]
+        await self.store.skip(
+            plan_id=record.id,
+            version=record.version,
+            replica=self.replica_id,
+            rows=[(_step_key(r), r.user_id, r.next_step + 1, _next_due(r)) for r in skipped],
+            status=Outcome.SKIPPED,
+            reason=Reason.ADAPTED,
+            conn=conn,
+            details=[adapted[r.user_id].detail for r in skipped],
+        )
+        for _ in skipped:
+            report.stopped_by_gate(Outcome.SKIPPED, Reason.ADAPTED)
+        metrics.count(record.id, Outcome.SKIPPED, Reason.ADAPTED, len(skipped))
+        return adapted
+
+    async def _render_extras(
+        self,
+        active: ActivePlan,
+        recipients: list[Recipient],
+        adapted: dict[str, Adaptation],
+        now: datetime,
+        report: FanOutReport,
+        conn: Any,
+    ) -> list[Due]:
+        """The extra steps the adapt rules send, rendered and through gate steps 4-6 like any
+        step; each has its own ledger key (`extra_occurrence`), so it goes at most once per
+        inactivity period, and carries the variant `extra:NAME` (its own line in reports)."""
+        plan, record = active.plan, active.record
+        dues, broken = [], []
+        moments: dict[tuple[Any, ...], Decision] = {}
+        for r in recipients:
+            adaptation = adapted.get(r.user_id)
+            if adaptation is None or adaptation.send is None:
+                continue
+            step, due_at, name = r.next_step + 1, _next_due(r), adaptation.send
+            occurrence = extra_occurrence(name, adaptation, step)
+            try:
+                data = render(plan, step, due_at, ZoneInfo(r.tz), r.user_id, r.vars, extra=name)
+            except RenderError as exc:
+                log.warning(
+                    "plan %s: cannot render extra step %s for %s: %s",
+                    record.id,
+                    name,
+                    r.user_id,
+                    exc,
+                    extra={"plan_id": record.id},
+                )
+                broken.append((occurrence, r.user_id, step, due_at))
+                continue
+            due = self._gate(plan, occurrence, r, step, due_at, data, now, moments)
+            dues.append(dataclasses.replace(due, variant=f"extra:{name}"))
+        report.unrenderable += len(broken)
+        metrics.count(record.id, Outcome.SKIPPED, Reason.UNRENDERABLE, len(broken))
+        await self.store.skip(
+            plan_id=record.id,
+            version=record.version,
+            replica=self.replica_id,
+            rows=broken,
+            status=Outcome.SKIPPED,
+            reason=Reason.UNRENDERABLE,
+            conn=conn,
+        )
+        return dues
 
     # --- deferred sends ---------------------------------------------------------------------------
 
@@ -847,6 +941,10 @@ def occurrence_key(fire_time: datetime) -> str:
 
 def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None = None) -> Stop:
     return Stop(outcome, violation.reason, violation.detail, defer_until)
+
+
+def _skips(adaptation: Adaptation | None) -> bool:
+    return adaptation is not None and adaptation.skip
 
 
 def _step_key(recipient: Recipient) -> str:

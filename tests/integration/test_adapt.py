@@ -1,0 +1,209 @@
+"""Adapt rules end to end (docs/plans.md#adapt): activity and opens reported through the real
+API, a relative plan swept in virtual time through the real gate and PostgreSQL, sends to a fake
+WeChat on loopback."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from scheduler.domain.plan import Plan
+from scheduler.domain.schedule import relative_due
+from scheduler.store.postgres import Store
+from tests.ingest_helpers import INGEST, serve
+from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
+from tests.support import Clock, dispatcher, register
+
+START = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)  # Monday 10:00 in Shanghai
+STEP = [datetime(2026, 3, 9 + 7 * i, 1, 0, tzinfo=UTC) for i in range(4)]  # 09:00 local
+TZ = ZoneInfo("Asia/Shanghai")
+ENCOURAGEMENT = "{patient}，一周没见，坚持训练"
+
+
+def adaptive_plan(**delivery: Any) -> Plan:
+    return Plan.model_validate(
+        {
+            "id": "rehab",
+            "name": "Rehab",
+            "category": "medical",
+            "consent": "one_time",
+            "schedule": {
+                "relative": {"every": "1 week", "count": 4, "at": "09:00"},
+                "grace": "2 hours",
+            },
+            "template": {"id": "tmpl_rehab", "fields": {"thing1": "thing", "thing2": "thing"}},
+            "message": {
+                "default": {"thing1": "第{step}周康复训练", "thing2": "仅供参考"},
+                "extra": {"encouragement": {"thing1": ENCOURAGEMENT}},
+            },
+            "variables": ["patient"],
+            "adapt": [
+                {"if": {"inactive_for": "7 days"}, "send": "encouragement"},
+                {"if": {"active_within": "1 day"}, "skip": True},
+            ],
+            "delivery": delivery,
+        }
+    )
+
+
+async def enrol(store: Store, plan: Plan, users: dict[str, int]) -> None:
+    """Each user with their one-time credits."""
+    assert plan.schedule.relative is not None
+    for user, credits in users.items():
+        due = relative_due(plan.schedule.relative, START, TZ, 0)
+        await store.enroll(plan.id, user, START, TZ.key, {"patient": user}, due)
+        for _ in range(credits):
+            await store.record_consent(user, "tmpl_rehab", "one_time", "accept", "test")
+
+
+async def activity(api, *items: tuple[str, datetime, str], status: int = 200) -> dict:
+    body = {
+        "activity": [
+            {"openid": user, "at": at.isoformat(), "kind": "training", "event_id": event}
+            for user, at, event in items
+        ]
+    }
+    response = await api.post("/v1/activity", headers=INGEST, json=body)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+async def opened(api, user: str, at: datetime) -> None:
+    body = {"opens": [{"openid": user, "scene": 1014, "at": at.isoformat()}]}
+    response = await api.post("/v1/opens", headers=INGEST, json=body)
+    assert response.status_code == 200, response.text
+
+
+async def rows(store: Store) -> list[tuple]:
+    found = await store.pool.fetch(
+        "SELECT user_id, occurrence, step, status, reason, detail, variant FROM deliveries"
+        " ORDER BY user_id, due_at, occurrence"
+    )
+    return [tuple(r) for r in found]
+
+
+async def sweep_at(d, clock: Clock, moment: datetime, times: int = 1) -> None:
+    clock.now = moment + timedelta(minutes=1)
+    for _ in range(times):
+        await d.fire("rehab", clock.now)
+
+
+async def test_inactive_users_are_encouraged_once_per_period_and_active_ones_skip(
+    store, fake, channel
+):
+    plan = adaptive_plan()
+    await register(store, plan)
+    await enrol(store, plan, {"o-busy": 9, "o-idle": 9, "o-new": 9})
+    clock = Clock(START)
+    d = dispatcher(store, channel, clock, batch_size=2)  # users span batches
+    async with serve(store) as api:
+        await activity(api, ("o-idle", datetime(2026, 3, 1, 12, 0, tzinfo=UTC), "a-1"))
+        await opened(api, "o-busy", datetime(2026, 3, 8, 20, 0, tzinfo=UTC))
+
+        await sweep_at(d, clock, STEP[0], times=2)  # a double fire meets the same rows
+        await sweep_at(d, clock, STEP[1], times=2)
+        await activity(api, ("o-idle", datetime(2026, 3, 20, 3, 0, tzinfo=UTC), "a-2"))
+        await sweep_at(d, clock, STEP[2])
+        await sweep_at(d, clock, STEP[3])
+
+    idle_since_1 = "extra:encouragement:since:2026-03-01T12:00:00+00:00"
+    idle_since_20 = "extra:encouragement:since:2026-03-20T03:00:00+00:00"
+    busy_since = "extra:encouragement:since:2026-03-08T20:00:00+00:00"
+    skip_detail = (
+        "adapt.1 (active_within 1 day: skip): last open 2026-03-08 20:00 UTC, last activity never"
+    )
+    sent = ("sent", None, None)
+    encouraged = ("sent", None, None, "extra:encouragement")
+    assert await rows(store) == [
+        ("o-busy", "step-1", 1, "skipped", "adapted", skip_detail, None),
+        # a week after that open: inactive, so encouraged (once), with the plan's own step
+        ("o-busy", busy_since, 2, *encouraged),
+        ("o-busy", "step-2", 2, *sent, None),
+        ("o-busy", "step-3", 3, *sent, None),
+        ("o-busy", "step-4", 4, *sent, None),
+        ("o-idle", idle_since_1, 1, *encouraged),
+        ("o-idle", "step-1", 1, *sent, None),
+        ("o-idle", "step-2", 2, *sent, None),  # still the same inactivity: no second one
+        ("o-idle", "step-3", 3, *sent, None),  # active 3 days before: the plain step
+        ("o-idle", idle_since_20, 4, *encouraged),  # inactive again: a new period
+        ("o-idle", "step-4", 4, *sent, None),
+        *[("o-new", f"step-{n}", n, *sent, None) for n in range(1, 5)],  # no data: plain
+    ]
+    cards = [(m["touser"], m["data"]["thing1"]) for m in fake.messages]
+    assert cards.count(("o-idle", "o-idle，一周没见，坚持训练")) == 2
+    assert cards.count(("o-busy", "o-busy，一周没见，坚持训练")) == 1
+    assert len(cards) == 3 + 4 + 3 + 4  # o-busy 3 steps + 1 extra, o-idle 4 + 2, o-new 4
+
+
+async def test_caps_and_consent_still_stop_an_extra_step(store, fake, channel):
+    plan = adaptive_plan(caps={"plan_day": 1})  # the plan's own step takes the day's one
+    await register(store, plan)
+    await enrol(store, plan, {"o-capped": 5, "o-one-credit": 1})
+    clock = Clock(START)
+    d = dispatcher(store, channel, clock)
+    async with serve(store) as api:
+        long_ago = datetime(2026, 2, 20, 0, 0, tzinfo=UTC)
+        await activity(api, ("o-capped", long_ago, "c-1"), ("o-one-credit", long_ago, "c-2"))
+        await sweep_at(d, clock, STEP[0])
+        await sweep_at(d, clock, STEP[1])
+
+    since = "extra:encouragement:since:2026-02-20T00:00:00+00:00"
+    found = {(r[0], r[1]): (r[3], r[4]) for r in await rows(store)}
+    assert found == {
+        ("o-capped", "step-1"): ("sent", None),
+        ("o-capped", since): ("skipped", "capped"),  # one attempt per inactivity period
+        ("o-capped", "step-2"): ("sent", None),
+        ("o-one-credit", "step-1"): ("sent", None),
+        ("o-one-credit", since): ("skipped", "no_consent"),
+        ("o-one-credit", "step-2"): ("skipped", "no_consent"),
+    }
+    assert [m["touser"] for m in fake.messages] == ["o-capped", "o-one-credit", "o-capped"]
+
+
+async def test_activity_batches_are_stored_once(store):
+    at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    async with serve(store) as api:
+        first = await activity(api, ("o-a", at, "e-1"), ("o-b", at, "e-2"), ("o-a", at, "e-1"))
+        again = await activity(api, ("o-a", at, "e-1"), ("o-b", at, "e-2"))
+    assert first == {"recorded": 2, "duplicates": 1}
+    assert again == {"recorded": 0, "duplicates": 2}
+    stored = await store.pool.fetch("SELECT source, event_id, user_id, kind FROM activity")
+    assert sorted(tuple(r) for r in stored) == [
+        ("api:crm", "e-1", "o-a", "training"),
+        ("api:crm", "e-2", "o-b", "training"),
+    ]
+    seen = await store.activity.last_seen(None, ["o-a", "o-nobody"])
+    assert list(seen) == ["o-a"] and seen["o-a"].last_activity == at
+
+
+GOOD = {"openid": "o-a", "at": "2026-03-01T12:00:00+08:00", "event_id": "e-1"}
+
+
+BAD = [
+    ({"activity": [{**GOOD, "at": "2026-03-01T12:00:00"}]}, "body.activity.0.at"),
+    ({"activity": [{**GOOD, "at": "1999-12-31T00:00:00Z"}]}, "body.activity.0.at"),
+    ({"activity": [{**GOOD, "event_id": ""}]}, "body.activity.0.event_id"),
+    (
+        {"activity": [{k: v for k, v in GOOD.items() if k != "event_id"}]},
+        "body.activity.0.event_id",
+    ),
+    ({"activity": [{**GOOD, "kind": "a\x00b"}]}, "body.activity.0.kind"),
+    ({"activity": [{**GOOD, "kind": "k" * 65}]}, "body.activity.0.kind"),
+    ({"activity": [{**GOOD, "openid": "not an openid"}]}, "body.activity.0.openid"),
+    ({"activity": [{**GOOD, "extra": 1}]}, "body.activity.0.extra"),
+    ({"activity": []}, "body.activity"),
+    ({"activity": [GOOD] * 1001}, "body.activity"),
+]
+
+
+async def test_bad_activity_is_refused_naming_the_field(store):
+    async with serve(store, max_body_bytes=1_048_576) as api:
+        for body, field in BAD:
+            response = await api.post("/v1/activity", headers=INGEST, json=body)
+            assert response.status_code == 422, response.text
+            named = {p["field"] for p in response.json()["error"]["problems"]}
+            assert field in named, response.text
+        unauthorized = await api.post("/v1/activity", json={"activity": [GOOD]})
+    assert unauthorized.status_code == 401
+    assert await store.pool.fetchval("SELECT count(*) FROM activity") == 0
