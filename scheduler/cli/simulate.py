@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from scheduler.cli.common import UsageError, aware, pairs, zone
+from scheduler.cli.common import UsageError, adapt_notes, aware, pairs, zone
 
 MAX_USERS = 1000
 MAX_WEEKS = 104
@@ -66,10 +66,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return await simulate.run(url, checked.plans, policy, audience, start, end)
 
     report = simulate.on_scratch_database(load_settings().database_url, work)
+    # Simulated users report no opens or activity: adapt rules never match them.
+    notes = [note for plan in plans for note in adapt_notes(plan)]
     if args.json:
-        print(json.dumps(simulate.as_json(report), ensure_ascii=False, indent=2))
+        print(
+            json.dumps({**simulate.as_json(report), "notes": notes}, ensure_ascii=False, indent=2)
+        )
     else:
         print(simulate.render(report, lines=lines))
+        for note in notes:
+            print(f"note: {note}")
     return 0
 
 

@@ -4,12 +4,15 @@ functions of what was last reported of a user and a `now`."""
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from scheduler.cli import main
 from scheduler.domain.adapt import NEVER_SEEN, Seen, decide, extra_occurrence
 from scheduler.domain.messages import render
 from scheduler.domain.plan import Plan
@@ -205,3 +208,27 @@ def test_an_extra_steps_content_is_checked_like_any_message() -> None:
         ("disclaimer", True)
     ]
     assert static_violations(plan(), DEFAULT_POLICY, NOW) == []
+
+
+def test_preview_says_the_rules_depend_on_activity_and_shows_the_extra_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    path = tmp_path / "rehab.yaml"
+    path.write_text(yaml.safe_dump(BASE, allow_unicode=True), encoding="utf-8")
+    code = main(["preview", str(path), "--from", "2026-12-01T10:00+08:00", "--count", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "rehab has adapt rules, which depend on each user's opens and activity" in out
+    assert "adapt.0 (inactive_for 7 days: send encouragement)" in out
+    assert "extra encouragement" in out
+    assert "variable {patient} has no value for this user (pass it with --var)" in out
+    assert main(["preview", str(path), "--count", "1", "--var", "patient=张三", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapt"]["extra_steps"] == [
+        {
+            "name": "encouragement",
+            "message": {"thing1": "张三，坚持就是胜利", "thing2": "仅供参考，不构成诊断"},
+        }
+    ]
