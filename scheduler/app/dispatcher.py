@@ -498,7 +498,11 @@ class Dispatcher:
                     claims = await self._claim(conn, active, dues)
                     # Extra steps after the plan's own: they meet the caps the steps counted.
                     extras = await self._render_extras(active, on_time, adapted, now, report, conn)
-                    extra_claims = await self._claim(conn, active, extras)
+                    if extras:  # one batch, so that all of it is queued (a user has two rows)
+                        claims = _of_rows(claims, dues) + _of_rows(
+                            await self._claim(conn, active, extras), extras
+                        )
+                        dues = dues + extras
                     await self.store.advance_enrollments(
                         conn,
                         plan_id,
@@ -511,8 +515,6 @@ class Dispatcher:
                     )
                 # Sends start only after the claim and the advance have committed.
                 yield dues, claims
-                if extras:
-                    yield extras, extra_claims
             else:
                 return  # stopping
             if state is None or not PlanState(state).fires:
@@ -898,10 +900,19 @@ class Dispatcher:
                         report.stopped = True
                         break
                     by_user = {d.user_id: d for d in dues}
+                    by_row = {(d.user_id, d.occurrence): d for d in dues}
                     pairs = (
                         zip(claims, dues, strict=True)
                         if keyed_by_delivery
-                        else ((c, by_user[c.user_id]) for c in claims)
+                        else (
+                            (
+                                c,
+                                by_user[c.user_id]
+                                if c.occurrence is None
+                                else by_row[(c.user_id, c.occurrence)],
+                            )
+                            for c in claims
+                        )
                     )
                     report.claimed += len(claims)
                     report.already_claimed += len(dues) - len(claims)
@@ -941,6 +952,12 @@ def occurrence_key(fire_time: datetime) -> str:
 
 def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None = None) -> Stop:
     return Stop(outcome, violation.reason, violation.detail, defer_until)
+
+
+def _of_rows(claims: list[Claim], dues: list[Due]) -> list[Claim]:
+    """The claims of one claim call (one row per user), each told which row it is."""
+    occurrence = {d.user_id: d.occurrence for d in dues}
+    return [dataclasses.replace(c, occurrence=occurrence[c.user_id]) for c in claims]
 
 
 def _skips(adaptation: Adaptation | None) -> bool:

@@ -103,6 +103,9 @@ class Claim:
     user_id: str
     status: Outcome
     reason: Reason | None = None
+    # Set by a caller whose batch holds more than one row of a user (a relative plan's step and
+    # an adapt rule's extra step): which of the user's rows this claim is.
+    occurrence: str | None = None
 
     @property
     def allowed(self) -> bool:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from scheduler.app.dispatcher import FanOutReport
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import relative_due
 from scheduler.store.postgres import Store
@@ -83,10 +84,9 @@ async def rows(store: Store) -> list[tuple]:
     return [tuple(r) for r in found]
 
 
-async def sweep_at(d, clock: Clock, moment: datetime, times: int = 1) -> None:
+async def sweep_at(d, clock: Clock, moment: datetime, times: int = 1) -> list[FanOutReport]:
     clock.now = moment + timedelta(minutes=1)
-    for _ in range(times):
-        await d.fire("rehab", clock.now)
+    return [await d.fire("rehab", clock.now) for _ in range(times)]
 
 
 async def test_inactive_users_are_encouraged_once_per_period_and_active_ones_skip(
@@ -101,12 +101,22 @@ async def test_inactive_users_are_encouraged_once_per_period_and_active_ones_ski
         await activity(api, ("o-idle", datetime(2026, 3, 1, 12, 0, tzinfo=UTC), "a-1"))
         await opened(api, "o-busy", datetime(2026, 3, 8, 20, 0, tzinfo=UTC))
 
-        await sweep_at(d, clock, STEP[0], times=2)  # a double fire meets the same rows
-        await sweep_at(d, clock, STEP[1], times=2)
+        first, double = await sweep_at(d, clock, STEP[0], times=2)
+        second = await sweep_at(d, clock, STEP[1], times=2)
         await activity(api, ("o-idle", datetime(2026, 3, 20, 3, 0, tzinfo=UTC), "a-2"))
         await sweep_at(d, clock, STEP[2])
         await sweep_at(d, clock, STEP[3])
 
+    assert first.outcomes == {
+        "sent": 3,  # o-idle's step and encouragement, o-new's step
+        "failed": 0,
+        "already_claimed": 0,
+        "missed": 0,
+        "skipped:adapted": 1,  # o-busy
+    }
+    assert double.claimed == 0 and double.sent == 0  # nothing due any more
+    # step 2: o-idle's encouragement of the same inactivity meets its row, and is not sent again
+    assert (second[0].sent, second[0].already_claimed) == (4, 1)
     idle_since_1 = "extra:encouragement:since:2026-03-01T12:00:00+00:00"
     idle_since_20 = "extra:encouragement:since:2026-03-20T03:00:00+00:00"
     busy_since = "extra:encouragement:since:2026-03-08T20:00:00+00:00"
