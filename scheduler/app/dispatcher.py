@@ -537,7 +537,7 @@ class Dispatcher:
         rules, record = active.plan.adapt, active.record
         if not rules or not recipients:
             return {}
-        seen = await self.store.activity.last_seen(conn, [r.user_id for r in recipients])
+        seen = await self.store.activity.last_seen(conn, [r.user_id for r in recipients], now)
         adapted = {
             r.user_id: a
             for r in recipients

@@ -41,19 +41,23 @@ class ActivityStore:
         )
         return len(rows), len(reports) - len(rows)
 
-    async def last_seen(self, conn: Conn | None, users: Sequence[str]) -> dict[str, Seen]:
-        """Each user's last open and last activity (of any plan), in one query for the batch;
-        users of whom nothing was ever reported are left out."""
+    async def last_seen(
+        self, conn: Conn | None, users: Sequence[str], now: datetime
+    ) -> dict[str, Seen]:
+        """Each user's last open and last activity (of any plan) up to `now`, in one query for
+        the batch; users of whom nothing was reported by then are left out. A report dated
+        after `now` (a skewed clock; a simulation's later days) counts from its time on."""
         if not users:
             return {}
         rows = await (conn or self.pool).fetch(
             "SELECT u.uid,"
-            " (SELECT o.opened_at FROM opens o WHERE o.user_id = u.uid"
+            " (SELECT o.opened_at FROM opens o WHERE o.user_id = u.uid AND o.opened_at <= $2"
             "  ORDER BY o.opened_at DESC LIMIT 1) AS last_open,"
-            " (SELECT a.at FROM activity a WHERE a.user_id = u.uid"
+            " (SELECT a.at FROM activity a WHERE a.user_id = u.uid AND a.at <= $2"
             "  ORDER BY a.at DESC LIMIT 1) AS last_activity"
             " FROM unnest($1::text[]) AS u (uid)",
             list(users),
+            now,
         )
         return {
             r["uid"]: Seen(r["last_open"], r["last_activity"])

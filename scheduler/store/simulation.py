@@ -22,8 +22,8 @@ NEXT_DEFERRED_RETRY = (
 )
 DEFERRED = "SELECT id, reason, defer_until FROM deliveries WHERE status = 'deferred'"
 LEDGER = (
-    "SELECT id, plan_id, user_id, step, due_at, status, reason FROM deliveries"
-    " ORDER BY due_at, plan_id, user_id"
+    "SELECT id, plan_id, user_id, step, due_at, status, reason, variant FROM deliveries"
+    " ORDER BY due_at, plan_id, user_id, occurrence"
 )
 UNFINISHED = (
     "SELECT plan_id, user_id, occurrence, due_at, status, reason, defer_until"
@@ -59,8 +59,8 @@ class SimulationStore:
         return [dict(r) for r in await self._pool.fetch(DEFERRED)]
 
     async def ledger(self) -> list[dict[str, Any]]:
-        """Every ledger row (id, plan_id, user_id, step, due_at, status, reason), by due time,
-        plan and user."""
+        """Every ledger row (id, plan_id, user_id, step, due_at, status, reason, variant), by due
+        time, plan and user."""
         return [dict(r) for r in await self._pool.fetch(LEDGER)]
 
     async def unfinished(self) -> list[dict[str, Any]]:

@@ -8,9 +8,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
+
+from scheduler import simulate
 from scheduler.app.dispatcher import FanOutReport
 from scheduler.domain.plan import Plan
+from scheduler.domain.policy import Policy
 from scheduler.domain.schedule import relative_due
+from scheduler.planfiles import load_plans
 from scheduler.store.postgres import Store
 from tests.ingest_helpers import INGEST, serve
 from tests.ops_helpers import channel_fixture, fake_fixture  # noqa: F401 - fixtures
@@ -183,8 +188,10 @@ async def test_activity_batches_are_stored_once(store):
         ("api:crm", "e-1", "o-a", "training"),
         ("api:crm", "e-2", "o-b", "training"),
     ]
-    seen = await store.activity.last_seen(None, ["o-a", "o-nobody"])
+    seen = await store.activity.last_seen(None, ["o-a", "o-nobody"], at)
     assert list(seen) == ["o-a"] and seen["o-a"].last_activity == at
+    # reports dated later than the moment judged do not count yet
+    assert await store.activity.last_seen(None, ["o-a"], at - timedelta(seconds=1)) == {}
 
 
 GOOD = {"openid": "o-a", "at": "2026-03-01T12:00:00+08:00", "event_id": "e-1"}
@@ -217,3 +224,63 @@ async def test_bad_activity_is_refused_naming_the_field(store):
         unauthorized = await api.post("/v1/activity", json={"activity": [GOOD]})
     assert unauthorized.status_code == 401
     assert await store.pool.fetchval("SELECT count(*) FROM activity") == 0
+
+
+REHAB_YAML = """\
+id: rehab
+name: Rehab
+category: medical
+consent: one_time
+variables: [patient]
+schedule:
+  relative: {every: 1 week, count: 3, at: "09:00"}
+template: {id: tmpl_rehab, fields: {thing1: thing, thing2: thing}}
+message:
+  default: {thing1: "第{step}周康复训练", thing2: "仅供参考，不构成诊断"}
+  extra:
+    encouragement: {thing1: "{patient}，坚持就是胜利"}
+adapt:
+  - if: {inactive_for: 7 days}
+    send: encouragement
+  - if: {active_within: 1 day}
+    skip: true
+"""
+
+
+async def test_simulate_runs_the_rules_on_simulated_activity(db_url, tmp_path):
+    (tmp_path / "rehab.yaml").write_text(REHAB_YAML, encoding="utf-8")
+    loaded, problems = load_plans([tmp_path])
+    assert problems == []
+    plans = [item.plan for item in loaded]
+    start = datetime(2026, 12, 7, tzinfo=TZ)  # a Monday
+    end = start + timedelta(weeks=4)
+    users = simulate.audience(
+        plans,
+        simulate.parse_consent(None, plans),
+        users=3,
+        tz=TZ.key,
+        start=start,
+        end=end,
+        variables={"patient": "x"},
+    )
+    activity, patterns = simulate.simulated_activity("daily:1,once:1", users, start, end)
+    report = await simulate.run(db_url, loaded, Policy(), users, start, end, activity=activity)
+
+    assert patterns == {"o-sim-1": "daily", "o-sim-2": "once"}
+    timelines = {
+        user: [(line.step, line.extra, line.status, line.reason) for line in lines]
+        for user, lines in report.timeline.items()
+    }
+    assert timelines == {
+        "o-sim-1": [(n, None, "skipped", "adapted") for n in (1, 2, 3)],  # active every day
+        "o-sim-2": [  # active on the first day only: encouraged once, 13.5 days later
+            (1, None, "sent", None),
+            (2, "encouragement", "sent", None),
+            (2, None, "sent", None),
+            # "every step covered" granted 3 credits: the encouragement took one of them
+            (3, None, "skipped", "no_consent"),
+        ],
+        "o-sim-3": [(n, None, "sent", None) for n in (1, 2, 3)],  # nothing reported
+    }
+    with pytest.raises(simulate.SimulationError, match="write daily:N or once:N"):
+        simulate.simulated_activity("weekly:1", users, start, end)
