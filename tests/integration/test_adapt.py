@@ -12,6 +12,7 @@ import pytest
 
 from scheduler import simulate
 from scheduler.app.dispatcher import FanOutReport
+from scheduler.app.lifecycle import Lifecycle
 from scheduler.domain.plan import Plan
 from scheduler.domain.policy import Policy
 from scheduler.domain.schedule import relative_due
@@ -151,15 +152,21 @@ async def test_inactive_users_are_encouraged_once_per_period_and_active_ones_ski
     assert len(cards) == 3 + 4 + 3 + 4  # o-busy 3 steps + 1 extra, o-idle 4 + 2, o-new 4
 
 
-async def test_caps_and_consent_still_stop_an_extra_step(store, fake, channel):
+async def test_caps_consent_and_opt_outs_still_stop_an_extra_step(store, fake, channel):
     plan = adaptive_plan(caps={"plan_day": 1})  # the plan's own step takes the day's one
     await register(store, plan)
-    await enrol(store, plan, {"o-capped": 5, "o-one-credit": 1})
+    await enrol(store, plan, {"o-capped": 5, "o-one-credit": 1, "o-out": 5})
+    await Lifecycle(store).opt_out("o-out", plan_id=None, actor="admin", reason="asked to")
     clock = Clock(START)
     d = dispatcher(store, channel, clock)
     async with serve(store) as api:
         long_ago = datetime(2026, 2, 20, 0, 0, tzinfo=UTC)
-        await activity(api, ("o-capped", long_ago, "c-1"), ("o-one-credit", long_ago, "c-2"))
+        await activity(
+            api,
+            ("o-capped", long_ago, "c-1"),
+            ("o-one-credit", long_ago, "c-2"),
+            ("o-out", long_ago, "c-3"),
+        )
         await sweep_at(d, clock, STEP[0])
         await sweep_at(d, clock, STEP[1])
 
@@ -172,6 +179,9 @@ async def test_caps_and_consent_still_stop_an_extra_step(store, fake, channel):
         ("o-one-credit", "step-1"): ("sent", None),
         ("o-one-credit", since): ("skipped", "no_consent"),
         ("o-one-credit", "step-2"): ("skipped", "no_consent"),
+        ("o-out", "step-1"): ("skipped", "opted_out"),
+        ("o-out", since): ("skipped", "opted_out"),
+        ("o-out", "step-2"): ("skipped", "opted_out"),
     }
     assert [m["touser"] for m in fake.messages] == ["o-capped", "o-one-credit", "o-capped"]
 
