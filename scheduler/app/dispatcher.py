@@ -74,6 +74,8 @@ from scheduler.store.postgres import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# A recipient's (occurrence key, step, due time, zone the message is rendered in) in a batch.
+When = Callable[[Recipient], tuple[str, int, datetime, ZoneInfo]]
 
 
 def utc_now() -> datetime:
@@ -404,8 +406,9 @@ class Dispatcher:
                         async with self.store.fanout.chunk_batch(
                             chunk, self.replica_id, recipients[-1].user_id
                         ) as conn:
-                            dues = await self._render_all(active, recipients, report, when, conn)
-                            claims = await self._claim(conn, active, dues)
+                            dues, claims = await self._adapted_batch(
+                                active, conn, recipients, self.clock(), report, when
+                            )
             except Fenced as why:
                 log.info("chunk %d stops: %s", chunk.id, why, extra={"plan_id": chunk.plan_id})
                 yield None
@@ -487,22 +490,9 @@ class Dispatcher:
                     report.missed += len(late)
                     metrics.count(plan_id, Outcome.MISSED, Reason.GRACE_EXCEEDED, len(late))
                     on_time = [r for r in due if now - _next_due(r) <= grace]
-                    adapted = await self._adapt(active, conn, on_time, now, report)
-                    dues = await self._render_all(
-                        active,
-                        [r for r in on_time if not _skips(adapted.get(r.user_id))],
-                        report,
-                        lambda r: (_step_key(r), r.next_step + 1, _next_due(r), ZoneInfo(r.tz)),
-                        conn=conn,
+                    dues, claims = await self._adapted_batch(
+                        active, conn, on_time, now, report, _relative_step
                     )
-                    claims = await self._claim(conn, active, dues)
-                    # Extra steps after the plan's own: they meet the caps the steps counted.
-                    extras = await self._render_extras(active, on_time, adapted, now, report, conn)
-                    if extras:  # one batch, so that all of it is queued (a user has two rows)
-                        claims = _of_rows(claims, dues) + _of_rows(
-                            await self._claim(conn, active, extras), extras
-                        )
-                        dues = dues + extras
                     await self.store.advance_enrollments(
                         conn,
                         plan_id,
@@ -523,6 +513,34 @@ class Dispatcher:
         await self._pipeline(active, batches(), report)
         return report
 
+    async def _adapted_batch(
+        self,
+        active: ActivePlan,
+        conn: Any,
+        recipients: list[Recipient],
+        now: datetime,
+        report: FanOutReport,
+        when: When,
+    ) -> tuple[list[Due], list[Claim]]:
+        """Render, gate and claim one batch, with the plan's adapt rules: the steps they skip
+        are recorded, the extra steps they send are claimed after the plan's own steps (so they
+        meet the caps those counted) and returned with them, as one batch (a user may have two
+        rows: each claim says which), so that all of it is queued together."""
+        adapted = await self._adapt(active, conn, recipients, now, report, when)
+        dues = await self._render_all(
+            active,
+            [r for r in recipients if not _skips(adapted.get(r.user_id))],
+            report,
+            when,
+            conn=conn,
+        )
+        claims = await self._claim(conn, active, dues)
+        extras = await self._render_extras(active, recipients, adapted, now, report, conn, when)
+        if not extras:
+            return dues, claims
+        extra_claims = await self._claim(conn, active, extras)
+        return dues + extras, _of_rows(claims, dues) + _of_rows(extra_claims, extras)
+
     async def _adapt(
         self,
         active: ActivePlan,
@@ -530,6 +548,7 @@ class Dispatcher:
         recipients: list[Recipient],
         now: datetime,
         report: FanOutReport,
+        when: When,
     ) -> dict[str, Adaptation]:
         """The plan's adapt rules on a batch of due users (docs/plans.md#adapt): what each user
         did is read in one query, the first matching rule decides, and the steps it skips are
@@ -548,7 +567,7 @@ class Dispatcher:
             plan_id=record.id,
             version=record.version,
             replica=self.replica_id,
-            rows=[(_step_key(r), r.user_id, r.next_step + 1, _next_due(r)) for r in skipped],
+            rows=[(key, r.user_id, step, due) for r in skipped for key, step, due, _ in [when(r)]],
             status=Outcome.SKIPPED,
             reason=Reason.ADAPTED,
             conn=conn,
@@ -567,6 +586,7 @@ class Dispatcher:
         now: datetime,
         report: FanOutReport,
         conn: Any,
+        when: When,
     ) -> list[Due]:
         """The extra steps the adapt rules send, rendered and through gate steps 4-6 like any
         step; each has its own ledger key (`extra_occurrence`), so it goes at most once per
@@ -578,10 +598,11 @@ class Dispatcher:
             adaptation = adapted.get(r.user_id)
             if adaptation is None or adaptation.send is None:
                 continue
-            step, due_at, name = r.next_step + 1, _next_due(r), adaptation.send
+            _, step, due_at, tz = when(r)
+            name = adaptation.send
             occurrence = extra_occurrence(name, adaptation, step)
             try:
-                data = render(plan, step, due_at, ZoneInfo(r.tz), r.user_id, r.vars, extra=name)
+                data = render(plan, step, due_at, tz, r.user_id, r.vars, extra=name)
             except RenderError as exc:
                 log.warning(
                     "plan %s: cannot render extra step %s for %s: %s",
@@ -962,6 +983,11 @@ def _of_rows(claims: list[Claim], dues: list[Due]) -> list[Claim]:
 
 def _skips(adaptation: Adaptation | None) -> bool:
     return adaptation is not None and adaptation.skip
+
+
+def _relative_step(r: Recipient) -> tuple[str, int, datetime, ZoneInfo]:
+    """A due enrolment's next step: its key, number, due time and the user's zone."""
+    return _step_key(r), r.next_step + 1, _next_due(r), ZoneInfo(r.tz)
 
 
 def _step_key(recipient: Recipient) -> str:

@@ -1,6 +1,6 @@
 """Behaviour-driven cadence: which adapt rule decides a due user's step. Pure: `now` is passed in.
 
-A relative plan's `adapt` rules (docs/plans.md#adapt) look at what was last reported of the user
+A plan's `adapt` rules (docs/plans.md#adapt) look at what was last reported of the user
 (an open of the mini program, `POST /v1/opens`; any activity, `POST /v1/activity`); the first
 rule whose every condition holds decides: skip the plan's step, send a named extra step, or both.
 """

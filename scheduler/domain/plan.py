@@ -637,7 +637,7 @@ class Plan(Model):
     adapt: list[AdaptRule] = Field(
         default_factory=list,
         max_length=MAX_ADAPT_RULES,
-        description="Relative plans: rules that skip a step or send an extra one, from what "
+        description="Rules that skip a step or send an extra one, from what "
         "each user did (opens, reported activity); the first that matches decides.",
     )
 
@@ -687,11 +687,6 @@ class Plan(Model):
                     f"adapt.{index}.send: no extra step {rule.send!r} under message.extra "
                     f"(there: {named})"
                 )
-        if self.adapt and self.schedule.relative is None:
-            raise ValueError(
-                "adapt: only relative plans adapt to each user (a calendar plan sends one "
-                "timeline to its whole audience)"
-            )
         limit_key = self.delivery.limit_key
         if limit_key is not None and limit_key not in self.variables and limit_key not in keys:
             raise ValueError(

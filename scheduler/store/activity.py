@@ -1,5 +1,5 @@
 """What users did: the activity the mini program reports (POST /v1/activity) and, read with it,
-their opens (POST /v1/opens), for a relative plan's adapt rules (docs/plans.md#adapt)."""
+their opens (POST /v1/opens), for plans' adapt rules (docs/plans.md#adapt)."""
 
 from __future__ import annotations
 

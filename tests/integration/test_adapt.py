@@ -294,3 +294,56 @@ async def test_simulate_runs_the_rules_on_simulated_activity(db_url, tmp_path):
     }
     with pytest.raises(simulate.SimulationError, match="write daily:N or once:N"):
         simulate.simulated_activity("weekly:1", users, start, end)
+
+
+async def test_a_calendar_plan_adapts_each_users_step_of_an_occurrence(store, fake, channel):
+    plan = Plan.model_validate(
+        {
+            "id": "tips",
+            "name": "Tips",
+            "category": "transport",
+            "consent": "long_term",
+            "schedule": {
+                "calendar": {"timezone": TZ.key, "daily": {"at": "09:00"}, "start": "2026-03-01"}
+            },
+            "template": {"id": "tmpl_tips", "fields": {"thing1": "thing"}},
+            "message": {
+                "default": {"thing1": "Tip {step}"},
+                "extra": {"nudge": {"thing1": "Miss you"}},
+            },
+            "adapt": [
+                {"if": {"inactive_for": "2 days"}, "send": "nudge"},
+                {"if": {"active_within": "1 day"}, "skip": True},
+            ],
+        }
+    )
+    await register(store, plan)
+    for user in ("o-active", "o-away", "o-new"):
+        await store.enroll(plan.id, user, START, TZ.key, {}, None)
+        await store.record_consent(user, "tmpl_tips", "long_term", "accept", "test")
+    clock = Clock(START)
+    d = dispatcher(store, channel, clock, batch_size=2)
+    async with serve(store) as api:
+        await activity(
+            api,
+            ("o-active", datetime(2026, 3, 1, 20, 0, tzinfo=UTC), "t-1"),
+            ("o-away", datetime(2026, 2, 25, 0, 0, tzinfo=UTC), "t-2"),
+        )
+    for day in (2, 3):  # steps 2 and 3, 09:00 in Shanghai
+        clock.now = datetime(2026, 3, day, 1, 0, tzinfo=UTC)
+        await d.fire(plan.id, clock.now)
+
+    step_2, step_3 = "2026-03-02T01:00:00+00:00", "2026-03-03T01:00:00+00:00"
+    away = "extra:nudge:since:2026-02-25T00:00:00+00:00"
+    found = [(r[0], r[1], r[2], r[3], r[4]) for r in await rows(store)]
+    assert found == [
+        ("o-active", step_2, 2, "skipped", "adapted"),
+        ("o-active", step_3, 3, "sent", None),  # 29 hours later: neither rule
+        ("o-away", step_2, 2, "sent", None),
+        ("o-away", away, 2, "sent", None),  # once for this absence, not at step 3 again
+        ("o-away", step_3, 3, "sent", None),
+        ("o-new", step_2, 2, "sent", None),
+        ("o-new", step_3, 3, "sent", None),
+    ]
+    away_cards = sorted(m["data"]["thing1"] for m in fake.messages if m["touser"] == "o-away")
+    assert away_cards == ["Miss you", "Tip 2", "Tip 3"]

@@ -182,13 +182,6 @@ def test_the_plan_without_adapt_keeps_its_content_hash() -> None:
             "message.extra.encouragement.thing1",
             "unknown variable {nobody}",
         ),
-        (
-            {
-                "schedule": {"calendar": {"weekly": {"days": "mon", "at": "09:00"}}},
-            },
-            "adapt",
-            "only relative plans adapt",
-        ),
     ],
 )
 def test_bad_rules_are_errors_naming_the_field(changes: dict, field: str, needle: str) -> None:
@@ -232,3 +225,8 @@ def test_preview_says_the_rules_depend_on_activity_and_shows_the_extra_step(
             "message": {"thing1": "张三，坚持就是胜利", "thing2": "仅供参考，不构成诊断"},
         }
     ]
+
+
+def test_a_calendar_plan_may_adapt_too() -> None:
+    weekly = plan(schedule={"calendar": {"weekly": {"days": "mon", "at": "09:00"}}})
+    assert weekly.adapt == plan().adapt

@@ -1,5 +1,5 @@
 -- Behaviour-driven cadence (issue 13 part 3; docs/plans.md#adapt): what the mini program reports
--- users doing (POST /v1/activity), read with their opens by a relative plan's adapt rules.
+-- users doing (POST /v1/activity), read with their opens by plans' adapt rules.
 
 -- One reported activity of a user. `event_id` is the reporter's id for it, unique per source
 -- (the API token's name), so a retried batch is stored once.
