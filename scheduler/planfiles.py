@@ -262,6 +262,11 @@ def content_hash(plan: Plan) -> str:
     # Plans written before `delivery` existed keep their version (and their schedules).
     if plan.delivery == Delivery():
         del data["delivery"]
+    # ... and before `adapt` and `message.extra` (issue 13).
+    if not plan.adapt:
+        del data["adapt"]
+    if not plan.message.extra:
+        del data["message"]["extra"]
     canonical = json.dumps(data, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

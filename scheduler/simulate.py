@@ -43,6 +43,7 @@ from scheduler.domain.schedule import (
 )
 from scheduler.errors import RemindersError
 from scheduler.planfiles import LoadedPlan
+from scheduler.store.activity import ActivityReport
 from scheduler.store.consent import RUNWAY_LOOKAHEAD, ConsentReport
 from scheduler.store.embedded import temporary_embedded
 from scheduler.store.postgres import Store
@@ -129,6 +130,7 @@ class Line:
     reason: str | None
     deferred: str | None = None  # why it was deferred first, if it was
     variant: str | None = None  # the step's content variant the user got (None: its only one)
+    extra: str | None = None  # an adapt rule's extra step (message.extra.NAME)
 
 
 @dataclass(frozen=True)
@@ -238,11 +240,13 @@ async def run(
     start: datetime,
     end: datetime,
     opt_outs: Sequence[tuple[datetime, str, str]] = (),
+    activity: Sequence[ActivityReport] = (),
 ) -> Report:
     """Run `loaded` for `users` over [start, end) on the empty database at `url` (migrated here).
 
     `opt_outs` are (when, user, reason): an opt-out of every plan, applied at the first moment at
-    or after `when`.
+    or after `when`. `activity` is what the users are reported doing (`simulated_activity`),
+    stored up front: adapt rules count each report from its time on.
     """
     started = time.perf_counter()
     plans = [item.plan for item in loaded]
@@ -267,6 +271,8 @@ async def run(
                 lifecycle=lifecycle,
             )
             await _setup(store, loaded, users, start)
+            if activity:
+                await store.activity.record(activity)
             drive = _Drive(store, dispatcher, lifecycle, clock, report, users)
             await drive.run(plans, _calendar_events(plans, start, end), sorted(opt_outs))
             await _read_ledger(store, report, drive.deferred)
@@ -380,8 +386,17 @@ async def _read_ledger(
         if why is not None:
             report.deferred_fate.setdefault(row["plan_id"], Counter())[key] += 1
         at = until if row["status"] == "sent" else row["due_at"]
+        variant = row["variant"]
+        extra = variant.removeprefix("extra:") if variant and variant.startswith("extra:") else None
         line = Line(
-            at, row["plan_id"], row["step"], row["status"], row["reason"], why, row["variant"]
+            at,
+            row["plan_id"],
+            row["step"],
+            row["status"],
+            row["reason"],
+            why,
+            None if extra is not None else variant,
+            extra,
         )
         report.timeline.setdefault(row["user_id"], []).append(line)
     for lines in report.timeline.values():
@@ -448,6 +463,42 @@ def parse_consent(spec: str | None, plans: Sequence[Plan]) -> dict[str, Choice |
         else:
             named[plan_id] = choice
     return {p.id: named.get(p.id, unnamed.get(p.consent, unnamed.get(None))) for p in plans}
+
+
+ACTIVITY_ITEM = re.compile(r"(?P<pattern>daily|once)(?::(?P<users>[0-9]{1,7}))?")
+ACTIVITY_SYNTAX = (
+    "write daily:N or once:N (the next N users are reported active every day at 20:00 "
+    "their time, or only on the first day), comma-separated, e.g. daily:1,once:1"
+)
+
+
+def simulated_activity(
+    spec: str | None, users: Sequence[User], start: datetime, end: datetime
+) -> tuple[list[ActivityReport], dict[str, str]]:
+    """What `--activity SPEC` reports of the users, in user order: `daily:N` users are active
+    every day of the run at 20:00 in their zone, `once:N` ones on its first day only, the others
+    never. Returns the reports and each reported user's pattern."""
+    reports: list[ActivityReport] = []
+    patterns: dict[str, str] = {}
+    queue = iter(users)
+    for item in (i.strip() for i in spec.split(",")) if spec else ():
+        match = ACTIVITY_ITEM.fullmatch(item)
+        if match is None:
+            raise SimulationError(f"--activity {item!r}: {ACTIVITY_SYNTAX}")
+        for user in itertools.islice(queue, int(match["users"] or 1)):
+            patterns[user.id] = match["pattern"]
+            zone, day = ZoneInfo(user.tz), start.astimezone(ZoneInfo(user.tz)).date()
+            while True:
+                at = localize(datetime.combine(day, datetime.min.time().replace(hour=20)), zone)
+                if at >= end:
+                    break
+                if at >= start:
+                    event = f"sim:{user.id}:{day.isoformat()}"
+                    reports.append(ActivityReport(user.id, at, event, "sim", "simulated"))
+                    if match["pattern"] == "once":
+                        break
+                day += timedelta(days=1)
+    return reports, patterns
 
 
 def _kinds(plans: Sequence[Plan]) -> str:
@@ -618,6 +669,8 @@ def render(report: Report, *, lines: int = 8) -> str:
                 outcome += f" (deferred first: {row.deferred})"
             if row.variant is not None:
                 outcome += f" [variant {row.variant}]"
+            if row.extra is not None:
+                outcome = f"extra {row.extra}: {outcome}"
             out.append(f"  {local(row.at, tz)}  {row.plan:<{width}}  step {row.step:>3}  {outcome}")
     return "\n".join(out + render_left(report))
 
@@ -687,6 +740,7 @@ def as_json(report: Report) -> dict[str, Any]:
                     "reason": row.reason,
                     "deferred": row.deferred,
                     "variant": row.variant,
+                    "extra": row.extra,
                 }
                 for row in rows
             ]

@@ -1,4 +1,4 @@
-"""Ingestion routes: consent popup results, enrolments, opens, and the consent runway.
+"""Ingestion routes: consent popup results, enrolments, opens, activity, and the consent runway.
 
 Every batch is all or nothing: one bad item refuses the request with the reason (and its index)
 and stores nothing. Everything stored records the calling token's name as its source.
@@ -26,6 +26,7 @@ from scheduler.api.fields import (
     Id,
     Moment,
     Scene,
+    StorableText,
     TimeZoneName,
     Variables,
 )
@@ -34,6 +35,7 @@ from scheduler.domain.consent import Result, Via, consent_problem
 from scheduler.domain.enrolment import OPENID, Enrolment, EnrolmentError, prepare
 from scheduler.domain.plan import ConsentKind, Plan
 from scheduler.domain.tracking import NOTIFICATION_SCENES, TRACKING_PARAM
+from scheduler.store.activity import ActivityReport, ActivityStore
 from scheduler.store.consent import ConsentReport, ConsentStore, OpenReport
 
 router = APIRouter(prefix="/v1")
@@ -387,6 +389,55 @@ async def post_opens(batch: OpensBatch, caller: Ingest, store: Store) -> dict[st
     source = f"api:{caller.name}"
     recorded, duplicates = await store.record_opens(
         [OpenReport(o.openid, o.scene, o.at or now, o.rmd, source) for o in batch.opens]
+    )
+    return {"recorded": recorded, "duplicates": duplicates}
+
+
+# --- activity -----------------------------------------------------------------------------------
+
+
+ActivityKind = Annotated[
+    str,
+    Field(min_length=1, max_length=64, examples=["training_done"]),
+    StorableText,
+]
+
+
+class ActivityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    openid: OpenId
+    at: Moment = Field(description="When the user did it, with a UTC offset.")
+    kind: ActivityKind | None = Field(
+        None, description="What the user did, your word for it (kept, not interpreted)."
+    )
+    event_id: Id = Field(
+        description="Your id for this report: a retried report with the same id is stored once."
+    )
+
+
+class ActivityBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    activity: list[ActivityIn] = Field(min_length=1, max_length=1000)
+
+
+def activity_store(request: Request) -> ActivityStore:
+    activity: ActivityStore = request.app.state.store.activity
+    return activity
+
+
+@router.post(
+    "/activity",
+    tags=["activity"],
+    summary="Report what users did in the mini program (read by plans' adapt rules)",
+)
+async def post_activity(
+    batch: ActivityBatch,
+    caller: Ingest,
+    store: Annotated[ActivityStore, Depends(activity_store)],
+) -> dict[str, int]:
+    source = f"api:{caller.name}"
+    recorded, duplicates = await store.record(
+        [ActivityReport(a.openid, a.at, a.event_id, source, a.kind) for a in batch.activity]
     )
     return {"recorded": recorded, "duplicates": duplicates}
 

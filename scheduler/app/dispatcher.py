@@ -13,6 +13,7 @@ sent; what was claimed but never handed to the channel goes back to the pool (`R
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from scheduler.app.flight import FlightRecorder
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.app.quota import QuotaWatch, quota_reset_after
 from scheduler.channels.base import Channel, OutgoingMessage, SendResult
+from scheduler.domain.adapt import NEVER_SEEN, Adaptation, decide, extra_occurrence
 from scheduler.domain.messages import RenderError, render, variant_for
 from scheduler.domain.outcomes import Outcome, Reason
 from scheduler.domain.plan import Plan
@@ -72,6 +74,8 @@ from scheduler.store.postgres import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# A recipient's (occurrence key, step, due time, zone the message is rendered in) in a batch.
+When = Callable[[Recipient], tuple[str, int, datetime, ZoneInfo]]
 
 
 def utc_now() -> datetime:
@@ -402,8 +406,9 @@ class Dispatcher:
                         async with self.store.fanout.chunk_batch(
                             chunk, self.replica_id, recipients[-1].user_id
                         ) as conn:
-                            dues = await self._render_all(active, recipients, report, when, conn)
-                            claims = await self._claim(conn, active, dues)
+                            dues, claims = await self._adapted_batch(
+                                active, conn, recipients, self.clock(), report, when
+                            )
             except Fenced as why:
                 log.info("chunk %d stops: %s", chunk.id, why, extra={"plan_id": chunk.plan_id})
                 yield None
@@ -484,14 +489,10 @@ class Dispatcher:
                     )
                     report.missed += len(late)
                     metrics.count(plan_id, Outcome.MISSED, Reason.GRACE_EXCEEDED, len(late))
-                    dues = await self._render_all(
-                        active,
-                        [r for r in due if now - _next_due(r) <= grace],
-                        report,
-                        lambda r: (_step_key(r), r.next_step + 1, _next_due(r), ZoneInfo(r.tz)),
-                        conn=conn,
+                    on_time = [r for r in due if now - _next_due(r) <= grace]
+                    dues, claims = await self._adapted_batch(
+                        active, conn, on_time, now, report, _relative_step
                     )
-                    claims = await self._claim(conn, active, dues)
                     await self.store.advance_enrollments(
                         conn,
                         plan_id,
@@ -511,6 +512,122 @@ class Dispatcher:
 
         await self._pipeline(active, batches(), report)
         return report
+
+    async def _adapted_batch(
+        self,
+        active: ActivePlan,
+        conn: Any,
+        recipients: list[Recipient],
+        now: datetime,
+        report: FanOutReport,
+        when: When,
+    ) -> tuple[list[Due], list[Claim]]:
+        """Render, gate and claim one batch, with the plan's adapt rules: the steps they skip
+        are recorded, the extra steps they send are claimed after the plan's own steps (so they
+        meet the caps those counted) and returned with them, as one batch (a user may have two
+        rows: each claim says which), so that all of it is queued together."""
+        adapted = await self._adapt(active, conn, recipients, now, report, when)
+        dues = await self._render_all(
+            active,
+            [r for r in recipients if not _skips(adapted.get(r.user_id))],
+            report,
+            when,
+            conn=conn,
+        )
+        claims = await self._claim(conn, active, dues)
+        extras = await self._render_extras(active, recipients, adapted, now, report, conn, when)
+        if not extras:
+            return dues, claims
+        extra_claims = await self._claim(conn, active, extras)
+        return dues + extras, _of_rows(claims, dues) + _of_rows(extra_claims, extras)
+
+    async def _adapt(
+        self,
+        active: ActivePlan,
+        conn: Any,
+        recipients: list[Recipient],
+        now: datetime,
+        report: FanOutReport,
+        when: When,
+    ) -> dict[str, Adaptation]:
+        """The plan's adapt rules on a batch of due users (docs/plans.md#adapt): what each user
+        did is read in one query, the first matching rule decides, and the steps it skips are
+        recorded `skipped` (reason `adapted`, the rule in the detail). Returns the decisions."""
+        rules, record = active.plan.adapt, active.record
+        if not rules or not recipients:
+            return {}
+        seen = await self.store.activity.last_seen(conn, [r.user_id for r in recipients], now)
+        adapted = {
+            r.user_id: a
+            for r in recipients
+            if (a := decide(rules, seen.get(r.user_id, NEVER_SEEN), now)) is not None
+        }
+        skipped = [r for r in recipients if _skips(adapted.get(r.user_id))]
+        await self.store.skip(
+            plan_id=record.id,
+            version=record.version,
+            replica=self.replica_id,
+            rows=[(key, r.user_id, step, due) for r in skipped for key, step, due, _ in [when(r)]],
+            status=Outcome.SKIPPED,
+            reason=Reason.ADAPTED,
+            conn=conn,
+            details=[adapted[r.user_id].detail for r in skipped],
+        )
+        for _ in skipped:
+            report.stopped_by_gate(Outcome.SKIPPED, Reason.ADAPTED)
+        metrics.count(record.id, Outcome.SKIPPED, Reason.ADAPTED, len(skipped))
+        return adapted
+
+    async def _render_extras(
+        self,
+        active: ActivePlan,
+        recipients: list[Recipient],
+        adapted: dict[str, Adaptation],
+        now: datetime,
+        report: FanOutReport,
+        conn: Any,
+        when: When,
+    ) -> list[Due]:
+        """The extra steps the adapt rules send, rendered and through gate steps 4-6 like any
+        step; each has its own ledger key (`extra_occurrence`), so it goes at most once per
+        inactivity period, and carries the variant `extra:NAME` (its own line in reports)."""
+        plan, record = active.plan, active.record
+        dues, broken = [], []
+        moments: dict[tuple[Any, ...], Decision] = {}
+        for r in recipients:
+            adaptation = adapted.get(r.user_id)
+            if adaptation is None or adaptation.send is None:
+                continue
+            _, step, due_at, tz = when(r)
+            name = adaptation.send
+            occurrence = extra_occurrence(name, adaptation, step)
+            try:
+                data = render(plan, step, due_at, tz, r.user_id, r.vars, extra=name)
+            except RenderError as exc:
+                log.warning(
+                    "plan %s: cannot render extra step %s for %s: %s",
+                    record.id,
+                    name,
+                    r.user_id,
+                    exc,
+                    extra={"plan_id": record.id},
+                )
+                broken.append((occurrence, r.user_id, step, due_at))
+                continue
+            due = self._gate(plan, occurrence, r, step, due_at, data, now, moments)
+            dues.append(dataclasses.replace(due, variant=f"extra:{name}"))
+        report.unrenderable += len(broken)
+        metrics.count(record.id, Outcome.SKIPPED, Reason.UNRENDERABLE, len(broken))
+        await self.store.skip(
+            plan_id=record.id,
+            version=record.version,
+            replica=self.replica_id,
+            rows=broken,
+            status=Outcome.SKIPPED,
+            reason=Reason.UNRENDERABLE,
+            conn=conn,
+        )
+        return dues
 
     # --- deferred sends ---------------------------------------------------------------------------
 
@@ -808,10 +925,19 @@ class Dispatcher:
                         report.stopped = True
                         break
                     by_user = {d.user_id: d for d in dues}
+                    by_row = {(d.user_id, d.occurrence): d for d in dues}
                     pairs = (
                         zip(claims, dues, strict=True)
                         if keyed_by_delivery
-                        else ((c, by_user[c.user_id]) for c in claims)
+                        else (
+                            (
+                                c,
+                                by_user[c.user_id]
+                                if c.occurrence is None
+                                else by_row[(c.user_id, c.occurrence)],
+                            )
+                            for c in claims
+                        )
                     )
                     report.claimed += len(claims)
                     report.already_claimed += len(dues) - len(claims)
@@ -851,6 +977,21 @@ def occurrence_key(fire_time: datetime) -> str:
 
 def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None = None) -> Stop:
     return Stop(outcome, violation.reason, violation.detail, defer_until)
+
+
+def _of_rows(claims: list[Claim], dues: list[Due]) -> list[Claim]:
+    """The claims of one claim call (one row per user), each told which row it is."""
+    occurrence = {d.user_id: d.occurrence for d in dues}
+    return [dataclasses.replace(c, occurrence=occurrence[c.user_id]) for c in claims]
+
+
+def _skips(adaptation: Adaptation | None) -> bool:
+    return adaptation is not None and adaptation.skip
+
+
+def _relative_step(r: Recipient) -> tuple[str, int, datetime, ZoneInfo]:
+    """A due enrolment's next step: its key, number, due time and the user's zone."""
+    return _step_key(r), r.next_step + 1, _next_due(r), ZoneInfo(r.tz)
 
 
 def _step_key(recipient: Recipient) -> str:

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from scheduler.cli.common import (
     UsageError,
+    adapt_notes,
     aware,
     pairs,
     settings_for,
@@ -103,6 +104,22 @@ def _mark(run: DryRun) -> dict[str, str] | None:
     return None
 
 
+def _extra_steps(
+    plan: Plan, step: int, due: datetime, tz: ZoneInfo, variables: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Each extra step's message as it would go out at `step` (docs/plans.md#adapt)."""
+    from scheduler.domain.messages import RenderError, render
+
+    rows: list[dict[str, Any]] = []
+    for name in plan.message.extra:
+        try:
+            message: dict[str, str] = render(plan, step, due, tz, "", variables, extra=name)
+        except RenderError as exc:
+            message = {"error": f"{exc} (pass it with --var)"}
+        rows.append({"name": name, "message": message})
+    return rows
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
     from scheduler.domain.rules import dry_run
     from scheduler.domain.schedule import (
@@ -157,8 +174,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
             {"local": moment.astimezone(tz).isoformat(), "reason": why}
             for moment, why in skipped_days(plan.schedule.calendar, start, until)
         ]
+    notes = adapt_notes(plan)
+    extras = _extra_steps(plan, 1, start, tz, variables) if plan.message.extra else []
     if args.json:
-        report = {"plan": plan.id, "occurrences": rows, "skipped": skipped, "warnings": warnings}
+        report = {
+            "plan": plan.id,
+            "occurrences": rows,
+            "skipped": skipped,
+            "warnings": warnings,
+            "adapt": {"notes": notes, "extra_steps": extras},
+        }
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0
     print(
@@ -167,6 +192,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
     )
     for warning in warnings:
         print(f"  warning: {warning}")
+    for note in notes:
+        print(f"  adapt: {note}")
+    for extra in extras:
+        text = "; ".join(f"{k}={v}" for k, v in extra["message"].items())
+        print(f"  extra {extra['name']} (sent when a rule says so, at step 1 here): {text}")
     days_off = {row["local"][:10]: row["reason"] for row in skipped}
     for row in rows:
         for day in [d for d in days_off if d < row["local"][:10]]:

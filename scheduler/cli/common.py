@@ -15,6 +15,7 @@ from scheduler.errors import RemindersError
 from scheduler.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from scheduler.domain.plan import Plan
     from scheduler.store.postgres import Store
 
 T = TypeVar("T")
@@ -74,3 +75,17 @@ async def with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) 
 def run_with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
     """Run `work` on the database the command's settings name."""
     return asyncio.run(with_store(settings_for(args), work))
+
+
+def adapt_notes(plan: Plan) -> list[str]:
+    """What `preview` and `simulate` say of a plan's adapt rules: they depend on what each user
+    did (opens, reported activity), which neither can know."""
+    from scheduler.domain.adapt import describe
+
+    if not plan.adapt:
+        return []
+    rules = "; ".join(describe(i, rule) for i, rule in enumerate(plan.adapt))
+    return [
+        f"{plan.id} has adapt rules, which depend on each user's opens and activity (not known "
+        f"here): {rules}; shown for a user of whom nothing is reported (the plain timeline)"
+    ]

@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from scheduler.cli.common import UsageError, aware, pairs, zone
+from scheduler.cli.common import UsageError, adapt_notes, aware, pairs, zone
 
 MAX_USERS = 1000
 MAX_WEEKS = 104
@@ -60,16 +60,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         end=end,
         variables=dict(pairs(args.var)),
     )
+    activity, patterns = simulate.simulated_activity(args.activity, audience, start, end)
     policy = load_policy(policy_file)
 
     async def work(url: str) -> simulate.Report:
-        return await simulate.run(url, checked.plans, policy, audience, start, end)
+        return await simulate.run(
+            url, checked.plans, policy, audience, start, end, activity=activity
+        )
 
     report = simulate.on_scratch_database(load_settings().database_url, work)
+    if activity:
+        active = ", ".join(f"{user} {pattern}" for user, pattern in patterns.items())
+        notes = [f"reported active: {active}; the other users: nothing (--activity)"]
+    else:  # simulated users report no opens or activity: adapt rules never match them
+        notes = [note for plan in plans for note in adapt_notes(plan)]
     if args.json:
-        print(json.dumps(simulate.as_json(report), ensure_ascii=False, indent=2))
+        print(
+            json.dumps({**simulate.as_json(report), "notes": notes}, ensure_ascii=False, indent=2)
+        )
     else:
         print(simulate.render(report, lines=lines))
+        for note in notes:
+            print(f"note: {note}")
     return 0
 
 
@@ -95,6 +107,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="ISO",
         help="start, with a UTC offset (default: the earliest calendar start of the plans, "
         "else the next Monday 00:00 in the first plan's zone)",
+    )
+    p.add_argument(
+        "--activity",
+        metavar="SPEC",
+        help="what the users are reported doing, for adapt rules: daily:N (the next N users "
+        "active every day at 20:00), once:N (on the first day only), comma-separated "
+        "(default: nothing reported)",
     )
     p.add_argument("--tz", help="the users' time zone (default: the first plan's)")
     p.add_argument("--var", action="append", metavar="KEY=VALUE", help="a variable, all users")

@@ -38,3 +38,8 @@ MAX_FORMAT_WIDTH = 32
 # each with a positive integer weight; the total weight stays small for the assignment's modulo.
 MAX_VARIANTS = 10
 MAX_VARIANT_WEIGHT = 1_000
+
+# Adapt rules (`adapt`) and the extra steps they send (`message.extra`): every due user is
+# matched against the rules in order, so a handful is all a plan needs.
+MAX_ADAPT_RULES = 20
+MAX_EXTRA_STEPS = 20

@@ -28,9 +28,12 @@ def render(
     user: str,
     variables: Mapping[str, object],
     variant: str | None = None,
+    *,
+    extra: str | None = None,
 ) -> dict[str, str]:
     """The template data for `step` (from 1): the step's own texts over the plan's defaults, and
-    `variant`'s (one of the step's variants, `variant_for`) over both."""
+    `variant`'s (one of the step's variants, `variant_for`) over both; or, given `extra`, that
+    extra step's texts (message.extra) over the defaults, sent at `step`."""
     date, time = _local_date_and_time(due_at, tz)
     values = _Strict(variables)
     values.update(
@@ -41,7 +44,7 @@ def render(
         plan_name=plan.name,
         user=user,
     )
-    texts = plan.message.texts(step, variant)
+    texts = plan.message.texts(step, variant, extra=extra)
     try:
         return {key: _checked(text).format_map(values) for key, text in texts.items()}
     except (ValueError, IndexError, AttributeError) as exc:  # a bad format spec for this value

@@ -30,6 +30,7 @@ class Reason(StrEnum):
     DEFER_EXPIRED = "defer_expired"  # deferred, and its max_delay ran out (e.g. while paused)
     ENROLLMENT_STOPPED = "enrollment_stopped"  # deferred, and the user's timeline was stopped
     UNRENDERABLE = "unrenderable"  # the message could not be rendered for this user
+    ADAPTED = "adapted"  # an adapt rule skipped the step for this user (docs/plans.md#adapt)
     # missed
     GRACE_EXCEEDED = "grace_exceeded"  # due while nothing could send it, past the plan's grace
     # failed (from the channel)

@@ -30,11 +30,13 @@ from pydantic import (
 )
 
 from scheduler.domain.limits import (
+    MAX_ADAPT_RULES,
     MAX_CAP,
     MAX_COUNT,
     MAX_DATES,
     MAX_DURATION_DAYS,
     MAX_DURATION_YEARS,
+    MAX_EXTRA_STEPS,
     MAX_FORMAT_WIDTH,
     MAX_TEXT,
     MAX_TIMES_PER_DAY,
@@ -544,6 +546,25 @@ class Step(Model):
         return out
 
 
+_EXTRA_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def _extra_name(value: str) -> str:
+    if not _EXTRA_NAME.match(value):
+        raise ValueError(
+            f"{value[:40]!r}: an extra step's name is 1-32 lowercase letters, digits, '-' or '_', "
+            "starting with a letter"
+        )
+    return value
+
+
+ExtraName = Annotated[
+    str,
+    AfterValidator(_extra_name),
+    WithJsonSchema({"type": "string", "pattern": _EXTRA_NAME.pattern}),
+]
+
+
 class Message(Model):
     default: dict[Text, Text] = Field(description="Field key -> text, with {variables}.")
     steps: dict[int, Step] = Field(
@@ -554,6 +575,13 @@ class Message(Model):
         None,
         description="Variants of every step without variants of its own; a user keeps one "
         "variant at every such step.",
+    )
+
+    extra: dict[ExtraName, dict[Text, Text]] = Field(
+        default_factory=dict,
+        max_length=MAX_EXTRA_STEPS,
+        description="Named extra steps an `adapt` rule sends (`send: NAME`) -> the fields that "
+        "differ from `default`.",
     )
 
     @model_serializer(mode="wrap")
@@ -580,8 +608,13 @@ class Message(Model):
             return "default", self.variants
         return None
 
-    def texts(self, step: int, variant: str | None = None) -> dict[str, str]:
-        """The texts of `step` (in `variant`): the variant's over the step's over the default."""
+    def texts(
+        self, step: int, variant: str | None = None, *, extra: str | None = None
+    ) -> dict[str, str]:
+        """The texts of `step` (in `variant`): the variant's over the step's over the default;
+        or, given `extra`, that extra step's over the default."""
+        if extra is not None:
+            return {**self.default, **self.extra[extra]}
         texts = {**self.default, **self.step_fields(step)}
         if variant is not None:
             found = self.variants_of(step)
@@ -590,8 +623,14 @@ class Message(Model):
             texts.update(found[1][variant].fields)
         return texts
 
-    def path_of(self, step: int, key: str, variant: str | None = None) -> str:
-        """Where the text of `key` at `step` (in `variant`) is written in the plan file."""
+    def path_of(
+        self, step: int, key: str, variant: str | None = None, *, extra: str | None = None
+    ) -> str:
+        """Where the text of `key` at `step` (in `variant`, or in the extra step) is written in
+        the plan file."""
+        if extra is not None:
+            own = key in self.extra[extra]
+            return f"message.extra.{extra}.{key}" if own else f"message.default.{key}"
         if variant is not None and (found := self.variants_of(step)) is not None:
             if key in found[1][variant].fields:
                 base = "message" if found[0] == "default" else f"message.steps.{step}"
@@ -599,6 +638,67 @@ class Message(Model):
         if key in self.step_fields(step):
             return f"message.steps.{step}.{key}"
         return f"message.default.{key}"
+
+
+# --- adapt: each user's timeline follows what the user did (docs/plans.md#adapt) --------------
+
+
+def _activity_window(value: Duration) -> Duration:
+    if value.unit == "month":
+        raise ValueError("a month has no fixed length: write it in days, e.g. '30 days'")
+    if value.amount < 1:
+        raise ValueError("the window must be at least 1 of its unit")
+    return value
+
+
+ActivityWindow = Annotated[DurationText, AfterValidator(_activity_window)]
+
+
+class AdaptIf(Model):
+    """What the user did, as of the moment the step is judged. Several conditions: all hold."""
+
+    inactive_for: ActivityWindow | None = Field(
+        None,
+        description="Nothing reported of the user (no open, no activity) for at least this "
+        "long; a user of whom nothing was ever reported does not match.",
+    )
+    active_within: ActivityWindow | None = Field(
+        None, description="The user opened the mini program or was reported active this recently."
+    )
+    opened_within: ActivityWindow | None = Field(
+        None, description="The user opened the mini program (POST /v1/opens) this recently."
+    )
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> AdaptIf:
+        if self.inactive_for is None and self.active_within is None and self.opened_within is None:
+            raise ValueError("give inactive_for, active_within or opened_within")
+        return self
+
+
+class AdaptRule(Model):
+    """One rule: the first whose `if` matches a due user decides that user's step."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        validate_by_name=False,  # a plan file says `if`; stored definitions too (by alias)
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+    when: AdaptIf = Field(alias="if", description="The condition (all of its fields hold).")
+    send: ExtraName | None = Field(
+        None,
+        description="Also send this extra step (message.extra.NAME), at most once per "
+        "inactivity period, through the whole gate.",
+    )
+    skip: bool = Field(False, description="Skip the plan's step for this user (reason adapted).")
+
+    @model_validator(mode="after")
+    def _some_action(self) -> AdaptRule:
+        if self.send is None and not self.skip:
+            raise ValueError("give what the rule does: send: NAME, skip: true, or both")
+        return self
 
 
 # --- delivery: what the policy rules do with this plan's messages (docs/rules.md) ---------------
@@ -687,6 +787,12 @@ class Plan(Model):
         default_factory=Delivery,
         description="Quiet hours and caps: skip or defer, the plan's own caps (docs/rules.md).",
     )
+    adapt: list[AdaptRule] = Field(
+        default_factory=list,
+        max_length=MAX_ADAPT_RULES,
+        description="Rules that skip a step or send an extra one, from what "
+        "each user did (opens, reported activity); the first that matches decides.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -723,6 +829,13 @@ class Plan(Model):
             if step < 1 or (count is not None and step > count):
                 runs = f"steps run 1..{count}" if count is not None else "steps start at 1"
                 raise ValueError(f"message.steps.{step}: no such step ({runs})")
+        for index, rule in enumerate(self.adapt):
+            if rule.send is not None and rule.send not in self.message.extra:
+                named = ", ".join(sorted(self.message.extra)) or "none"
+                raise ValueError(
+                    f"adapt.{index}.send: no extra step {rule.send!r} under message.extra "
+                    f"(there: {named})"
+                )
         limit_key = self.delivery.limit_key
         if limit_key is not None and limit_key not in self.variables and limit_key not in keys:
             raise ValueError(
@@ -743,6 +856,7 @@ class Plan(Model):
                 (f"steps.{step}.variants.{n}.fields", v.fields)
                 for n, v in (own.variants or {}).items()
             ]
+        found += [(f"extra.{name}", fields) for name, fields in self.message.extra.items()]
         return found
 
     @property

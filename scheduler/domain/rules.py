@@ -773,17 +773,20 @@ def _message_violations(
     steps = sorted({1, *plan.message.steps, *([last] if last else [])})
     due_by_step = {o.step: o.due_at for o in sampled}
     found: dict[tuple[str | None, str], Violation] = {}
-    for step in steps:
+    # Each extra step is checked as sent at step 1 (its texts do not depend on the step).
+    messages: list[tuple[int, str | None]] = [(step, None) for step in steps]
+    messages += [(1, name) for name in plan.message.extra]
+    for step, extra in messages:
         due = due_by_step.get(step) or (sampled[-1].due_at if sampled else now)
-        variants = plan.message.variants_of(step)
+        choices = plan.message.variants_of(step) if extra is None else None
         # Every variant of the step is a message some users get: each meets every rule.
-        for variant in sorted(variants[1]) if variants is not None else [None]:
+        for variant in sorted(choices[1]) if choices is not None else [None]:
             try:
-                message = render(plan, step, due, tz, "", empty, variant)
+                message = render(plan, step, due, tz, "", empty, variant, extra=extra)
             except RenderError:
                 continue  # a format spec that needs the user's value: only the gate can tell
 
-            texts = plan.message.texts(step, variant)
+            texts = plan.message.texts(step, variant, extra=extra)
             fixed = {k for k, text in texts.items() if not per_user & set(placeholders(text))}
             fields = [
                 v
@@ -793,24 +796,36 @@ def _message_violations(
                 or (_type_of(plan, v.field) == "thing" and message[v.field or ""])
             ]
             for violation in content_violations(plan, message, policy) + fields:
-                path = _message_path(plan, violation.field, step, variant)
-                found.setdefault((path, violation.rule), _at(violation, path, step, variant))
+                path = _message_path(plan, violation.field, step, variant, extra)
+                found.setdefault((path, violation.rule), _at(violation, path, step, variant, extra))
     return list(found.values())
 
 
-def _message_path(plan: Plan, key: str | None, step: int, variant: str | None = None) -> str:
-    """Where a field's text of `step` (in `variant`) is written in the plan file."""
+def _message_path(
+    plan: Plan, key: str | None, step: int, variant: str | None = None, extra: str | None = None
+) -> str:
+    """Where a field's text of `step` (in `variant`, or of the extra step) is written in the
+    plan file."""
     if key is None:
         return "message"
-    return plan.message.path_of(step, key, variant)
+    return plan.message.path_of(step, key, variant, extra=extra)
 
 
 def _type_of(plan: Plan, key: str | None) -> str | None:
     return plan.template.fields.get(key or "")
 
 
-def _at(violation: Violation, path: str, step: int, variant: str | None = None) -> Violation:
-    where = f"step {step}" if variant is None else f"step {step}, variant {variant}"
+def _at(
+    violation: Violation,
+    path: str,
+    step: int,
+    variant: str | None = None,
+    extra: str | None = None,
+) -> Violation:
+    if extra is not None:
+        where = f"extra step {extra}"
+    else:
+        where = f"step {step}" if variant is None else f"step {step}, variant {variant}"
     return Violation(violation.reason, violation.rule, f"{violation.detail} ({where})", path)
 
 

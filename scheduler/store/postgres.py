@@ -38,6 +38,7 @@ from scheduler.store.abc import (
     SimulationReads,
     StatusReads,
 )
+from scheduler.store.activity import ActivityStore
 from scheduler.store.conn import Conn
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
@@ -102,6 +103,9 @@ class Claim:
     user_id: str
     status: Outcome
     reason: Reason | None = None
+    # Set by a caller whose batch holds more than one row of a user (a relative plan's step and
+    # an adapt rule's extra step): which of the user's rows this claim is.
+    occurrence: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -234,6 +238,7 @@ class Store:
         self.metrics: ClusterGaugeReads = MetricsStore(pool)
         self.control: ControlNotifications = ControlChannel(pool, CONTROL_CHANNEL)
         self.consent = ConsentStore(pool)
+        self.activity = ActivityStore(pool)  # what users did: adapt rules (docs/plans.md#adapt)
         self.engagement: EngagementReads = EngagementStore(pool)
         self.plan_files = PlanFilesStore(pool)
         self.lifecycle = LifecycleStore(pool, CONTROL_CHANNEL)
@@ -627,16 +632,18 @@ class Store:
         status: str,
         reason: str,
         conn: Conn | None = None,
+        details: Sequence[str | None] | None = None,  # one per row (e.g. the adapt rule)
     ) -> None:
-        """Record final outcomes that need no send (missed, unrenderable), once per row."""
+        """Record final outcomes that need no send (missed, unrenderable, adapted), once per
+        row."""
         if not rows:
             return
         await (conn or self.pool).execute(
             "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
-            " status, reason, claimed_by, finished_at)"
-            " SELECT $1, $2, u.occ, u.uid, u.step, u.due, $3, $4, $5, now()"
-            " FROM unnest($6::text[], $7::text[], $8::int[], $9::timestamptz[])"
-            "  AS u (occ, uid, step, due)"
+            " status, reason, detail, claimed_by, finished_at)"
+            " SELECT $1, $2, u.occ, u.uid, u.step, u.due, $3, $4, u.detail, $5, now()"
+            " FROM unnest($6::text[], $7::text[], $8::int[], $9::timestamptz[], $10::text[])"
+            "  AS u (occ, uid, step, due, detail)"
             " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
             plan_id,
             version,
@@ -647,6 +654,7 @@ class Store:
             [r[1] for r in rows],
             [r[2] for r in rows],
             [r[3] for r in rows],
+            list(details) if details is not None else [None] * len(rows),
         )
 
     async def outcome_counts(self, plan_id: str | None = None) -> dict[tuple[str, str | None], int]:

@@ -18,6 +18,7 @@
 --   008_typed_claim.sql
 --   009_engagement.sql
 --   010_ledger_counts.sql
+--   011_activity.sql
 --
 -- Functions:
 --   claim_deliveries(p_plan text, p_version integer, p_template text, p_consent_kind text,
@@ -128,6 +129,17 @@ CREATE SEQUENCE plan_events_id_seq AS bigint OWNED BY plan_events.id;
 -- ------------------------------------------------------------------------------------------------
 -- Tables, each with its indexes
 -- ------------------------------------------------------------------------------------------------
+
+CREATE TABLE activity (
+    source      text NOT NULL,
+    event_id    text NOT NULL,
+    user_id     text NOT NULL,
+    at          timestamp with time zone NOT NULL,
+    kind        text,
+    recorded_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT activity_pkey PRIMARY KEY (source, event_id)
+);
+CREATE INDEX activity_last ON public.activity USING btree (user_id, at DESC);
 
 CREATE TABLE cap_counters (
     key        text NOT NULL,
@@ -300,6 +312,7 @@ CREATE TABLE opens (
     CONSTRAINT opens_delivery_id_fkey FOREIGN KEY (delivery_id) REFERENCES deliveries(id)
 );
 CREATE INDEX opens_delivery ON public.opens USING btree (delivery_id) WHERE (delivery_id IS NOT NULL);
+CREATE INDEX opens_last ON public.opens USING btree (user_id, opened_at DESC);
 CREATE UNIQUE INDEX opens_once ON public.opens USING btree (user_id, COALESCE(delivery_id, (0)::bigint), opened_at);
 CREATE INDEX opens_plan ON public.opens USING btree (plan_id, opened_at);
 

@@ -23,7 +23,7 @@ NEXT_DEFERRED_RETRY = (
 DEFERRED = "SELECT id, reason, defer_until FROM deliveries WHERE status = 'deferred'"
 LEDGER = (
     "SELECT id, plan_id, user_id, step, due_at, status, reason, variant FROM deliveries"
-    " ORDER BY due_at, plan_id, user_id"
+    " ORDER BY due_at, plan_id, user_id, occurrence"
 )
 UNFINISHED = (
     "SELECT plan_id, user_id, occurrence, due_at, status, reason, defer_until"
