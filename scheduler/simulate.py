@@ -175,8 +175,9 @@ class GuardPause:
     rule: str
     reason: str
     details: dict[str, Any]
-    held_back: int = 0
+    held_back: int = 0  # steps of enrolments
     held_steps: tuple[int, ...] = ()
+    held_users: int = 0
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -515,7 +516,9 @@ async def _held_back(store: Store, plans: Sequence[Plan], report: Report) -> Non
     for n, pause in enumerate(report.pauses):
         plan = by_id[pause.plan]
         steps: Counter[int] = Counter()
+        users = 0
         for row in await store.simulation.active_enrolments(plan.id):
+            held = steps.total()
             if plan.schedule.relative is not None:
                 upcoming: Iterator[Occurrence] = relative_occurrences(
                     plan, row["start_at"], ZoneInfo(row["tz"])
@@ -528,7 +531,10 @@ async def _held_back(store: Store, plans: Sequence[Plan], report: Report) -> Non
             for o in itertools.takewhile(lambda o: o.due_at < report.end, upcoming):
                 if o.due_at >= pause.at:
                     steps[o.step] += 1
-        report.pauses[n] = replace(pause, held_back=steps.total(), held_steps=tuple(sorted(steps)))
+            users += steps.total() > held
+        report.pauses[n] = replace(
+            pause, held_back=steps.total(), held_steps=tuple(sorted(steps)), held_users=users
+        )
 
 
 class _Drive:
@@ -1015,14 +1021,16 @@ def render_guard(report: Report) -> list[str]:
     )
     zone = next(iter(report.zones.values()), "UTC")
     for pause in report.pauses:
-        out.append(
-            f"  {pause.plan} PAUSED at {local(pause.at, zone)} ({pause.rule}): {pause.reason}"
-        )
+        out += [
+            f"  {pause.plan} PAUSED at {local(pause.at, zone)} (rule {pause.rule}):",
+            f"    {pause.reason}",
+        ]
         if pause.held_back:
-            steps = _span(pause.held_steps)
+            users = f"{pause.held_users:,} enrolment{'s' if pause.held_users != 1 else ''}"
             out.append(
-                f"    held back until the end: {pause.held_back:,} deliveries of {steps} (not in "
-                "the ledger: a resume records them skipped:paused, or catches up)"
+                f"    held back until the end: {_span(pause.held_steps)} of {users}, "
+                f"{pause.held_back:,} in all (not in the ledger: a resume records them "
+                "skipped:paused, or catches up)"
             )
         else:
             out.append("    held back until the end: nothing (no step fell due after it)")
@@ -1153,6 +1161,7 @@ def _behaviour_json(report: Report) -> dict[str, Any]:
                     "details": p.details,
                     "held_back": p.held_back,
                     "held_steps": list(p.held_steps),
+                    "held_users": p.held_users,
                 }
                 for p in report.pauses
             ],

@@ -336,7 +336,7 @@ async def test_a_cancellation_spike_after_step_6_pauses_its_plan_and_not_the_oth
         "cancelled": 6,
         "baseline_sent": 55,
     }
-    assert (pause.held_back, pause.held_steps) == (120, (7, 8))
+    assert (pause.held_back, pause.held_steps, pause.held_users) == (120, (7, 8), 60)
     # The first sweep at which step 6's cancellations were over 10 %: by 09:20 three had come
     # (5.6 %, under the limit, and no spike: +3.7 points over the baseline, not 5), by 09:25 six.
     got_6 = [u for u, rows in report.timeline.items() if ("spiky", 6, "sent") in rows_of(rows)]
@@ -368,7 +368,17 @@ async def test_a_cancellation_spike_after_step_6_pauses_its_plan_and_not_the_oth
     assert (steady["sent"], steady["opened"], steady["cancelled"]) == (460, 221, 6)
     text = simulate.render(report)
     assert "engagement guard (126 checks, one at every moment): paused spiky" in text
-    assert f"  spiky PAUSED at 2027-01-18 Mon 09:25+08:00 (limit): {pause.reason}" in text
+    at = text.index("  spiky PAUSED at 2027-01-18 Mon 09:25+08:00 (rule limit):\n")
+    assert text[at:].splitlines()[1:3] == [
+        f"    {pause.reason}",
+        "    held back until the end: steps 7-8 of 60 enrolments, 120 in all (not in the ledger: "
+        "a resume records them skipped:paused, or catches up)",
+    ]
+    guard = simulate.as_json(report)["guard"]
+    assert guard["checks"] == 126
+    assert [(p["plan"], p["at"], p["rule"]) for p in guard["pauses"]] == [
+        ("spiky", "2027-01-18T01:25:00+00:00", "limit")
+    ]
 
 
 def rows_of(rows: list[simulate.Line]) -> set[tuple[str, int, str]]:
