@@ -434,15 +434,14 @@ class _Reactions:
         return self.queue[0][0] if self.queue else None
 
     async def sent(self) -> list[dict[str, Any]]:
-        """The ledger rows of the sends since the last call, their reactions queued."""
+        """The ledger rows of the sends since the last call, their reactions queued (none
+        without any reaction to simulate)."""
         new = self.channel.sends[self.seen :]
         self.seen = len(self.channel.sends)
-        if not new:
+        if not new or not (self.behaviour.opens or self.behaviour.cancels):
             return []
         when = {s.msgid: s.at for s in new if s.msgid is not None}
         rows = await self.store.simulation.sent_by_msgid(list(when))
-        if not (self.behaviour.opens or self.behaviour.cancels):
-            return rows
         for row in rows:
             for at, what in self.behaviour.reactions(
                 row["plan_id"], row["step"], row["user_id"], when[row["msgid"]]

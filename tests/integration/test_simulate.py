@@ -383,3 +383,26 @@ async def test_a_cancellation_spike_after_step_6_pauses_its_plan_and_not_the_oth
 
 def rows_of(rows: list[simulate.Line]) -> set[tuple[str, int, str]]:
     return {(row.plan, row.step, row.status) for row in rows}
+
+
+def test_opens_cancels_and_report_in_the_command(tmp_path, pg_url, monkeypatch, capsys):
+    write(tmp_path, rehab=weekly_relative("rehab"))
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    args = ["simulate", str(tmp_path / "rehab.yaml"), "--users", "3", "--weeks", "3"]
+    args += ["--opens", "100%", "--cancels", "rehab:2:0", "--seed", "7", "--report", "--json"]
+    assert main([*args, "--start", "2026-12-07T00:00+08:00"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    assert report["counts"] == {"rehab": {"sent": 6}}  # steps 1 and 2 of 3 users
+    assert report["behaviour"] == {
+        "seed": 7,
+        "opens": {"plans": {"rehab": 1.0}, "steps": []},
+        "cancels": {"plans": {}, "steps": [{"plan": "rehab", "step": 2, "rate": 0.0}]},
+        "reported": {"rehab": {"open": 6}},
+    }
+    assert report["guard"]["pauses"] == []
+    rows = report["engagement"]["rehab"]["rows"]
+    assert [(r["step"], r["sent"], r["opened"], r["cancelled"]) for r in rows] == [
+        (1, 3, 3, 0),
+        (2, 3, 3, 0),
+    ]
