@@ -11,11 +11,11 @@ it) is read: the first moment it says a user's very next step is not covered is 
 mini program would have had to ask again.
 
 Simulated users can react (`Behaviour`, `--opens`/`--cancels`): a share of the sends get an open
-reported a few minutes later, through the delivery id the card's page carries, and a share of a
-step's receivers switch its template off in WeChat's settings a while later, recorded through the
-consent store as the WeChat callback records it. Whether a user reacts, and when, is a hash of the
-seed, plan, step and user, so a run is the same whatever the order of its sends. At every moment
-(after its sends and events) the daemon's engagement guard judges the plans
+reported a few minutes later for the delivery (the `rmd` id its card's page carries), and a share
+of a step's receivers switch its template off in WeChat's settings a while later, recorded
+through the consent store as the WeChat callback records it. Whether a user reacts, and when, is
+a hash of the seed, plan, step and user, so a run is the same whatever the order of its sends. At
+every moment (after its sends and events) the daemon's engagement guard judges the plans
 (`EngagementGuard.check`, the policy in use): a cancellation spike pauses its plan in virtual
 time, and the plan sends nothing more. With simulated cancellations the run also stops at the
 first sweep after each send leaves the guard's recent window and baseline, the only other

@@ -71,8 +71,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     seed = _seed(args.seed)
     behaviour = simulate.parse_behaviour(args.opens, args.cancels, plans, seed)
     policy = load_policy(policy_file)
-    # A pause is in the report, with its reason: the guard's error log line would say it twice.
-    logging.getLogger("scheduler.app.engagement_guard").setLevel(logging.CRITICAL)
 
     async def work(url: str) -> simulate.Report:
         return await simulate.run(
@@ -86,7 +84,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             engagement_report=args.report,
         )
 
-    report = simulate.on_scratch_database(load_settings().database_url, work)
+    # A pause is in the report, with its reason: the guard's error log line would say it twice.
+    guard_log = logging.getLogger("scheduler.app.engagement_guard")
+    level = guard_log.level
+    guard_log.setLevel(logging.CRITICAL)
+    try:
+        report = simulate.on_scratch_database(load_settings().database_url, work)
+    finally:
+        guard_log.setLevel(level)
     if args.json:
         print(json.dumps(simulate.as_json(report), ensure_ascii=False, indent=2))
     else:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from datetime import datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -406,3 +407,23 @@ def test_opens_cancels_and_report_in_the_command(tmp_path, pg_url, monkeypatch, 
         (1, 3, 3, 0),
         (2, 3, 3, 0),
     ]
+
+
+def test_a_steps_rate_wins_over_its_plans_and_that_over_the_unnamed_one(tmp_path):
+    folder = write(
+        tmp_path / "plans", spiky=weekly_relative("spiky"), steady=weekly_relative("steady")
+    )
+    plans = [item.plan for item in load_plans([folder])[0]]
+    rates = simulate.parse_rates("--cancels", "0.01, spiky:5%, spiky:6:0.5", plans)
+    assert [rates.of("spiky", n) for n in (5, 6)] == [Fraction(1, 20), Fraction(1, 2)]
+    assert rates.of("steady", 6) == Fraction(1, 100)
+    assert rates.describe() == "spiky 5.0 %, steady 1.0 %, spiky step 6 50.0 %"
+    # The same seed draws the same users at the same delays; another seed others.
+    one, other = simulate.Behaviour(cancels=rates), simulate.Behaviour(cancels=rates, seed=2)
+    at = MONDAY + timedelta(weeks=6, hours=9)
+    drawn = [one.reactions("spiky", 6, f"o-sim-{n}", at) for n in range(1, 201)]
+    assert drawn == [one.reactions("spiky", 6, f"o-sim-{n}", at) for n in range(1, 201)]
+    assert drawn != [other.reactions("spiky", 6, f"o-sim-{n}", at) for n in range(1, 201)]
+    delays = {when - at for reacted in drawn for when, _ in reacted}
+    assert min(delays) >= timedelta(minutes=5) and max(delays) <= timedelta(hours=2)
+    assert sum(map(len, drawn)) == 98  # of 200, at 50 %
