@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +27,13 @@ def _count(text: str, what: str, most: int) -> int:
     if not 1 <= value <= most:
         raise UsageError(f"{what}: {text!r} is not a whole number from 1 to {most}")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--seed: {text!r} is not a whole number") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -61,14 +69,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         variables=dict(pairs(args.var)),
     )
     activity, patterns = simulate.simulated_activity(args.activity, audience, start, end)
+    seed = _seed(args.seed)
+    behaviour = simulate.parse_behaviour(args.opens, args.cancels, plans, seed)
     policy = load_policy(policy_file)
 
     async def work(url: str) -> simulate.Report:
         return await simulate.run(
-            url, checked.plans, policy, audience, start, end, activity=activity
+            url,
+            checked.plans,
+            policy,
+            audience,
+            start,
+            end,
+            activity=activity,
+            behaviour=behaviour,
+            engagement_report=args.report,
         )
 
-    report = simulate.on_scratch_database(load_settings().database_url, work)
+    # A pause is in the report, with its reason: the guard's error log line would say it twice.
+    guard_log = logging.getLogger("scheduler.app.engagement_guard")
+    level = guard_log.level
+    guard_log.setLevel(logging.CRITICAL)
+    try:
+        report = simulate.on_scratch_database(load_settings().database_url, work)
+    finally:
+        guard_log.setLevel(level)
     if activity:
         active = ", ".join(f"{user} {pattern}" for user, pattern in patterns.items())
         notes = [f"reported active: {active}; the other users: nothing (--activity)"]
@@ -101,6 +126,29 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="SPEC",
         help="what the users consented to: long_term, one_time:N (N credits each) or none, "
         "optionally PLAN_ID=..., comma-separated (default: every step covered)",
+    )
+    p.add_argument(
+        "--opens",
+        metavar="SPEC",
+        help="share of sends opened 5-60 min after: RATE, PLAN_ID:RATE or PLAN_ID:STEP:RATE "
+        "(0.4 or 40%%), comma-separated (default: none)",
+    )
+    p.add_argument(
+        "--cancels",
+        metavar="SPEC",
+        help="share of a step's receivers who switch its template off in the settings 5-120 min "
+        "after, same syntax as --opens (default: none)",
+    )
+    p.add_argument(
+        "--seed",
+        default="1",  # scheduler.simulate.DEFAULT_SEED (not imported to build the parser)
+        metavar="N",
+        help="which users open and cancel, and when (default %(default)s: the same every run)",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="end with each plan's engagement report by step (`reminders report PLAN`)",
     )
     p.add_argument(
         "--start",

@@ -179,5 +179,11 @@ class SimulationReads(Protocol):
     async def ledger(self) -> list[dict[str, Any]]:
         """Every ledger row, by due time, plan and user."""
 
+    async def sent_by_msgid(self, msgids: Sequence[int]) -> list[dict[str, Any]]:
+        """The ledger rows of the sends WeChat answered with `msgids`."""
+
+    async def active_enrolments(self, plan_id: str) -> list[dict[str, Any]]:
+        """The plan's active enrolments (user_id, start_at, tz, next_step)."""
+
     async def unfinished(self) -> list[dict[str, Any]]:
         """Ledger rows still pending or deferred."""

@@ -1,7 +1,8 @@
 """The reads `reminders simulate` makes between moments of virtual time, and its one write.
 
 The simulation drives the real dispatcher on a database of its own (`scheduler.store.scratch`);
-these queries find the next moment worth moving the clock to and read the ledger it left.
+these queries find the next moment worth moving the clock to, the ledger rows of its sends (for
+the simulated users' opens and cancellations) and read the ledger it left.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ DEFERRED = "SELECT id, reason, defer_until FROM deliveries WHERE status = 'defer
 LEDGER = (
     "SELECT id, plan_id, user_id, step, due_at, status, reason, variant FROM deliveries"
     " ORDER BY due_at, plan_id, user_id, occurrence"
+)
+SENT_BY_MSGID = (
+    "SELECT id, plan_id, user_id, step, due_at, msgid FROM deliveries"
+    " WHERE msgid = ANY($1::bigint[])"
+    " ORDER BY id"
+)
+ACTIVE_ENROLMENTS = (
+    "SELECT user_id, start_at, tz, next_step FROM enrollments"
+    " WHERE plan_id = $1 AND status = 'active' ORDER BY user_id"
 )
 UNFINISHED = (
     "SELECT plan_id, user_id, occurrence, due_at, status, reason, defer_until"
@@ -62,6 +72,15 @@ class SimulationStore:
         """Every ledger row (id, plan_id, user_id, step, due_at, status, reason, variant), by due
         time, plan and user."""
         return [dict(r) for r in await self._pool.fetch(LEDGER)]
+
+    async def sent_by_msgid(self, msgids: Sequence[int]) -> list[dict[str, Any]]:
+        """The ledger rows of the sends WeChat answered with `msgids`: id, plan_id, user_id,
+        step, due_at, msgid (by id)."""
+        return [dict(r) for r in await self._pool.fetch(SENT_BY_MSGID, list(msgids))]
+
+    async def active_enrolments(self, plan_id: str) -> list[dict[str, Any]]:
+        """The plan's active enrolments: user_id, start_at, tz, next_step (by user)."""
+        return [dict(r) for r in await self._pool.fetch(ACTIVE_ENROLMENTS, plan_id)]
 
     async def unfinished(self) -> list[dict[str, Any]]:
         """Ledger rows still pending or deferred, by plan and user."""

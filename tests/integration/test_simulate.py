@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from datetime import datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -21,6 +22,7 @@ from scheduler import simulate
 from scheduler.cli import main
 from scheduler.domain.policy import Policy
 from scheduler.planfiles import load_plans
+from scheduler.store.postgres import Store
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 LONDON = ZoneInfo("Europe/London")
@@ -205,6 +207,12 @@ def test_json_output_of_a_relative_plan_covered_by_default(tmp_path, pg_url, mon
         (["--users", "many"], "--users: 'many' is not a whole number from 1 to 1000"),
         (["--tz", "Mars/Base"], "--tz: 'Mars/Base' is not an IANA time zone"),
         (["--var", "nope=1"], "--var nope: no plan declares it"),
+        (["--cancels", "weekly:x"], "--cancels 'weekly:x': write RATE, PLAN_ID:RATE or PLAN_ID:"),
+        (["--cancels", "weekly:6"], "--cancels weekly:6: a rate is from 0 to 1 (or 0% to 100%)"),
+        (["--cancels", "other:1%"], "--cancels other:1%: no plan other among the files"),
+        (["--cancels", "weekly:0:0.1"], "--cancels weekly:0:0.1: plan weekly counts its steps"),
+        (["--opens", "0.4"], "--opens 0.4: none of the plans' templates has a page"),
+        (["--seed", "x"], "--seed: 'x' is not a whole number"),
     ],
 )
 def test_a_bad_argument_is_one_line_and_exit_1(tmp_path, capsys, args, says):
@@ -246,3 +254,176 @@ def test_the_command_as_a_process(tmp_path, pg_url):
     ) in lines
     assert "o-sim-1 and 1 more (Asia/Shanghai): first 6 of 6 ledger rows" in lines
     assert "  (the same for o-sim-2)" in lines
+
+
+# --- simulated opens and cancellations, and the engagement guard --------------------------------
+
+# A cohort of 60: the guard judges from 40 sends, pauses over 10 %, or at 3x the baseline and 5
+# points above it (the defaults, 200 sends and 2 points, are for bigger plans).
+SMALL_COHORT = Policy.model_validate(
+    {
+        "engagement": {
+            "min_sends": 40,
+            "baseline_min_sends": 40,
+            "max_cancellation_rate": "10%",
+            "spike_margin": "5%",
+        }
+    }
+)
+
+
+def weekly_relative(plan_id: str) -> str:
+    """Twelve weekly steps from each enrolment, at 09:00, with a page (where opens come from)."""
+    return (
+        plan_text(plan_id)
+        .replace(
+            '  calendar:\n    timezone: Asia/Shanghai\n    weekly: {days: [mon], at: "09:00"}',
+            '  relative: {every: 1 week, count: 12, at: "09:00"}',
+        )
+        .replace(f"  id: {plan_id}_tmpl\n", f"  id: {plan_id}_tmpl\n  page: pages/{plan_id}\n")
+    )
+
+
+async def test_a_cancellation_spike_after_step_6_pauses_its_plan_and_not_the_other(
+    db_url, tmp_path
+):
+    folder = write(
+        tmp_path / "plans", spiky=weekly_relative("spiky"), steady=weekly_relative("steady")
+    )
+    loaded, problems = load_plans([folder])
+    assert problems == []
+    plans = [item.plan for item in loaded]
+    end = MONDAY + timedelta(weeks=9)
+    audience = simulate.audience(
+        plans,
+        simulate.parse_consent(None, plans),
+        users=60,
+        tz="Asia/Shanghai",
+        start=MONDAY,
+        end=end,
+        variables={},
+    )
+    behaviour = simulate.parse_behaviour("0.5", "0.02,spiky:6:50%", plans)
+    report = await simulate.run(
+        db_url,
+        loaded,
+        SMALL_COHORT,
+        audience,
+        MONDAY,
+        end,
+        behaviour=behaviour,
+        engagement_report=True,
+    )
+    # Steps 1-6 of the spiky plan went out (users who had cancelled skipped no_consent), then
+    # the guard paused it: nothing of steps 7 and 8 is in the ledger. The steady plan ran on.
+    assert {p: dict(c) for p, c in report.counts.items()} == {
+        "spiky": {SENT: 340, NO_CONSENT: 20},
+        "steady": {SENT: 460, NO_CONSENT: 20},
+    }
+    assert {p: dict(c) for p, c in report.reacted.items()} == {
+        "spiky": {"open": 165, "cancel": 37},
+        "steady": {"open": 221, "cancel": 6},
+    }
+    [pause] = report.pauses
+    step_6 = MONDAY + timedelta(weeks=6, hours=9)  # Monday 2027-01-18 09:00 Shanghai
+    assert (pause.plan, pause.at, pause.rule) == ("spiky", step_6 + timedelta(minutes=25), "limit")
+    assert pause.reason == (
+        "engagement guard: cancellations 11.1 % of 54 sends in 24 hours, baseline 1.8 % of 55 "
+        "sends in the 7 days before: over the 10.0 % limit; most after step 6 (version 1): 6 of "
+        "54 (11.1 %). Check the content, then resume the plan"
+    )
+    assert {k: pause.details[k] for k in ("sent", "cancelled", "baseline_sent")} == {
+        "sent": 54,
+        "cancelled": 6,
+        "baseline_sent": 55,
+    }
+    assert (pause.held_back, pause.held_steps, pause.held_users) == (120, (7, 8), 60)
+    # The first sweep at which step 6's cancellations were over 10 %: by 09:20 three had come
+    # (5.6 %, under the limit, and no spike: +3.7 points over the baseline, not 5), by 09:25 six.
+    got_6 = [u for u, rows in report.timeline.items() if ("spiky", 6, "sent") in rows_of(rows)]
+    came = sorted(
+        at
+        for u in got_6
+        for at, what in behaviour.reactions("spiky", 6, u, step_6)
+        if what == "cancel"
+    )
+    assert len(got_6) == 54
+    by = [sum(at <= step_6 + timedelta(minutes=m) for at in came) for m in (20, 25)]
+    assert by == [3, 6]
+    assert min(at for at in came if at > step_6 + timedelta(minutes=20)) == pause.at
+    async with Store.open(db_url) as store:
+        assert (await store.status.plan("spiky"))["state"] == "paused"
+        assert (await store.status.plan("steady"))["state"] == "active"
+    # `--report`: what `reminders report spiky` says, from the same attribution as the guard's.
+    assert simulate.render_engagement(report)[1].splitlines()[1:] == [
+        "VERSION  STEP  SENT  DELIVERED  OPENED    CTR  CANCELLED  CANC%  FLAG",
+        "1        1       60          0      27  45.0%          2   3.3%",
+        "1        2       58          0      27  46.6%          1   1.7%",
+        "1        3       57          0      29  50.9%          1   1.8%",
+        "1        4       56          0      28  50.0%          1   1.8%",
+        "1        5       55          0      30  54.5%          1   1.8%",
+        "1        6       54          0      24  44.4%         31  57.4%",
+        "total           340          0     165  48.5%         37  10.9%",
+    ]
+    steady = report.engagement["steady"]["total"]
+    assert (steady["sent"], steady["opened"], steady["cancelled"]) == (460, 221, 6)
+    text = simulate.render(report)
+    assert "engagement guard (126 checks, one at every moment): paused spiky" in text
+    at = text.index("  spiky PAUSED at 2027-01-18 Mon 09:25+08:00 (rule limit):\n")
+    assert text[at:].splitlines()[1:3] == [
+        f"    {pause.reason}",
+        "    held back until the end: steps 7-8 of 60 enrolments, 120 in all (not in the ledger: "
+        "a resume records them skipped:paused, or catches up)",
+    ]
+    guard = simulate.as_json(report)["guard"]
+    assert guard["checks"] == 126
+    assert [(p["plan"], p["at"], p["rule"]) for p in guard["pauses"]] == [
+        ("spiky", "2027-01-18T01:25:00+00:00", "limit")
+    ]
+
+
+def rows_of(rows: list[simulate.Line]) -> set[tuple[str, int, str]]:
+    return {(row.plan, row.step, row.status) for row in rows}
+
+
+def test_opens_cancels_and_report_in_the_command(tmp_path, pg_url, monkeypatch, capsys):
+    write(tmp_path, rehab=weekly_relative("rehab"))
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    args = ["simulate", str(tmp_path / "rehab.yaml"), "--users", "3", "--weeks", "3"]
+    args += ["--opens", "100%", "--cancels", "rehab:2:0", "--seed", "7", "--report", "--json"]
+    assert main([*args, "--start", "2026-12-07T00:00+08:00"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    assert report["counts"] == {"rehab": {"sent": 6}}  # steps 1 and 2 of 3 users
+    assert report["behaviour"] == {
+        "seed": 7,
+        "opens": {"plans": {"rehab": 1.0}, "steps": []},
+        "cancels": {"plans": {}, "steps": [{"plan": "rehab", "step": 2, "rate": 0.0}]},
+        "reported": {"rehab": {"open": 6}},
+    }
+    assert report["guard"]["pauses"] == []
+    rows = report["engagement"]["rehab"]["rows"]
+    assert [(r["step"], r["sent"], r["opened"], r["cancelled"]) for r in rows] == [
+        (1, 3, 3, 0),
+        (2, 3, 3, 0),
+    ]
+
+
+def test_a_steps_rate_wins_over_its_plans_and_that_over_the_unnamed_one(tmp_path):
+    folder = write(
+        tmp_path / "plans", spiky=weekly_relative("spiky"), steady=weekly_relative("steady")
+    )
+    plans = [item.plan for item in load_plans([folder])[0]]
+    rates = simulate.parse_rates("--cancels", "0.01, spiky:5%, spiky:6:0.5", plans)
+    assert [rates.of("spiky", n) for n in (5, 6)] == [Fraction(1, 20), Fraction(1, 2)]
+    assert rates.of("steady", 6) == Fraction(1, 100)
+    assert rates.describe() == "spiky 5.0 %, steady 1.0 %, spiky step 6 50.0 %"
+    # The same seed draws the same users at the same delays; another seed others.
+    one, other = simulate.Behaviour(cancels=rates), simulate.Behaviour(cancels=rates, seed=2)
+    at = MONDAY + timedelta(weeks=6, hours=9)
+    drawn = [one.reactions("spiky", 6, f"o-sim-{n}", at) for n in range(1, 201)]
+    assert drawn == [one.reactions("spiky", 6, f"o-sim-{n}", at) for n in range(1, 201)]
+    assert drawn != [other.reactions("spiky", 6, f"o-sim-{n}", at) for n in range(1, 201)]
+    delays = {when - at for reacted in drawn for when, _ in reacted}
+    assert min(delays) >= timedelta(minutes=5) and max(delays) <= timedelta(hours=2)
+    assert sum(map(len, drawn)) == 98  # of 200, at 50 %
