@@ -145,10 +145,11 @@ class _WireTransport(AiohttpTransport):
     """httpx's aiohttp transport without its per-request conversions (wechat-api.md §1).
 
     The stock transport turns every request's httpx headers, URL and timeouts into aiohttp's
-    anew (with the client around it, half of a send's CPU); the channel sends the same few of each millions of times,
-    so they are converted once and kept. Its session keeps no cookies (WeChat sets none). What
-    aiohttp is asked to do, and every exception it raises (mapped to httpx's exactly as the stock
-    transport maps them), is unchanged: the channel's never-arrived / may-have-arrived
+    anew, and with httpx's client around it that was half of a send's CPU. The channel sends
+    the same few of each millions of times, so they are converted once and kept; its session
+    keeps no cookies (WeChat sets none). What aiohttp is asked to do, and every exception it
+    raises (mapped to httpx's exactly as the stock transport maps them), is unchanged: the
+    channel's never-arrived / may-have-arrived
     classification reads the same exceptions.
     """
 
