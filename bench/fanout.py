@@ -15,9 +15,15 @@ Against the same fake, same concurrency, no database, it measures the channel's 
 min(N, --baseline-max) of them). The last line printed is
 
     users=N sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q peak_rss_mb=M
+        cpu_us=F channel_cpu_us=U raw_cpu_us=W pinned=P
 
 with ratio = S / C and raw_ratio = S / B, where C is the mean of the channel alone just before
-and just after the fan-out (the machine's load drifts over a long run). Loopback only;
+and just after the fan-out (the machine's load drifts over a long run). F, U and W are this
+process's CPU microseconds per send (time.process_time) in the fan-out, the channel loop (mean of
+before and after) and the bare aiohttp loop: unlike the rates they barely move when other work
+shares the machine. P is 1 when the fake and the embedded PostgreSQL were pinned to the other
+core; when this process sees fewer than two cores (under taskset, say) nothing is pinned, a
+warning says so on stdout and stderr, and P is 0. Loopback only;
 everything started is stopped and the database dropped on the way out, also on error or after
 --timeout seconds.
 
@@ -33,12 +39,12 @@ hold chunks, so it is called again after a short sleep). It prints each replica'
 ledger's `sent` rows, runs the same checks (ledger sent == fake sends == N) and ends with
 
     users=N replicas=K sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q
-        peak_rss_mb=M shares=r0:n0,r1:n1,...
+        peak_rss_mb=M shares=r0:n0,r1:n1,... cpu_us=F channel_cpu_us=U raw_cpu_us=W pinned=P
 
-(one line), where ratio is still against the single-process channel baseline and peak_rss_mb is
-the largest replica's. The replicas are not pinned: they share the machine's cores with the fake
-WeChat and PostgreSQL, so on a 2-core box this is a functional figure (the work is shared, every
-user is sent exactly once), not a scaling one.
+(one line), where ratio is still against the single-process channel baseline and peak_rss_mb
+and cpu_us are the largest replica's. The replicas are not pinned: they share the machine's
+cores with the fake WeChat and PostgreSQL, so on a 2-core box this is a functional figure (the
+work is shared, every user is sent exactly once), not a scaling one.
 
 With --send-rate R every dispatcher (each replica's) takes its sends from one bucket of R a
 second in PostgreSQL, as the daemon does under REMINDERS_SEND_RATE: sends_per_s shows the limit
@@ -207,6 +213,21 @@ async def stop_process(process: asyncio.subprocess.Process) -> None:
             await process.wait()
 
 
+def warn_unpinned(cpus: list[int]) -> None:
+    """Say loudly that nothing is pinned: the fake WeChat and PostgreSQL then take their CPU from
+    the fan-out's own core, and every figure (and ratio) is lower than on two free cores."""
+    seen = f"only CPU {cpus[0]}" if cpus else "no CPU affinity (os.sched_getaffinity)"
+    banner = "!" * 78
+    message = (
+        f"{banner}\nWARNING: NOT PINNED. This process sees {seen}: started under taskset or in "
+        "a\none-core container? The fake WeChat and the embedded PostgreSQL run on the same "
+        "core(s)\nas the fan-out, so sends/s, the baselines and the ratios are NOT comparable "
+        f"with a\npinned run (the last line says pinned=0).\n{banner}"
+    )
+    print(message, file=sys.stderr, flush=True)
+    print(message, flush=True)
+
+
 def send_rate(args: argparse.Namespace) -> SendRate | None:
     return SendRate("bench", args.send_rate) if args.send_rate else None
 
@@ -251,8 +272,12 @@ async def bench(
             settle_heap()  # as the daemon does once it has started
 
             if args.replicas > 1:
-                return await replicated(
+                line = await replicated(
                     args, store, db_url, base_url, cpus, workers, channel_per_s, raw_per_s
+                )
+                return (
+                    f"{line} channel_cpu_us={channel_us:.0f} raw_cpu_us={raw_us:.0f} "
+                    f"pinned={int(len(cpus) >= 2)}"
                 )
             dispatcher = Dispatcher(
                 store,
@@ -280,10 +305,16 @@ async def bench(
             # The channel alone once more: the machine's load drifts over a long run, so the
             # ratio is taken against the mean of the channel before and after the fan-out.
             again = messages(fire_time, step, min(n, args.baseline_max))
+            cpu = time.process_time()
             channel_after = await channel_loop(channel, again, concurrency)
+            channel_after_us = cpu_us(cpu, len(again))
             del again
-            print(f"channel alone: {channel_per_s:.0f}/s before, {channel_after:.0f}/s after")
+            print(
+                f"channel alone: {channel_per_s:.0f}/s before, {channel_after:.0f}/s after "
+                f"({channel_us:.0f} and {channel_after_us:.0f} us CPU/send)"
+            )
             channel_per_s = (channel_per_s + channel_after) / 2
+            channel_us = (channel_us + channel_after_us) / 2
         finally:
             await channel.aclose()
         sends_per_s = report.sent / elapsed
@@ -303,7 +334,9 @@ async def bench(
     return (
         f"users={n} sends_per_s={sends_per_s:.0f} channel_per_s={channel_per_s:.0f} "
         f"raw_per_s={raw_per_s:.0f} ratio={sends_per_s / channel_per_s:.2f} "
-        f"raw_ratio={sends_per_s / raw_per_s:.2f} peak_rss_mb={rss:.0f}"
+        f"raw_ratio={sends_per_s / raw_per_s:.2f} peak_rss_mb={rss:.0f} "
+        f"cpu_us={fire_us:.0f} channel_cpu_us={channel_us:.0f} raw_cpu_us={raw_us:.0f} "
+        f"pinned={int(len(cpus) >= 2)}"
     )
 
 
@@ -429,7 +462,8 @@ async def replicated(
         f"users={n} replicas={k} sends_per_s={sends_per_s:.0f} "
         f"channel_per_s={channel_per_s:.0f} raw_per_s={raw_per_s:.0f} "
         f"ratio={sends_per_s / channel_per_s:.2f} raw_ratio={sends_per_s / raw_per_s:.2f} "
-        f"peak_rss_mb={rss:.0f} shares={','.join(f'{r}:{shares[r]}' for r in replicas)}"
+        f"peak_rss_mb={rss:.0f} shares={','.join(f'{r}:{shares[r]}' for r in replicas)} "
+        f"cpu_us={max(result['cpu_us'] for result in results.values()):.0f}"
     )
 
 
@@ -494,7 +528,9 @@ async def main(args: argparse.Namespace) -> str:
             created = True
             fake, base_url = await _start_fake()
             cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-            if len(cpus) >= 2:
+            if len(cpus) < 2:
+                warn_unpinned(cpus)
+            else:
                 # This process on a core of its own, as the daemon would be beside a database
                 # server and WeChat elsewhere: the fake and an embedded PostgreSQL (its server
                 # processes are forked from the postmaster, so they follow it) share the other.

@@ -4,7 +4,9 @@
 
 starts the fake WeChat in a subprocess (pinned to another core than this process where the
 machine has two), posts N messages through the channel and then N raw requests with the same
-JSON bodies, and prints `channel_per_s=... raw_per_s=...`. Loopback only, bounded in time.
+JSON bodies, and prints `channel_per_s=... raw_per_s=... channel_cpu_us=... raw_cpu_us=...
+pinned=0|1` (this process's CPU microseconds per send in each loop; pinned=0 when it sees fewer
+than two cores, with a warning). Loopback only, bounded in time.
 `channel_loop` and `aiohttp_loop` are importable for the fan-out benchmark.
 """
 
@@ -144,17 +146,26 @@ async def _main(n: int, concurrency: int) -> None:
         if len(cpus) >= 2:  # server and client each on a core of their own
             _pin(process.pid, cpus[1])
             _pin(0, cpus[0])
+        else:
+            print(f"WARNING: NOT PINNED: this process sees CPUs {cpus}", file=sys.stderr)
         messages = _messages(n)
         async with asyncio.timeout(TIME_LIMIT_S):
             channel = WeChatChannel(base_url, "bench", "bench", retries=1)
             try:
                 await channel_loop(channel, messages[: min(n, 500)], concurrency)  # warm-up
+                cpu = time.process_time()
                 channel_per_s = await channel_loop(channel, messages, concurrency)
+                channel_us = (time.process_time() - cpu) / n * 1e6
             finally:
                 await channel.aclose()
             token = await _fetch_token(base_url)
+            cpu = time.process_time()
             raw_per_s = await aiohttp_loop(base_url, token, messages, concurrency)
-        print(f"channel_per_s={channel_per_s:.0f} raw_per_s={raw_per_s:.0f}")
+            raw_us = (time.process_time() - cpu) / n * 1e6
+        print(
+            f"channel_per_s={channel_per_s:.0f} raw_per_s={raw_per_s:.0f} "
+            f"channel_cpu_us={channel_us:.0f} raw_cpu_us={raw_us:.0f} pinned={int(len(cpus) >= 2)}"
+        )
     finally:
         process.terminate()
         await process.wait()

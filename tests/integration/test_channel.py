@@ -302,3 +302,40 @@ async def test_a_given_client_is_not_closed(fake: FakeWeChat) -> None:
         assert (await channel.send(MESSAGE)).outcome is Outcome.SENT
         await channel.aclose()
         assert not client.is_closed
+
+
+async def test_a_compressed_reply_is_decoded_and_the_pool_keeps_its_limit() -> None:
+    # The channel hands its requests straight to its transport and reads plain bodies itself;
+    # a gzip reply (aiohttp asks for one) still goes through httpx's decoders.
+    import gzip
+    import json
+
+    from aiohttp import web
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "tok", "expires_in": 7200})
+
+    async def send(request: web.Request) -> web.Response:
+        assert request.query["access_token"] == "tok"
+        assert request.headers["Content-Type"] == "application/json"
+        assert json.loads(await request.read())["touser"] == MESSAGE.touser
+        body = gzip.compress(b'{"errcode":0,"errmsg":"ok","msgid":42}')
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/cgi-bin/stable_token", token)
+    app.router.add_post("/cgi-bin/message/subscribe/send", send)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    channel = make_channel(f"http://127.0.0.1:{port}", max_connections=3)
+    try:
+        results = await asyncio.gather(*(channel.send(MESSAGE) for _ in range(10)))
+        assert {(r.outcome, r.msgid) for r in results} == {(Outcome.SENT, 42)}
+        transport = channel._transport
+        assert transport is not None and transport.client.connector.limit == 3  # type: ignore[union-attr]
+    finally:
+        await channel.aclose()
+        await runner.cleanup()
