@@ -1001,6 +1001,13 @@ class FanOutStore:
 
     async def close_occurrences(self, conn: Conn, plan_id: str) -> int:
         """A cancelled plan's running occurrences end: nothing more is claimed for them."""
+        # The occurrences first, then their chunks: the order release_chunk takes them in, so a
+        # replica letting a chunk go meanwhile waits instead of deadlocking with this.
+        await conn.execute(
+            "SELECT 1 FROM occurrences WHERE plan_id = $1 AND state = 'running'"
+            " ORDER BY id FOR UPDATE",
+            plan_id,
+        )
         await conn.execute(
             "UPDATE occurrence_chunks c SET state = 'done', owner = NULL, updated_at = now()"
             " FROM occurrences o WHERE o.id = c.occurrence_id AND o.plan_id = $1"
