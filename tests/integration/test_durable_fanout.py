@@ -314,3 +314,26 @@ async def test_the_send_rate_holds_across_two_replicas(store, fake, channel):
     # No second carries more than the rate plus the bucket (2) and a little network jitter.
     busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
     assert busiest <= 20 + 2 + 2
+
+
+async def test_stopping_a_plans_occurrences_while_a_chunk_is_released_does_not_deadlock(store):
+    """Damage control stops a plan's occurrences while a replica lets one of its chunks go:
+    both take the occurrence before its chunks, so one waits for the other (it deadlocked when
+    the stop took the chunks first)."""
+    await audience(store, 50)
+    occurrence_id = await store.fanout.record_occurrence(
+        "alerts", occurrence_key(FIRE), 2, FIRE, 10
+    )
+    async with store.pool.acquire() as releasing, releasing.transaction():
+        # release_chunk's order: the occurrence, then the chunk.
+        await releasing.execute("SELECT 1 FROM occurrences WHERE id = $1 FOR UPDATE", occurrence_id)
+        stopping = asyncio.create_task(
+            store.fanout.stop_occurrences("alerts", "r1", "skipped", "template_banned", "43107")
+        )
+        await asyncio.sleep(0.5)  # the stop is waiting now
+        await releasing.execute(
+            "UPDATE occurrence_chunks SET owner = NULL WHERE occurrence_id = $1", occurrence_id
+        )
+    recorded = await asyncio.wait_for(stopping, 10)
+    assert recorded == 50
+    assert await store.pool.fetchval("SELECT state FROM occurrences") == "done"
