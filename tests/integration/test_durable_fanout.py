@@ -292,10 +292,12 @@ async def test_the_send_rate_holds_across_two_replicas(store, fake, channel):
     users = await audience(store, 120)
     rate = SendRate("app", 20.0)
     clock = Clock(FIRE)
-    a = dispatcher(store, channel, clock, batch_size=20, chunk_size=30, send_rate=rate)
-    b = dispatcher(
-        store, channel, clock, replica_id="other", batch_size=20, chunk_size=30, send_rate=rate
-    )
+    # Few sends in flight and short batches: a replica holds a chunk or two at a time while the
+    # bucket paces it, so the other one finds chunks to take (with 64 in flight, one replica
+    # could claim the whole occurrence before the other joined).
+    pace = {"batch_size": 10, "chunk_size": 30, "concurrency": 4, "send_rate": rate}
+    a = dispatcher(store, channel, clock, **pace)
+    b = dispatcher(store, channel, clock, replica_id="other", **pace)
     active = await a.load("alerts")
     helper = FanOutReport()
 
