@@ -397,7 +397,11 @@ def test_validate_accepts_the_plans_folder(capsys: pytest.CaptureFixture[str]) -
     assert main(["validate", str(PLANS)]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    assert [line.split()[0] for line in out.splitlines()] == ["ok"] * len(EXAMPLES)
+    # The commute alert follows China's official working days: validate says so when the
+    # calendar package does not know a year it runs into yet (the documented fallback applies).
+    unknown_year = "does not know"
+    for line in out.splitlines():
+        assert line.startswith("ok ") or ("commute-line2" in line and unknown_year in line), line
     for path in EXAMPLES:
         assert f"ok     {path} ({path.stem})" in out
 
