@@ -13,10 +13,9 @@ sent; what was claimed but never handed to the channel goes back to the pool (`R
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -535,7 +534,15 @@ class Dispatcher:
             conn=conn,
         )
         claims = await self._claim(conn, active, dues)
-        extras = await self._render_extras(active, recipients, adapted, now, report, conn, when)
+        senders = {user: a for user, a in adapted.items() if a.send is not None}
+        extras = await self._render_all(
+            active,
+            [r for r in recipients if r.user_id in senders],
+            report,
+            when,
+            conn=conn,
+            extras=senders,
+        )
         if not extras:
             return dues, claims
         extra_claims = await self._claim(conn, active, extras)
@@ -577,57 +584,6 @@ class Dispatcher:
             report.stopped_by_gate(Outcome.SKIPPED, Reason.ADAPTED)
         metrics.count(record.id, Outcome.SKIPPED, Reason.ADAPTED, len(skipped))
         return adapted
-
-    async def _render_extras(
-        self,
-        active: ActivePlan,
-        recipients: list[Recipient],
-        adapted: dict[str, Adaptation],
-        now: datetime,
-        report: FanOutReport,
-        conn: Any,
-        when: When,
-    ) -> list[Due]:
-        """The extra steps the adapt rules send, rendered and through gate steps 4-6 like any
-        step; each has its own ledger key (`extra_occurrence`), so it goes at most once per
-        inactivity period, and carries the variant `extra:NAME` (its own line in reports)."""
-        plan, record = active.plan, active.record
-        dues, broken = [], []
-        moments: dict[tuple[Any, ...], Decision] = {}
-        for r in recipients:
-            adaptation = adapted.get(r.user_id)
-            if adaptation is None or adaptation.send is None:
-                continue
-            _, step, due_at, tz = when(r)
-            name = adaptation.send
-            occurrence = extra_occurrence(name, adaptation, step)
-            try:
-                data = render(plan, step, due_at, tz, r.user_id, r.vars, extra=name)
-            except RenderError as exc:
-                log.warning(
-                    "plan %s: cannot render extra step %s for %s: %s",
-                    record.id,
-                    name,
-                    r.user_id,
-                    exc,
-                    extra={"plan_id": record.id},
-                )
-                broken.append((occurrence, r.user_id, step, due_at))
-                continue
-            due = self._gate(plan, occurrence, r, step, due_at, data, now, moments)
-            dues.append(dataclasses.replace(due, variant=f"extra:{name}"))
-        report.unrenderable += len(broken)
-        metrics.count(record.id, Outcome.SKIPPED, Reason.UNRENDERABLE, len(broken))
-        await self.store.skip(
-            plan_id=record.id,
-            version=record.version,
-            replica=self.replica_id,
-            rows=broken,
-            status=Outcome.SKIPPED,
-            reason=Reason.UNRENDERABLE,
-            conn=conn,
-        )
-        return dues
 
     # --- deferred sends ---------------------------------------------------------------------------
 
@@ -687,26 +643,47 @@ class Dispatcher:
         active: ActivePlan,
         recipients: list[Recipient],
         report: FanOutReport,
-        when: Callable[[Recipient], tuple[str, int, datetime, ZoneInfo]],
+        when: When,
         conn: Any = None,
+        *,
+        extras: Mapping[str, Adaptation] | None = None,
     ) -> list[Due]:
-        """Render each recipient's message; one that cannot be rendered is recorded as skipped."""
+        """Render each recipient's message, or (given `extras`) the extra step its adapt rule
+        sends: that has its own ledger key (`extra_occurrence`), so it goes at most once per
+        inactivity period, and the variant `extra:NAME` (its own line in reports). A message
+        that cannot be rendered is recorded as skipped."""
         dues, broken = [], []
         now = self.clock()  # a batch is judged at one moment
         moments: dict[tuple[Any, ...], Decision] = {}
         for recipient in recipients:
             occurrence, step, due_at, tz = when(recipient)
-            # The user's variant of the step, the same on every replica and after a restart; the
-            # claim writes it into the ledger row (a deferred row keeps it and its message).
-            variant = variant_for(active.plan, step, recipient.user_id)
+            extra = None
+            if extras is not None:
+                adaptation = extras[recipient.user_id]
+                extra = adaptation.send
+                assert extra is not None
+                occurrence = extra_occurrence(extra, adaptation, step)
+                variant: str | None = f"extra:{extra}"
+            else:
+                # The user's variant of the step, the same on every replica and after a
+                # restart; the claim writes it into the ledger row (a deferred row keeps it).
+                variant = variant_for(active.plan, step, recipient.user_id)
             try:
                 data = render(
-                    active.plan, step, due_at, tz, recipient.user_id, recipient.vars, variant
+                    active.plan,
+                    step,
+                    due_at,
+                    tz,
+                    recipient.user_id,
+                    recipient.vars,
+                    None if extra else variant,
+                    extra=extra,
                 )
             except RenderError as exc:
                 log.warning(
-                    "plan %s: cannot render for %s: %s",
+                    "plan %s: cannot render %s for %s: %s",
                     active.record.id,
+                    f"extra step {extra}" if extra else f"step {step}",
                     recipient.user_id,
                     exc,
                     extra={"plan_id": active.record.id},
@@ -982,7 +959,7 @@ def _stop(outcome: Outcome, violation: Violation, defer_until: datetime | None =
 def _of_rows(claims: list[Claim], dues: list[Due]) -> list[Claim]:
     """The claims of one claim call (one row per user), each told which row it is."""
     occurrence = {d.user_id: d.occurrence for d in dues}
-    return [dataclasses.replace(c, occurrence=occurrence[c.user_id]) for c in claims]
+    return [replace(c, occurrence=occurrence[c.user_id]) for c in claims]
 
 
 def _skips(adaptation: Adaptation | None) -> bool:
