@@ -15,13 +15,16 @@ Against the same fake, same concurrency, no database, it measures the channel's 
 min(N, --baseline-max) of them). The last line printed is
 
     users=N sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q peak_rss_mb=M
-        cpu_us=F channel_cpu_us=U raw_cpu_us=W pinned=P
+        cpu_us=F channel_cpu_us=U raw_cpu_us=W fake_cpu_us=X db_cpu_us=D pinned=P
 
 with ratio = S / C and raw_ratio = S / B, where C is the mean of the channel alone just before
 and just after the fan-out (the machine's load drifts over a long run). F, U and W are this
 process's CPU microseconds per send (time.process_time) in the fan-out, the channel loop (mean of
 before and after) and the bare aiohttp loop: unlike the rates they barely move when other work
-shares the machine. P is 1 when the fake and the embedded PostgreSQL were pinned to the other
+shares the machine. X and D are the CPU microseconds per send, during the fan-out, of the fake
+WeChat and of the embedded PostgreSQL (all its processes; D is n/a for a --database-url server):
+they share the other core, and when their sum times S nears a whole core, that core is the
+bottleneck, not this process. P is 1 when the fake and the embedded PostgreSQL were pinned to the other
 core; when this process sees fewer than two cores (under taskset, say) nothing is pinned, a
 warning says so on stdout and stderr, and P is 0. Loopback only;
 everything started is stopped and the database dropped on the way out, also on error or after
@@ -188,6 +191,25 @@ def cpu_us(since: float, count: int) -> float:
     return (time.process_time() - since) / count * 1e6
 
 
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds used so far by process `pid` and its children (PostgreSQL's backends are
+    the postmaster's children); 0 where /proc cannot tell (not Linux, or no such process)."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -238,7 +260,10 @@ async def bench(
     base_url: str,
     cpus: list[int],
     workers: list[asyncio.subprocess.Process],
+    others: dict[str, int | None],
 ) -> str:
+    """`others`: the pids of the fake WeChat ("fake") and of an embedded PostgreSQL's postmaster
+    ("db", None for a server of --database-url), whose CPU per send is reported too."""
     n, concurrency = args.users, args.concurrency
     async with Store.open(db_url, max_size=args.pool_size) as store:
         started = time.perf_counter()
@@ -291,11 +316,16 @@ async def bench(
             )
             sends_before = await fake_sends(base_url)
             profiler = cProfile.Profile() if args.profile else None
+            others_before = {name: tree_cpu_s(pid) for name, pid in others.items()}
             started, cpu = time.perf_counter(), time.process_time()
             if profiler:
                 profiler.enable()
             report = await dispatcher.fire(PLAN.id, fire_time)
             elapsed = time.perf_counter() - started
+            others_us = {
+                name: (tree_cpu_s(pid) - others_before[name]) / max(report.sent, 1) * 1e6
+                for name, pid in others.items()
+            }
             if profiler:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
@@ -323,6 +353,13 @@ async def bench(
             f"= {sends_per_s:.0f} sends/s ({fire_us:.0f} us CPU/send in this process; "
             f"batch {args.batch_size}, concurrency {concurrency})"
         )
+        # The other core's share: when it is busy all the time, it is the bottleneck.
+        fake_us, db_us = others_us["fake"], others_us["db"] if others["db"] else None
+        print(
+            f"the other core per send: fake WeChat {fake_us:.0f} us CPU, "
+            + (f"PostgreSQL {db_us:.0f} us CPU" if db_us is not None else "PostgreSQL n/a")
+            + f" (busy {(fake_us + (db_us or 0)) * sends_per_s / 1e6:.0%} of a core)"
+        )
 
         ledger = await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'sent'")
         print(f"checks: report.sent={report.sent} ledger sent={ledger} fake sends={faked} (N={n})")
@@ -336,6 +373,7 @@ async def bench(
         f"raw_per_s={raw_per_s:.0f} ratio={sends_per_s / channel_per_s:.2f} "
         f"raw_ratio={sends_per_s / raw_per_s:.2f} peak_rss_mb={rss:.0f} "
         f"cpu_us={fire_us:.0f} channel_cpu_us={channel_us:.0f} raw_cpu_us={raw_us:.0f} "
+        f"fake_cpu_us={fake_us:.0f} db_cpu_us={'n/a' if db_us is None else f'{db_us:.0f}'} "
         f"pinned={int(len(cpus) >= 2)}"
     )
 
@@ -528,6 +566,11 @@ async def main(args: argparse.Namespace) -> str:
             created = True
             fake, base_url = await _start_fake()
             cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            db_pid = None
+            if temp_dir is not None:
+                import pgserver
+
+                db_pid = pgserver.get_server(temp_dir / "pgdata").get_pid()
             if len(cpus) < 2:
                 warn_unpinned(cpus)
             else:
@@ -535,14 +578,13 @@ async def main(args: argparse.Namespace) -> str:
                 # server and WeChat elsewhere: the fake and an embedded PostgreSQL (its server
                 # processes are forked from the postmaster, so they follow it) share the other.
                 _pin(fake.pid, cpus[1])
-                if temp_dir is not None:
-                    import pgserver
-
-                    _pin(pgserver.get_server(temp_dir / "pgdata").get_pid(), cpus[1])
+                if db_pid is not None:
+                    _pin(db_pid, cpus[1])
                 _pin(0, cpus[0])
             print(f"database {database}, fake WeChat at {base_url} (pid {fake.pid})")
             db_url = with_database(server_url, database)
-            return await bench(args, db_url, base_url, cpus, workers)
+            others = {"fake": fake.pid, "db": db_pid}
+            return await bench(args, db_url, base_url, cpus, workers, others)
     except TimeoutError:
         raise SystemExit(
             f"ABORTED: the benchmark did not finish within --timeout {args.timeout:.0f} s"
