@@ -24,9 +24,9 @@ before and after) and the bare aiohttp loop: unlike the rates they barely move w
 shares the machine. X and D are the CPU microseconds per send, during the fan-out, of the fake
 WeChat and of the embedded PostgreSQL (all its processes; D is n/a for a --database-url server):
 they share the other core, and when their sum times S nears a whole core, that core is the
-bottleneck, not this process. P is 1 when the fake and the embedded PostgreSQL were pinned to the other
-core; when this process sees fewer than two cores (under taskset, say) nothing is pinned, a
-warning says so on stdout and stderr, and P is 0. Loopback only;
+bottleneck, not this process. P is 1 when the fake and the embedded PostgreSQL were pinned to
+the other core; when this process sees fewer than two cores (under taskset, say) nothing is
+pinned, a warning says so on stdout and stderr, and P is 0. Loopback only;
 everything started is stopped and the database dropped on the way out, also on error or after
 --timeout seconds.
 
@@ -281,14 +281,15 @@ async def bench(
             channel_per_s = await channel_loop(channel, baseline, concurrency)
             channel_us = cpu_us(cpu, len(baseline))
             token = await _fetch_token(base_url)
-            cpu = time.process_time()
+            cpu, fake_cpu = time.process_time(), tree_cpu_s(others["fake"])
             raw_per_s = await aiohttp_loop(base_url, token, baseline, concurrency)
             raw_us = cpu_us(cpu, len(baseline))
+            raw_fake_us = (tree_cpu_s(others["fake"]) - fake_cpu) / len(baseline) * 1e6
             print(
                 f"baselines over {len(baseline)} messages (min(N, {args.baseline_max})), "
                 f"concurrency {concurrency}: channel {channel_per_s:.0f}/s "
                 f"({channel_us:.0f} us CPU/send), bare aiohttp {raw_per_s:.0f}/s "
-                f"({raw_us:.0f} us CPU/send)"
+                f"({raw_us:.0f} us CPU/send; the fake WeChat {raw_fake_us:.0f} us CPU/request)"
             )
 
             # The baselines' messages are the benchmark's own garbage: with 50,000 of them alive,
