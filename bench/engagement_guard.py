@@ -61,9 +61,10 @@ async def bench(url: str, users: int, days: int, rounds: int) -> str:
         await store.register_plan(PLAN, "bench")
         await store.pool.execute(
             "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
-            " status, msgid)"
+            " status, msgid, key_at)"
             " SELECT 'big', 1, 'occ-' || d, 'u' || u, d,"
-            "  timestamptz '2026-03-01 01:00+00' + d * interval '1 day', 'sent', d * 1000000 + u"
+            "  timestamptz '2026-03-01 01:00+00' + d * interval '1 day', 'sent', d * 1000000 + u,"
+            "  timestamptz '2026-03-01 01:00+00' + d * interval '1 day'"
             " FROM generate_series(1, $1::int) d, generate_series(1, $2::int) u",
             days,
             users,

@@ -74,6 +74,7 @@ ADMIN_TOKEN = "bench-admin-token"
 COLUMNS = [
     "plan_id", "plan_version", "occurrence", "user_id", "step", "due_at", "status", "reason",
     "errcode", "msgid", "detail", "message", "claimed_by", "claimed_at", "finished_at",
+    "key_at",
 ]  # fmt: skip
 # (status, reason, errcode, weight): roughly a production mix
 OUTCOMES = [
@@ -161,6 +162,7 @@ def synthetic_rows(n: int, plans: list[str], days: int, now: datetime) -> Iterat
                     f"errcode {errcode}" if errcode else None,
                     json.dumps(message, ensure_ascii=False), "r0", due,
                     None if st == "deferred" else due + timedelta(seconds=u % 300),
+                    due,  # key_at: the due time (migration 014's ledger_key_at)
                 )  # fmt: skip
             left -= len(picks)
 

@@ -226,10 +226,10 @@ async def record_for_audience(
     """One final row per active enrolment that has none for this occurrence yet."""
     done = await conn.execute(
         "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
-        " status, reason, claimed_by, finished_at)"
-        " SELECT $1, $2, $3, e.user_id, $4, $5, $6, $7, 'resume', now()"
+        " status, reason, claimed_by, finished_at, key_at)"
+        " SELECT $1, $2, $3, e.user_id, $4, $5, $6, $7, 'resume', now(), ledger_key_at($3, $5)"
         " FROM enrollments e WHERE e.plan_id = $1 AND e.status = 'active'"
-        " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+        " ON CONFLICT (plan_id, occurrence, user_id, key_at) DO NOTHING",
         plan_id,
         version,
         occurrence,

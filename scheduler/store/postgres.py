@@ -640,11 +640,12 @@ class Store:
             return
         await (conn or self.pool).execute(
             "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
-            " status, reason, detail, claimed_by, finished_at)"
-            " SELECT $1, $2, u.occ, u.uid, u.step, u.due, $3, $4, u.detail, $5, now()"
+            " status, reason, detail, claimed_by, finished_at, key_at)"
+            " SELECT $1, $2, u.occ, u.uid, u.step, u.due, $3, $4, u.detail, $5, now(),"
+            "  ledger_key_at(u.occ, u.due)"
             " FROM unnest($6::text[], $7::text[], $8::int[], $9::timestamptz[], $10::text[])"
             "  AS u (occ, uid, step, due, detail)"
-            " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+            " ON CONFLICT (plan_id, occurrence, user_id, key_at) DO NOTHING",
             plan_id,
             version,
             status,
@@ -974,11 +975,12 @@ class FanOutStore:
         occurrence gets `missed` (grace_exceeded)."""
         status = await conn.execute(
             "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
-            " status, reason, claimed_by, finished_at)"
-            " SELECT $1, $2, $3, e.user_id, $4, $5, 'missed', 'grace_exceeded', $6, now()"
+            " status, reason, claimed_by, finished_at, key_at)"
+            " SELECT $1, $2, $3, e.user_id, $4, $5, 'missed', 'grace_exceeded', $6, now(),"
+            "  ledger_key_at($3, $5)"
             " FROM enrollments e WHERE e.plan_id = $1 AND e.status = 'active'"
             "  AND e.user_id > $7 AND ($8::text IS NULL OR e.user_id <= $8)"
-            " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+            " ON CONFLICT (plan_id, occurrence, user_id, key_at) DO NOTHING",
             chunk.plan_id,
             version,
             chunk.occurrence,
@@ -1031,16 +1033,16 @@ class FanOutStore:
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = await conn.execute(
                 "INSERT INTO deliveries (plan_id, plan_version, occurrence, user_id, step, due_at,"
-                " status, reason, detail, claimed_by, finished_at)"
+                " status, reason, detail, claimed_by, finished_at, key_at)"
                 " SELECT o.plan_id, p.current_version, o.occurrence, e.user_id, o.step,"
-                "  o.fire_time, $3, $4, $5, $2, now()"
+                "  o.fire_time, $3, $4, $5, $2, now(), ledger_key_at(o.occurrence, o.fire_time)"
                 " FROM occurrences o JOIN plans p ON p.id = o.plan_id"
                 " JOIN occurrence_chunks c ON c.occurrence_id = o.id AND c.state = 'todo'"
                 " JOIN enrollments e ON e.plan_id = o.plan_id AND e.status = 'active'"
                 "  AND e.user_id > coalesce(c.cursor, c.after_user, '')"
                 "  AND (c.last_user IS NULL OR e.user_id <= c.last_user)"
                 " WHERE o.plan_id = $1 AND o.state = 'running'"
-                " ON CONFLICT (plan_id, occurrence, user_id) DO NOTHING",
+                " ON CONFLICT (plan_id, occurrence, user_id, key_at) DO NOTHING",
                 plan_id,
                 replica,
                 status,

@@ -16,7 +16,9 @@ fails, with the diff, when the file is out of date.
 The catalogs are read with queries rather than `pg_dump`, whose major version must match the
 server's (the machine's `pg_dump` and pgserver's PostgreSQL need not agree). Only the `public`
 schema is printed: APScheduler's tables live in its own `apscheduler` schema, created by
-APScheduler at start-up, not by the migrations.
+APScheduler at start-up, not by the migrations. A partitioned table is printed without its
+partitions: the ledger's monthly ones are named after the month they were made in
+(`ensure_ledger_partitions`), and they are its copies.
 """
 
 from __future__ import annotations
@@ -85,10 +87,11 @@ ORDER BY c.relname
 
 _TABLES = """
 SELECT c.relname AS table_name, quote_ident(c.relname) AS name, c.relkind::text AS kind,
-       coalesce(array_to_string(c.reloptions, ', '), '') AS options
+       coalesce(array_to_string(c.reloptions, ', '), '') AS options,
+       CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partition_key
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
 ORDER BY c.relname
 """
 
@@ -102,7 +105,8 @@ FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY c.relname, a.attnum
 """
 
@@ -113,7 +117,7 @@ SELECT c.relname AS table_name, quote_ident(k.conname) AS name,
 FROM pg_constraint k
 JOIN pg_class c ON c.oid = k.conrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = $1 AND k.contype IN ('p', 'u', 'f', 'c', 'x')
+WHERE n.nspname = $1 AND k.contype IN ('p', 'u', 'f', 'c', 'x') AND NOT c.relispartition
 ORDER BY c.relname, CASE k.contype WHEN 'p' THEN 0 WHEN 'u' THEN 1 WHEN 'x' THEN 2
                                    WHEN 'f' THEN 3 ELSE 4 END, k.conname
 """
@@ -125,7 +129,7 @@ FROM pg_index x
 JOIN pg_class i ON i.oid = x.indexrelid
 JOIN pg_class t ON t.oid = x.indrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
-WHERE n.nspname = $1
+WHERE n.nspname = $1 AND NOT t.relispartition
   AND NOT EXISTS (SELECT 1 FROM pg_constraint k
                   WHERE k.conindid = x.indexrelid AND k.conrelid = x.indrelid
                     AND k.contype IN ('p', 'u', 'x'))
@@ -146,7 +150,7 @@ SELECT pg_get_triggerdef(g.oid, true) AS definition
 FROM pg_trigger g
 JOIN pg_class c ON c.oid = g.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = $1 AND NOT g.tgisinternal
+WHERE n.nspname = $1 AND NOT g.tgisinternal AND NOT c.relispartition
 ORDER BY c.relname, g.tgname
 """
 
@@ -241,7 +245,7 @@ async def snapshot(conn: Conn) -> str:
         options = _text(r["options"])
         table = f"CREATE TABLE {_text(r['name'])} (\n{body}\n)"
         if _text(r["kind"]) == "p":
-            table += " PARTITIONED"
+            table += f" PARTITION BY {_text(r['partition_key'])}"
         table += f" WITH ({options});" if options else ";"
         tables.append("\n".join([table, *indexes.get(key, [])]))
 

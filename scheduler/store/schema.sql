@@ -19,6 +19,7 @@
 --   009_engagement.sql
 --   010_ledger_counts.sql
 --   011_activity.sql
+--   014_ledger_partitions.sql
 --
 -- Functions:
 --   claim_deliveries(p_plan text, p_version integer, p_template text, p_consent_kind text,
@@ -36,6 +37,7 @@
 --   delivery_counts_updated_v1() -> trigger
 --   delivery_outcomes_v1(p_plan text, p_now timestamp with time zone) -> TABLE(plan_id text, status
 --       text, reason text, d1 bigint, d7 bigint, total bigint)
+--   ensure_ledger_partitions(p_months_ahead integer, p_from timestamp with time zone) -> text[]
 --   finish_deliveries(p_template text, p_consent_kind text, p_ids bigint[], p_statuses text[],
 --       p_reasons text[], p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until
 --       timestamp with time zone[]) -> void
@@ -53,6 +55,7 @@
 --       gate_cap_v2[], variant text)
 --   gate_v2_take_credits(p_batch gate_batch_v2, p_rows gate_row_v2[], p_ids bigint[], p_allowed
 --       boolean[]) -> void
+--   ledger_key_at(p_occurrence text, p_due_at timestamp with time zone) -> timestamp with time zone
 --   record_flight_v1(p_replica text, p_still_in_flight bigint[], p_candidates bigint[], p_ids
 --       bigint[], p_templates text[], p_kinds text[], p_statuses text[], p_reasons text[],
 --       p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until timestamp with
@@ -219,17 +222,18 @@ CREATE TABLE deliveries (
     pushed_at    timestamp with time zone,
     defer_until  timestamp with time zone,
     variant      text,
-    CONSTRAINT deliveries_pkey PRIMARY KEY (id),
-    CONSTRAINT deliveries_plan_id_occurrence_user_id_key UNIQUE (plan_id, occurrence, user_id),
+    key_at       timestamp with time zone NOT NULL,
+    CONSTRAINT deliveries_pkey PRIMARY KEY (id, key_at),
+    CONSTRAINT deliveries_plan_id_occurrence_user_id_key UNIQUE (plan_id, occurrence, user_id, key_at),
     CONSTRAINT deliveries_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'sent'::text, 'failed'::text, 'skipped'::text, 'deferred'::text, 'unknown'::text, 'missed'::text])))
-);
-CREATE INDEX deliveries_deferred ON public.deliveries USING btree (defer_until) WHERE (status = 'deferred'::text);
-CREATE INDEX deliveries_errors ON public.deliveries USING btree (plan_id, id) WHERE (status = ANY (ARRAY['failed'::text, 'unknown'::text]));
-CREATE INDEX deliveries_msgid ON public.deliveries USING btree (msgid) WHERE (msgid IS NOT NULL);
-CREATE INDEX deliveries_pending ON public.deliveries USING btree (claimed_by) WHERE (status = 'pending'::text);
-CREATE INDEX deliveries_plan_due ON public.deliveries USING btree (plan_id, due_at);
-CREATE INDEX deliveries_plan_status ON public.deliveries USING btree (plan_id, status);
-CREATE INDEX deliveries_user_sent ON public.deliveries USING btree (user_id, due_at) WHERE (status = 'sent'::text);
+) PARTITION BY RANGE (key_at);
+CREATE INDEX deliveries_deferred ON ONLY public.deliveries USING btree (defer_until) WHERE (status = 'deferred'::text);
+CREATE INDEX deliveries_errors ON ONLY public.deliveries USING btree (plan_id, id) WHERE (status = ANY (ARRAY['failed'::text, 'unknown'::text]));
+CREATE INDEX deliveries_msgid ON ONLY public.deliveries USING btree (msgid) WHERE (msgid IS NOT NULL);
+CREATE INDEX deliveries_pending ON ONLY public.deliveries USING btree (claimed_by) WHERE (status = 'pending'::text);
+CREATE INDEX deliveries_plan_due ON ONLY public.deliveries USING btree (plan_id, due_at);
+CREATE INDEX deliveries_plan_status ON ONLY public.deliveries USING btree (plan_id, status);
+CREATE INDEX deliveries_user_sent ON ONLY public.deliveries USING btree (user_id, due_at) WHERE (status = 'sent'::text);
 
 CREATE TABLE delivery_counts (
     plan_id  text NOT NULL,
@@ -308,8 +312,7 @@ CREATE TABLE opens (
     opened_at   timestamp with time zone NOT NULL,
     source      text NOT NULL,
     recorded_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT opens_pkey PRIMARY KEY (id),
-    CONSTRAINT opens_delivery_id_fkey FOREIGN KEY (delivery_id) REFERENCES deliveries(id)
+    CONSTRAINT opens_pkey PRIMARY KEY (id)
 );
 CREATE INDEX opens_delivery ON public.opens USING btree (delivery_id) WHERE (delivery_id IS NOT NULL);
 CREATE INDEX opens_last ON public.opens USING btree (user_id, opened_at DESC);
@@ -463,9 +466,11 @@ BEGIN
                       WITH ORDINALITY AS u (occ, uid, step, due, msg, pos)
     ), claimed AS (
         INSERT INTO deliveries AS d
-            (plan_id, plan_version, occurrence, user_id, step, due_at, status, message, claimed_by)
-        SELECT p_plan, p_version, occ, uid, step, due, 'pending', msg, p_replica FROM input
-        ON CONFLICT (plan_id, occurrence, user_id) DO UPDATE
+            (plan_id, plan_version, occurrence, user_id, step, due_at, status, message, claimed_by,
+             key_at)
+        SELECT p_plan, p_version, occ, uid, step, due, 'pending', msg, p_replica,
+               ledger_key_at(occ, due) FROM input
+        ON CONFLICT (plan_id, occurrence, user_id, key_at) DO UPDATE
             SET status = 'pending', reason = NULL, detail = NULL, defer_until = NULL,
                 claimed_by = p_replica, claimed_at = now()
             WHERE d.status = 'deferred'
@@ -754,6 +759,54 @@ AS $function$
     HAVING sum(total) > 0
 $function$;
 
+CREATE OR REPLACE FUNCTION public.ensure_ledger_partitions(p_months_ahead integer, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS text[]
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_this_month timestamptz := date_trunc('month', now(), 'UTC');
+    v_month timestamptz;
+    v_last timestamptz;
+    v_name text;
+    v_created text[] := '{}';
+BEGIN
+    IF to_regclass('deliveries_default') IS NULL THEN
+        CREATE TABLE deliveries_default PARTITION OF deliveries DEFAULT;
+    END IF;
+    SELECT least(date_trunc('month', coalesce(p_from, v_this_month), 'UTC'),
+                 date_trunc('month', min(key_at), 'UTC'), v_this_month)
+    INTO v_month FROM deliveries_default;
+    v_last := greatest(v_this_month + make_interval(months => p_months_ahead),
+                       (SELECT date_trunc('month', max(key_at), 'UTC') FROM deliveries_default));
+    WHILE v_month <= v_last LOOP
+        v_name := 'deliveries_' || to_char(v_month AT TIME ZONE 'UTC', '"y"YYYY"m"MM');
+        IF to_regclass(v_name) IS NULL THEN
+            IF EXISTS (SELECT 1 FROM deliveries_default
+                       WHERE key_at >= v_month AND key_at < v_month + interval '1 month') THEN
+                -- A partition cannot be created over rows in DEFAULT: move them into it first
+                -- (the rows move between partitions, so the ledger's count triggers, which
+                -- are the parent's, see nothing).
+                EXECUTE format('CREATE TABLE %I (LIKE deliveries INCLUDING DEFAULTS'
+                               ' INCLUDING CONSTRAINTS)', v_name);
+                EXECUTE format('WITH moved AS (DELETE FROM deliveries_default WHERE key_at >= %L'
+                               ' AND key_at < %L RETURNING *) INSERT INTO %I SELECT * FROM moved',
+                               v_month, v_month + interval '1 month', v_name);
+                EXECUTE format('ALTER TABLE deliveries ATTACH PARTITION %I'
+                               ' FOR VALUES FROM (%L) TO (%L)',
+                               v_name, v_month, v_month + interval '1 month');
+            ELSE
+                EXECUTE format('CREATE TABLE %I PARTITION OF deliveries'
+                               ' FOR VALUES FROM (%L) TO (%L)',
+                               v_name, v_month, v_month + interval '1 month');
+            END IF;
+            v_created := v_created || v_name;
+        END IF;
+        v_month := v_month + interval '1 month';
+    END LOOP;
+    RETURN v_created;
+END;
+$function$;
+
 CREATE OR REPLACE FUNCTION public.finish_deliveries(p_template text, p_consent_kind text, p_ids bigint[], p_statuses text[], p_reasons text[], p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until timestamp with time zone[])
  RETURNS void
  LANGUAGE plpgsql
@@ -837,11 +890,12 @@ AS $function$
     claimed AS (
         INSERT INTO deliveries AS d
             (plan_id, plan_version, occurrence, user_id, step, due_at, status, message,
-             claimed_by, variant)
+             claimed_by, variant, key_at)
         SELECT (p_batch).plan_id, (p_batch).version, i.occurrence, i.user_id, i.step, i.due_at,
-               'pending', i.message, (p_batch).replica, i.variant
+               'pending', i.message, (p_batch).replica, i.variant,
+               ledger_key_at(i.occurrence, i.due_at)
         FROM input i
-        ON CONFLICT (plan_id, occurrence, user_id) DO UPDATE
+        ON CONFLICT (plan_id, occurrence, user_id, key_at) DO UPDATE
             SET status = 'pending', reason = NULL, detail = NULL, defer_until = NULL,
                 claimed_by = excluded.claimed_by, claimed_at = now()
             WHERE d.status = 'deferred'
@@ -987,6 +1041,17 @@ AS $function$
            p_ids[r.pos], 'delivery:' || p_ids[r.pos] || ':consume@' || now()  -- again after a put-back
     FROM gate_v2_rows(p_rows) AS r WHERE p_allowed[r.pos]
     ON CONFLICT DO NOTHING
+$function$;
+
+CREATE OR REPLACE FUNCTION public.ledger_key_at(p_occurrence text, p_due_at timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT CASE WHEN p_occurrence LIKE 'extra:%:since:%'
+                THEN substring(p_occurrence FROM ':since:([0-9]{4}-[0-9]{2}-[0-9]{2}T[^:]*:.*)$')
+                         ::timestamptz
+                ELSE p_due_at END
 $function$;
 
 CREATE OR REPLACE FUNCTION public.record_flight_v1(p_replica text, p_still_in_flight bigint[], p_candidates bigint[], p_ids bigint[], p_templates text[], p_kinds text[], p_statuses text[], p_reasons text[], p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until timestamp with time zone[])
