@@ -72,6 +72,15 @@ class Settings(BaseSettings):
         description="Share of the daily quota normal-priority plans leave for high-priority ones.",
     )
     batch_size: int = Field(500, description="Users claimed per database round trip.")
+    ledger_retention_months: int = Field(
+        13,
+        ge=2,
+        description="Months of ledger rows kept; older months are dropped whole once nothing"
+        " needs them (docs/operations.md, Ledger lifecycle).",
+    )
+    ledger_export_dir: Path | None = Field(
+        None, description="Folder the daemon's daily prune writes each month to before dropping it."
+    )
     chunk_size: int = Field(
         1000, ge=1, description="Users per chunk of an occurrence: the unit replicas share."
     )

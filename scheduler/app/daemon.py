@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from scheduler.app import metrics
 from scheduler.app.dispatcher import Clock, Dispatcher, FanOutReport, utc_now
 from scheduler.app.engagement_guard import EngagementGuard
+from scheduler.app.ledger import prune
 from scheduler.app.lifecycle import Lifecycle, LifecycleError
 from scheduler.channels.base import Channel
 from scheduler.domain.plan import Plan
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 TASK_ID = "fire_plan"
 APSCHEDULER_SCHEMA = "apscheduler"
 HEARTBEAT_SECONDS = 5.0
+LEDGER_CARE_SECONDS = 24 * 3600  # partitions ahead and the prune: once a day
 
 # The APScheduler task must be an importable function with plain-string arguments; it reaches the
 # running daemon's dispatcher through this module-level slot, set once at start-up.
@@ -251,6 +253,32 @@ class Daemon:
                 await self.store.status.roll_up()
             except Exception:  # the database may be briefly away: try again next period
                 log.exception("retrying deferred sends failed")
+
+    async def ledger_care_forever(self) -> None:
+        """At start and once a day: the ledger's partitions ahead are made, and its months past
+        retention that nothing needs any more are dropped (scheduler/app/ledger.py), exported
+        first into REMINDERS_LEDGER_EXPORT_DIR when it is set."""
+        while True:
+            try:
+                report = await prune(
+                    self.store,
+                    retention_months=self.settings.ledger_retention_months,
+                    now=self.clock(),
+                    actor=f"daemon:{self.replica_id}",
+                    export_dir=self.settings.ledger_export_dir,
+                )
+                kept = [
+                    p for p in report.kept if p.month is not None and p.keep != "within retention"
+                ]
+                for partition in kept:
+                    log.info(
+                        "ledger month %s kept past retention: %s", partition.label, partition.keep
+                    )
+            except Exception:  # the database may be briefly away: try again in an hour
+                log.exception("the ledger's daily care failed")
+                await asyncio.sleep(3600)
+                continue
+            await asyncio.sleep(LEDGER_CARE_SECONDS)
 
     async def guard_forever(self) -> None:
         """Every sweep period, the engagement guard judges the active plans with recent sends
@@ -495,6 +523,7 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         ]
         deferred = asyncio.create_task(daemon.retry_deferred_forever())
         guarding = asyncio.create_task(daemon.guard_forever())
+        ledger_care = asyncio.create_task(daemon.ledger_care_forever())
         watching = asyncio.create_task(watcher.run())
         control = asyncio.create_task(ControlLoop(daemon, watcher).run())
         settle_heap()
@@ -506,9 +535,12 @@ async def run(settings: Settings, *, demo: bool = False, stop: asyncio.Event | N
         heartbeat.cancel()
         deferred.cancel()
         guarding.cancel()
+        ledger_care.cancel()
         watcher.stop()
         control.cancel()
-        await asyncio.gather(watching, control, deferred, guarding, return_exceptions=True)
+        await asyncio.gather(
+            watching, control, deferred, guarding, ledger_care, return_exceptions=True
+        )
         loop.remove_signal_handler(signal.SIGHUP)
         await scheduler.stop()
         await scheduler.wait_until_stopped()

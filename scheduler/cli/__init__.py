@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
 
+    from scheduler.cli import ledger  # ledger partitions, ledger prune
+
+    ledger.add_commands(sub)
+
     p = sub.add_parser("consent", help="record a user's consent popup result")
     p.add_argument("--user", required=True)
     p.add_argument("--template", required=True)

@@ -43,6 +43,7 @@ from scheduler.store.conn import Conn
 from scheduler.store.consent import ConsentStore
 from scheduler.store.control import ControlChannel
 from scheduler.store.engagement import EngagementStore
+from scheduler.store.ledger import LedgerStore
 from scheduler.store.lifecycle import LifecycleStore
 from scheduler.store.metrics import MetricsStore
 from scheduler.store.planfiles import PlanFilesStore
@@ -243,6 +244,7 @@ class Store:
         self.plan_files = PlanFilesStore(pool)
         self.lifecycle = LifecycleStore(pool, CONTROL_CHANNEL)
         self.simulation: SimulationReads = SimulationStore(pool)  # `reminders simulate` only
+        self.ledger = LedgerStore(pool)  # its partitions and their prune (migration 014)
 
     @classmethod
     @asynccontextmanager

@@ -37,19 +37,23 @@ RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     v_this_month timestamptz := date_trunc('month', now(), 'UTC');
     v_month timestamptz;
-    v_last timestamptz;
     v_name text;
     v_created text[] := '{}';
 BEGIN
+    PERFORM pg_advisory_xact_lock(72410014);  -- one replica at a time makes them
     IF to_regclass('deliveries_default') IS NULL THEN
         CREATE TABLE deliveries_default PARTITION OF deliveries DEFAULT;
     END IF;
-    SELECT least(date_trunc('month', coalesce(p_from, v_this_month), 'UTC'),
-                 date_trunc('month', min(key_at), 'UTC'), v_this_month)
-    INTO v_month FROM deliveries_default;
-    v_last := greatest(v_this_month + make_interval(months => p_months_ahead),
-                       (SELECT date_trunc('month', max(key_at), 'UTC') FROM deliveries_default));
-    WHILE v_month <= v_last LOOP
+    -- The months from p_from's (or this one) to p_months_ahead after this one, and every month
+    -- a row in DEFAULT belongs to (a far-off due time makes its own month, not all between).
+    FOR v_month IN
+        SELECT m FROM generate_series(
+            date_trunc('month', least(coalesce(p_from, v_this_month), v_this_month), 'UTC'),
+            v_this_month + make_interval(months => p_months_ahead), interval '1 month') AS m
+        UNION
+        SELECT DISTINCT date_trunc('month', key_at, 'UTC') FROM deliveries_default
+        ORDER BY 1
+    LOOP
         v_name := 'deliveries_' || to_char(v_month AT TIME ZONE 'UTC', '"y"YYYY"m"MM');
         IF to_regclass(v_name) IS NULL THEN
             IF EXISTS (SELECT 1 FROM deliveries_default
@@ -72,7 +76,6 @@ BEGIN
             END IF;
             v_created := v_created || v_name;
         END IF;
-        v_month := v_month + interval '1 month';
     END LOOP;
     RETURN v_created;
 END;

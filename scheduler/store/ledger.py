@@ -1,0 +1,179 @@
+"""The ledger's lifecycle: its monthly partitions (migration 014), what retention lets go, and the
+prune that drops them whole (`reminders ledger prune`, and the daemon once a day).
+
+A month's partition goes only when nothing the guarantees need is in it:
+
+- its whole range ended before the retention's edge (now minus `REMINDERS_LEDGER_RETENTION_MONTHS`),
+  and no row in it is due after that edge (an inactivity extra step is filed under the period's
+  start, `ledger_key_at`, and may be due later);
+- no row is `pending` (claimed, perhaps on the wire) or `deferred` (still to be sent);
+- no row belongs to an occurrence still `running` (a replica may still claim its users).
+
+A relative step already recorded is not claimed again because its enrolment has moved past it
+(`next_step`), not because of its row, so dropping a month of finished rows cannot make a step go
+twice; a calendar occurrence older than retention is far past every plan's grace. The counts in
+`delivery_counts` stay: a partition dropped fires no delete trigger (migration 010), so status
+and the API keep showing what was sent. With an export folder each month is first written as
+gzip CSV (PostgreSQL's COPY), fsynced, and only then dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import asyncpg
+
+MONTHS_AHEAD = 3  # partitions made ahead of the current month
+
+_PARTITIONS = """
+SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'deliveries'::regclass
+ORDER BY c.relname
+"""
+_MONTH = re.compile(r"^deliveries_y(\d{4})m(\d{2})$")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition of the ledger: its month (None for DEFAULT), rows, and why it must stay
+    (`keep`, None when a prune may drop it)."""
+
+    name: str
+    month: datetime | None
+    rows: int
+    keep: str | None
+
+    @property
+    def label(self) -> str:
+        return self.month.strftime("%Y-%m") if self.month else "DEFAULT"
+
+
+def retention_edge(now: datetime, months: int) -> datetime:
+    """The start of the month `months` months before `now`'s (UTC): rows due before it are past
+    retention."""
+    now = now.astimezone(UTC)
+    index = now.year * 12 + now.month - 1 - months
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+def _month_end(month: datetime) -> datetime:
+    index = month.year * 12 + month.month  # the next month's index (0-based months)
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+class LedgerStore:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def ensure_partitions(self, months_ahead: int = MONTHS_AHEAD) -> list[str]:
+        """Make the months missing up to `months_ahead` after this one; returns their names."""
+        created: list[str] = await self.pool.fetchval(
+            "SELECT ensure_ledger_partitions($1)", months_ahead
+        )
+        return created
+
+    async def partitions(self, edge: datetime) -> list[Partition]:
+        """Every partition, oldest month first (DEFAULT last), with its verdict against the
+        retention `edge` (`retention_edge`)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_PARTITIONS)
+            found = []
+            for r in rows:
+                match = _MONTH.match(r["name"])
+                month = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC) if match else None
+                found.append(await _judge(conn, r["name"], month, edge))
+        return sorted(found, key=lambda p: (p.month is None, p.month or edge))
+
+    async def export(self, partition: Partition, folder: Path) -> Path:
+        """Write the partition as gzip CSV with a header into `folder` (complete and fsynced
+        before it gets its name); returns the file. The file work runs in a thread."""
+        final = folder / f"deliveries-{partition.label}.csv.gz"
+        partial = final.with_name(final.name + ".partial")
+        raw = await asyncio.to_thread(_create, partial)
+        try:
+            out = gzip.GzipFile(fileobj=raw, mode="wb", filename=final.name[:-3])
+
+            async def write(data: bytes) -> None:
+                await asyncio.to_thread(out.write, data)
+
+            async with self.pool.acquire() as conn:
+                await conn.copy_from_table(partition.name, output=write, format="csv", header=True)
+            await asyncio.to_thread(out.close)
+            await asyncio.to_thread(_seal, raw, partial, final)
+        finally:
+            raw.close()
+        return final
+
+    async def drop(self, partition: Partition, edge: datetime, actor: str) -> bool:
+        """Drop the partition if it still may go (judged again under its lock); False if not.
+        The drop is recorded in plan_events."""
+        assert partition.month is not None, "DEFAULT is never dropped"
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                await conn.execute(f"LOCK TABLE {_ident(partition.name)} IN ACCESS EXCLUSIVE MODE")
+            except asyncpg.UndefinedTableError:  # another replica's prune dropped it
+                return False
+            now = await _judge(conn, partition.name, partition.month, edge)
+            if now.keep is not None or now.rows != partition.rows:
+                return False
+            await conn.execute(f"ALTER TABLE deliveries DETACH PARTITION {_ident(partition.name)}")
+            await conn.execute(f"DROP TABLE {_ident(partition.name)}")
+            details = {"partition": partition.name, "month": partition.label, "rows": now.rows}
+            await conn.execute(
+                "INSERT INTO plan_events (action, actor, reason, details)"
+                " VALUES ('ledger_prune', $1, $2, $3)",
+                actor,
+                f"ledger month {partition.label} past retention ({now.rows} rows)",
+                details,  # jsonb: the pool's codec encodes it
+            )
+        return True
+
+
+async def _judge(conn: Any, name: str, month: datetime | None, edge: datetime) -> Partition:
+    table = _ident(name)
+    rows: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+    if month is None:
+        return Partition(name, None, rows, "the DEFAULT partition (rows of months without one)")
+    keep = None
+    if _month_end(month) > edge:
+        keep = "within retention"
+    elif await conn.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM {table} WHERE status IN ('pending', 'deferred'))"
+    ):
+        keep = "holds pending or deferred rows"
+    elif await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM occurrences o WHERE o.state = 'running'"
+        f" AND EXISTS (SELECT 1 FROM {table} d"
+        "  WHERE d.plan_id = o.plan_id AND d.occurrence = o.occurrence))"
+    ):
+        keep = "holds rows of a running occurrence"
+    elif await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE due_at >= $1)", edge):
+        keep = "holds rows due within retention"
+    return Partition(name, month, rows, keep)
+
+
+def _create(path: Path) -> BinaryIO:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "wb")
+
+
+def _seal(raw: BinaryIO, partial: Path, final: Path) -> None:
+    """On disk for good (fsynced), then under its real name."""
+    raw.flush()
+    os.fsync(raw.fileno())
+    os.replace(partial, final)
+
+
+def _ident(name: str) -> str:
+    """A partition's name as SQL: they come from pg_class and match deliveries_*."""
+    if not re.fullmatch(r"deliveries_[a-z0-9_]+", name):
+        raise ValueError(f"not a ledger partition: {name!r}")
+    return '"' + name + '"'
