@@ -25,8 +25,11 @@ is
 
     rows=N status_s=S status_plan_s=P api_plans_s=A fanout_per_s=n/a prune_s=n/a table_mb=M
 
-where table_mb is the ledger's heap, indexes and TOAST (pg_total_relation_size). fanout_per_s
-and prune_s are `n/a` until the other parts of issue 14 land.
+where table_mb is the ledger's heap, indexes and TOAST (pg_total_relation_size of all its
+partitions), and prune_s times `reminders ledger prune --retention-months 2` as a subprocess:
+the month the rows start in is then wholly past retention and is dropped (the rows are loaded
+into their month partitions, as a ledger that grew over those months has them). fanout_per_s is
+`n/a` until that part of issue 14 lands.
 
 --before drops what migration 010 added (the count triggers and tables, the last-errors index)
 before loading: run it with the previous scheduler/store/status.py checked out to measure the
@@ -188,6 +191,13 @@ DROP_010 = (
 )
 
 
+# The ledger's partitions together (pg_total_relation_size of the partitioned parent is 0).
+LEDGER_BYTES = (
+    "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint"
+    " FROM pg_partition_tree('deliveries')"
+)
+
+
 async def load(db_url: str, n: int, plans: list[str], days: int, now: datetime) -> float:
     """COPY n rows into the ledger in statements of COPY_ROWS; returns the seconds it took."""
     rows = synthetic_rows(n, plans, days, now)
@@ -224,6 +234,16 @@ def timed_subprocess(argv: list[str], env: dict[str, str]) -> float:
     return took
 
 
+def timed_prune(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Seconds `reminders ledger prune` took (Python start-up included), and what it said."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    took = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"ledger prune failed ({done.returncode}): {done.stderr[-2000:]}")
+    return took, done.stdout.rstrip()
+
+
 async def bench(args: argparse.Namespace, db_url: str) -> str:
     now = datetime.now(UTC)
     plans = [f"bench-{i:02d}" for i in range(args.plans)]
@@ -233,6 +253,11 @@ async def bench(args: argparse.Namespace, db_url: str) -> str:
             await store.pool.execute(DROP_010)
         for i in range(args.plans):
             await store.register_plan(Plan.model_validate(plan_doc(i)), "bench")
+        # The months the rows fall in, as a ledger that grew over them has (migration 014).
+        await store.ledger.ensure_partitions()
+        await store.pool.execute(
+            "SELECT ensure_ledger_partitions(3, $1)", now - timedelta(days=args.days + 1)
+        )
     took = await load(db_url, args.rows, plans, args.days, now)
     print(f"loaded {args.rows:,} rows in {took:.1f} s ({args.rows / took:,.0f} rows/s)")
 
@@ -275,7 +300,8 @@ async def bench(args: argparse.Namespace, db_url: str) -> str:
                 metrics_s = time.perf_counter() - started
         finally:
             await server.stop()
-        table = await store.pool.fetchval("SELECT pg_total_relation_size('deliveries')")
+        table = await store.pool.fetchval(LEDGER_BYTES)
+        rows_before = await store.pool.fetchval("SELECT count(*) FROM deliveries")
         counts = await store.pool.fetchval(
             "SELECT coalesce(pg_total_relation_size(to_regclass('delivery_counts')), 0)"
         )
@@ -288,10 +314,18 @@ async def bench(args: argparse.Namespace, db_url: str) -> str:
         f" plan_status {statistics.median(in_plan):.3f} s; GET /metrics {metrics_s:.3f} s;"
         f" delivery_counts {count_rows:,} rows, {counts / 2**20:.1f} MB"
     )
+    # The prune of the oldest month: with a 2-month retention, the month the rows start in is
+    # wholly past it (the rows span --days days up to now) and holds only finished rows.
+    prune_s, said = timed_prune([*reminders, "ledger", "prune", "--retention-months", "2"], env)
+    async with Store.open(db_url) as store:
+        dropped = rows_before - await store.pool.fetchval("SELECT count(*) FROM deliveries")
+    print(f"ledger prune (retention 2 months): {dropped:,} rows dropped in {prune_s:.2f} s")
+    print(said)
+    print(f"ledger size: {table / max(rows_before, 1):.0f} bytes a row (heap, indexes, TOAST)")
     return (
         f"rows={args.rows} status_s={statistics.median(status_s):.3f}"
         f" status_plan_s={statistics.median(plan_s):.3f}"
-        f" api_plans_s={statistics.median(api_s):.3f} fanout_per_s=n/a prune_s=n/a"
+        f" api_plans_s={statistics.median(api_s):.3f} fanout_per_s=n/a prune_s={prune_s:.2f}"
         f" table_mb={table / 2**20:.0f}"
     )
 
