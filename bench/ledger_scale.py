@@ -23,13 +23,17 @@ and prints the in-process time of the status reads too (overview and plan_status
 GET /metrics (its engagement gauges read every plan's last 7 days). The last line
 is
 
-    rows=N status_s=S status_plan_s=P api_plans_s=A fanout_per_s=n/a prune_s=n/a table_mb=M
+    rows=N status_s=S status_plan_s=P api_plans_s=A fanout_per_s=F prune_s=R table_mb=M
 
 where table_mb is the ledger's heap, indexes and TOAST (pg_total_relation_size of all its
 partitions), and prune_s times `reminders ledger prune --retention-months 2` as a subprocess:
 the month the rows start in is then wholly past retention and is dropped (the rows are loaded
-into their month partitions, as a ledger that grew over those months has them). fanout_per_s is
-`n/a` until that part of issue 14 lands.
+into their month partitions, as a ledger that grew over those months has them).
+fanout_per_s is a --fanout-users (10,000) occurrence of bench/fanout.py's plan fanned out on
+this full ledger, end to end (`Dispatcher.fire`: chunks, claims with consent and caps, HTTP
+sends to the fake WeChat in a subprocess, result writes), at today's fire time so its rows land
+in the current month's partition beside the loaded ones; every user must be sent once. Nothing
+is pinned here: compare it with bench/fanout.py --users 10000 on the same machine, not pinned.
 
 --before drops what migration 010 added (the count triggers and tables, the last-errors index)
 before loading: run it with the previous scheduler/store/status.py checked out to measure the
@@ -56,6 +60,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
@@ -63,10 +68,13 @@ import httpx
 if __package__ in (None, ""):  # run as a script: make `bench` and `scheduler` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import fanout
+from bench.http_baselines import _start_fake
 from scheduler.api.app import create_app
 from scheduler.api.server import ApiServer
 from scheduler.app import status
-from scheduler.app.dispatcher import occurrence_key
+from scheduler.app.dispatcher import Dispatcher, occurrence_key
+from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.plan import Plan
 from scheduler.settings import Settings
 from scheduler.store.embedded import start_embedded
@@ -140,12 +148,16 @@ def synthetic_rows(n: int, plans: list[str], days: int, now: datetime) -> Iterat
         users = -(-count // days)  # per occurrence
         fire_hour = timedelta(hours=(6 + index) % 24 - 8)  # its hour in Shanghai, in UTC
         left = count
-        for day in range(days, 0, -1):  # the oldest first, the last one today (or yesterday)
+        # Its last `days` fire times by now (today's, once its hour has come), the oldest first.
+        latest = (
+            midnight + fire_hour
+            if midnight + fire_hour <= now
+            else midnight + fire_hour - timedelta(days=1)
+        )
+        for day in range(days, 0, -1):
             if left == 0:
                 break
-            fire = midnight - timedelta(days=day - 1) + fire_hour
-            if fire > now:
-                fire -= timedelta(days=1)
+            fire = latest - timedelta(days=day - 1)
             occurrence = f"step:{days - day + 1}" if relative else occurrence_key(fire)
             picks = rnd.choices(outcomes, weights, k=min(users, left))
             for u, (st, reason, errcode) in enumerate(picks):
@@ -244,6 +256,38 @@ def timed_prune(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     return took, done.stdout.rstrip()
 
 
+def last_fire(now: datetime) -> datetime:
+    """bench/fanout.py's plan fires daily at 07:30 Shanghai: its latest fire time by now."""
+    local = now.astimezone(ZoneInfo(fanout.TZ))
+    fire = local.replace(hour=7, minute=30, second=0, microsecond=0)
+    return (fire if fire <= local else fire - timedelta(days=1)).astimezone(UTC)
+
+
+async def timed_fanout(store: Store, db_url: str, users: int) -> float:
+    """One real occurrence fanned out to `users` users on this ledger: its sends per second."""
+    await fanout.load(store, db_url, users)
+    fire_time = last_fire(datetime.now(UTC))
+    fake, base_url = await _start_fake()
+    channel = WeChatChannel(base_url, "bench", "bench")
+    try:
+        dispatcher = Dispatcher(
+            store, channel, replica_id="bench", concurrency=64, clock=lambda: fire_time
+        )
+        started = time.perf_counter()
+        report = await dispatcher.fire(fanout.PLAN.id, fire_time)
+        took = time.perf_counter() - started
+    finally:
+        await channel.aclose()
+        await fanout.stop_process(fake)
+    sent = await store.pool.fetchval(
+        "SELECT count(*) FROM deliveries WHERE plan_id = $1 AND status = 'sent'", fanout.PLAN.id
+    )
+    if not report.sent == sent == users:
+        raise SystemExit(f"FAILED: the fan-out sent {report.sent} (ledger {sent}) of {users}")
+    print(f"fan-out of {users:,} users on this ledger: {took:.2f} s ({users / took:,.0f}/s)")
+    return users / took
+
+
 async def bench(args: argparse.Namespace, db_url: str) -> str:
     now = datetime.now(UTC)
     plans = [f"bench-{i:02d}" for i in range(args.plans)]
@@ -322,10 +366,13 @@ async def bench(args: argparse.Namespace, db_url: str) -> str:
     print(f"ledger prune (retention 2 months): {dropped:,} rows dropped in {prune_s:.2f} s")
     print(said)
     print(f"ledger size: {table / max(rows_before, 1):.0f} bytes a row (heap, indexes, TOAST)")
+    async with Store.open(db_url) as store:
+        fanout_per_s = await timed_fanout(store, db_url, args.fanout_users)
     return (
         f"rows={args.rows} status_s={statistics.median(status_s):.3f}"
         f" status_plan_s={statistics.median(plan_s):.3f}"
-        f" api_plans_s={statistics.median(api_s):.3f} fanout_per_s=n/a prune_s={prune_s:.2f}"
+        f" api_plans_s={statistics.median(api_s):.3f} fanout_per_s={fanout_per_s:.0f}"
+        f" prune_s={prune_s:.2f}"
         f" table_mb={table / 2**20:.0f}"
     )
 
@@ -365,6 +412,9 @@ def cli() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="ledger rows to load")
     parser.add_argument("--plans", type=int, default=12, help="plans the rows are spread over")
     parser.add_argument("--days", type=int, default=90, help="days the rows are spread over")
+    parser.add_argument(
+        "--fanout-users", type=int, default=10_000, help="audience of the timed fan-out"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timings of each (median)")
     parser.add_argument(
         "--database-url",

@@ -48,7 +48,7 @@ from scheduler.domain.plan_state import PlanState
 from scheduler.domain.schedule import calendar_anchor, calendar_trigger, relative_due
 from scheduler.planfiles import LoadedPlan, load_policy
 from scheduler.settings import Settings
-from scheduler.store.embedded import sqlalchemy_url, start_embedded
+from scheduler.store.embedded import database_url, sqlalchemy_url
 from scheduler.store.postgres import (
     SCHEDULER_SETUP_LOCK,
     PlanRecord,
@@ -85,19 +85,6 @@ def schedule_id(plan_id: str) -> str:
 
 def has_credentials(settings: Settings) -> bool:
     return bool(settings.wechat_appid and settings.wechat_secret)
-
-
-def database_url(settings: Settings, *, announce: bool = True) -> str:
-    """DATABASE_URL, or an embedded PostgreSQL's. The daemon says so once at start
-    (`announce`); a CLI command asking the same database does not repeat it."""
-    if settings.database_url:
-        return settings.database_url
-    log.log(
-        logging.WARNING if announce else logging.DEBUG,
-        "DATABASE_URL is unset: using an embedded PostgreSQL in %s",
-        settings.data_dir,
-    )
-    return start_embedded(settings.data_dir / "pgdata")
 
 
 def replica_identity(settings: Settings) -> str:

@@ -64,7 +64,7 @@ def pairs(items: Sequence[str] | None) -> list[tuple[str, str]]:
 
 
 async def with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    from scheduler.app.daemon import database_url
+    from scheduler.store.embedded import database_url
     from scheduler.store.postgres import Store
 
     async with Store.open(database_url(settings, announce=False)) as store:

@@ -16,7 +16,22 @@ from scheduler.errors import ConfigError
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
 
+    from scheduler.settings import Settings
+
 log = logging.getLogger(__name__)
+
+
+def database_url(settings: Settings, *, announce: bool = True) -> str:
+    """DATABASE_URL, or an embedded PostgreSQL's. The daemon says so once at start
+    (`announce`); a CLI command asking the same database does not repeat it."""
+    if settings.database_url:
+        return settings.database_url
+    log.log(
+        logging.WARNING if announce else logging.DEBUG,
+        "DATABASE_URL is unset: using an embedded PostgreSQL in %s",
+        settings.data_dir,
+    )
+    return start_embedded(settings.data_dir / "pgdata")
 
 
 def start_embedded(data_dir: Path) -> str:
