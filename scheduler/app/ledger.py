@@ -4,11 +4,11 @@ daemon's daily job. What may go and why is scheduler/store/ledger.py's to judge.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from scheduler.store.ledger import Partition, retention_edge
+from scheduler.store.ledger import PARTITIONED, Partition, retention_edge
 from scheduler.store.postgres import Store
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,14 @@ async def prune(
     export_dir: Path | None = None,
     dry_run: bool = False,
 ) -> PruneReport:
-    """Drop every month of the ledger that retention lets go (exporting it first into
-    `export_dir`); the others are reported with why they stay."""
+    """Drop every month of the ledger and of the opens that retention lets go (exporting it
+    first into `export_dir`); the others are reported with why they stay."""
     await store.ledger.ensure_partitions()
     report = PruneReport(retention_edge(now, retention_months))
-    for partition in await store.ledger.partitions(report.edge):
+    partitions = [
+        p for table in PARTITIONED for p in await store.ledger.partitions(report.edge, table)
+    ]
+    for partition in partitions:
         if partition.keep is not None or dry_run:
             (report.kept if partition.keep else report.dropped).append(partition)
             continue
@@ -44,13 +47,11 @@ async def prune(
         if await store.ledger.drop(partition, report.edge, actor):
             report.dropped.append(partition)
             log.info(
-                "ledger month %s dropped (%d rows, past retention)",
+                "month %s dropped (%d rows, past retention)",
                 partition.label,
                 partition.rows,
                 extra={"partition": partition.name, "rows": partition.rows},
             )
         else:  # it changed while it was exported: the next prune looks again
-            report.kept.append(
-                Partition(partition.name, partition.month, partition.rows, "changed")
-            )
+            report.kept.append(replace(partition, keep="changed"))
     return report

@@ -28,19 +28,19 @@ def _retention(args: argparse.Namespace) -> int:
 
 
 def _line(partition: Partition, verdict: str) -> str:
-    return f"  {partition.label:<8} {partition.rows:>12,} rows  {verdict}"
+    return f"  {partition.label:<14} {partition.rows:>12,} rows  {verdict}"
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
     from scheduler.cli.common import run_with_store
-    from scheduler.store.ledger import retention_edge
+    from scheduler.store.ledger import PARTITIONED, retention_edge
 
     months = _retention(args)
     edge = retention_edge(datetime.now(UTC), months)
 
     async def work(store: Store) -> list[Partition]:
         await store.ledger.ensure_partitions()
-        return await store.ledger.partitions(edge)
+        return [p for table in PARTITIONED for p in await store.ledger.partitions(edge, table)]
 
     parts = run_with_store(args, work)
     print(f"ledger partitions (retention {months} months: rows due before {edge:%Y-%m-%d} may go)")

@@ -1,7 +1,9 @@
-"""The ledger's lifecycle: its monthly partitions (migration 014), what retention lets go, and the
-prune that drops them whole (`reminders ledger prune`, and the daemon once a day).
+"""The ledger's lifecycle: its monthly partitions (migration 014) and the opens' (015), what
+retention lets go, and the prune that drops them whole (`reminders ledger prune`, and the daemon
+once a day).
 
-A month's partition goes only when nothing the guarantees need is in it:
+A month of opens goes once its whole range ended before the retention's edge. A month of the
+ledger goes only when nothing the guarantees need is in it:
 
 - its whole range ended before the retention's edge (now minus `REMINDERS_LEDGER_RETENTION_MONTHS`),
   and no row in it is due after that edge (an inactivity extra step is filed under the period's
@@ -15,6 +17,10 @@ twice; a calendar occurrence older than retention is far past every plan's grace
 `delivery_counts` stay: a partition dropped fires no delete trigger (migration 010), so status
 and the API keep showing what was sent. With an export folder each month is first written as
 gzip CSV (PostgreSQL's COPY), fsynced, and only then dropped.
+
+Consent history (`consent_events`) is not pruned: it is the evidence behind every send and the
+consent cache is checked against all of it (`reminders consent check`); `plan_events` is the
+admins' audit, which grows with their actions, not with sends.
 """
 
 from __future__ import annotations
@@ -32,20 +38,20 @@ import asyncpg
 
 MONTHS_AHEAD = 3  # partitions made ahead of the current month
 
+PARTITIONED = ("deliveries", "opens")  # the tables in month partitions, and pruned
 _PARTITIONS = """
-SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
-FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-WHERE i.inhparent = 'deliveries'::regclass
-ORDER BY c.relname
+SELECT c.relname AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = $1::regclass ORDER BY c.relname
 """
-_MONTH = re.compile(r"^deliveries_y(\d{4})m(\d{2})$")
+_MONTH = re.compile(r"^[a-z]+_y(\d{4})m(\d{2})$")
 
 
 @dataclass(frozen=True)
 class Partition:
-    """One partition of the ledger: its month (None for DEFAULT), rows, and why it must stay
-    (`keep`, None when a prune may drop it)."""
+    """One partition of `deliveries` or `opens` (`table`): its month (None for DEFAULT), rows,
+    and why it must stay (`keep`, None when a prune may drop it)."""
 
+    table: str
     name: str
     month: datetime | None
     rows: int
@@ -53,7 +59,9 @@ class Partition:
 
     @property
     def label(self) -> str:
-        return self.month.strftime("%Y-%m") if self.month else "DEFAULT"
+        """The month (or DEFAULT), after the table's name for the opens."""
+        month = self.month.strftime("%Y-%m") if self.month else "DEFAULT"
+        return month if self.table == "deliveries" else f"{self.table} {month}"
 
 
 def retention_edge(now: datetime, months: int) -> datetime:
@@ -80,22 +88,22 @@ class LedgerStore:
         )
         return created
 
-    async def partitions(self, edge: datetime) -> list[Partition]:
-        """Every partition, oldest month first (DEFAULT last), with its verdict against the
-        retention `edge` (`retention_edge`)."""
+    async def partitions(self, edge: datetime, table: str = "deliveries") -> list[Partition]:
+        """Every partition of `table` (one of PARTITIONED), oldest month first (DEFAULT last),
+        with its verdict against the retention `edge` (`retention_edge`)."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_PARTITIONS)
             found = []
-            for r in rows:
+            for r in await conn.fetch(_PARTITIONS, table):
                 match = _MONTH.match(r["name"])
                 month = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC) if match else None
-                found.append(await _judge(conn, r["name"], month, edge))
+                found.append(await _judge(conn, table, r["name"], month, edge))
         return sorted(found, key=lambda p: (p.month is None, p.month or edge))
 
     async def export(self, partition: Partition, folder: Path) -> Path:
         """Write the partition as gzip CSV with a header into `folder` (complete and fsynced
         before it gets its name); returns the file. The file work runs in a thread."""
-        final = folder / f"deliveries-{partition.label}.csv.gz"
+        assert partition.month is not None, "DEFAULT is never exported"
+        final = folder / f"{partition.table}-{partition.month:%Y-%m}.csv.gz"
         partial = final.with_name(final.name + ".partial")
         raw = await asyncio.to_thread(_create, partial)
         try:
@@ -121,30 +129,38 @@ class LedgerStore:
                 await conn.execute(f"LOCK TABLE {_ident(partition.name)} IN ACCESS EXCLUSIVE MODE")
             except asyncpg.UndefinedTableError:  # another replica's prune dropped it
                 return False
-            now = await _judge(conn, partition.name, partition.month, edge)
+            now = await _judge(conn, partition.table, partition.name, partition.month, edge)
             if now.keep is not None or now.rows != partition.rows:
                 return False
-            await conn.execute(f"ALTER TABLE deliveries DETACH PARTITION {_ident(partition.name)}")
+            await conn.execute(
+                f"ALTER TABLE {_ident(partition.table)} DETACH PARTITION {_ident(partition.name)}"
+            )
             await conn.execute(f"DROP TABLE {_ident(partition.name)}")
-            details = {"partition": partition.name, "month": partition.label, "rows": now.rows}
+            month = partition.month.strftime("%Y-%m")
+            details = {"partition": partition.name, "month": month, "rows": now.rows}
+            what = "ledger" if partition.table == "deliveries" else partition.table
             await conn.execute(
                 "INSERT INTO plan_events (action, actor, reason, details)"
                 " VALUES ('ledger_prune', $1, $2, $3)",
                 actor,
-                f"ledger month {partition.label} past retention ({now.rows} rows)",
+                f"{what} month {month} past retention ({now.rows} rows)",
                 details,  # jsonb: the pool's codec encodes it
             )
         return True
 
 
-async def _judge(conn: Any, name: str, month: datetime | None, edge: datetime) -> Partition:
+async def _judge(
+    conn: Any, parent: str, name: str, month: datetime | None, edge: datetime
+) -> Partition:
     table = _ident(name)
     rows: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+    keep: str | None = None
     if month is None:
-        return Partition(name, None, rows, "the DEFAULT partition (rows of months without one)")
-    keep = None
-    if _month_end(month) > edge:
+        keep = "the DEFAULT partition (rows of months without one)"
+    elif _month_end(month) > edge:
         keep = "within retention"
+    elif parent != "deliveries":
+        pass  # opens: nothing but their time keeps them
     elif await conn.fetchval(
         f"SELECT EXISTS (SELECT 1 FROM {table} WHERE status IN ('pending', 'deferred'))"
     ):
@@ -157,7 +173,7 @@ async def _judge(conn: Any, name: str, month: datetime | None, edge: datetime) -
         keep = "holds rows of a running occurrence"
     elif await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE due_at >= $1)", edge):
         keep = "holds rows due within retention"
-    return Partition(name, month, rows, keep)
+    return Partition(parent, name, month, rows, keep)
 
 
 def _create(path: Path) -> BinaryIO:
@@ -173,7 +189,8 @@ def _seal(raw: BinaryIO, partial: Path, final: Path) -> None:
 
 
 def _ident(name: str) -> str:
-    """A partition's name as SQL: they come from pg_class and match deliveries_*."""
-    if not re.fullmatch(r"deliveries_[a-z0-9_]+", name):
+    """A partitioned table's or a partition's name as SQL: they come from pg_class (or
+    PARTITIONED) and match deliveries* or opens*."""
+    if not re.fullmatch(r"(deliveries|opens)(_[a-z0-9_]+)?", name):
         raise ValueError(f"not a ledger partition: {name!r}")
     return '"' + name + '"'

@@ -20,6 +20,7 @@
 --   010_ledger_counts.sql
 --   011_activity.sql
 --   014_ledger_partitions.sql
+--   015_opens_partitions.sql
 --
 -- Functions:
 --   claim_deliveries(p_plan text, p_version integer, p_template text, p_consent_kind text,
@@ -38,6 +39,8 @@
 --   delivery_outcomes_v1(p_plan text, p_now timestamp with time zone) -> TABLE(plan_id text, status
 --       text, reason text, d1 bigint, d7 bigint, total bigint)
 --   ensure_ledger_partitions(p_months_ahead integer, p_from timestamp with time zone) -> text[]
+--   ensure_month_partitions(p_table text, p_column text, p_months_ahead integer, p_from timestamp
+--       with time zone) -> text[]
 --   finish_deliveries(p_template text, p_consent_kind text, p_ids bigint[], p_statuses text[],
 --       p_reasons text[], p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until
 --       timestamp with time zone[]) -> void
@@ -312,12 +315,12 @@ CREATE TABLE opens (
     opened_at   timestamp with time zone NOT NULL,
     source      text NOT NULL,
     recorded_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT opens_pkey PRIMARY KEY (id)
-);
-CREATE INDEX opens_delivery ON public.opens USING btree (delivery_id) WHERE (delivery_id IS NOT NULL);
-CREATE INDEX opens_last ON public.opens USING btree (user_id, opened_at DESC);
-CREATE UNIQUE INDEX opens_once ON public.opens USING btree (user_id, COALESCE(delivery_id, (0)::bigint), opened_at);
-CREATE INDEX opens_plan ON public.opens USING btree (plan_id, opened_at);
+    CONSTRAINT opens_pkey PRIMARY KEY (id, opened_at)
+) PARTITION BY RANGE (opened_at);
+CREATE INDEX opens_delivery ON ONLY public.opens USING btree (delivery_id) WHERE (delivery_id IS NOT NULL);
+CREATE INDEX opens_last ON ONLY public.opens USING btree (user_id, opened_at DESC);
+CREATE UNIQUE INDEX opens_once ON ONLY public.opens USING btree (user_id, COALESCE(delivery_id, (0)::bigint), opened_at);
+CREATE INDEX opens_plan ON ONLY public.opens USING btree (plan_id, opened_at);
 
 CREATE TABLE opt_outs (
     user_id    text NOT NULL,
@@ -761,50 +764,45 @@ $function$;
 
 CREATE OR REPLACE FUNCTION public.ensure_ledger_partitions(p_months_ahead integer, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS text[]
+ LANGUAGE sql
+AS $function$
+    SELECT ensure_month_partitions('deliveries', 'key_at', p_months_ahead, p_from)
+        || ensure_month_partitions('opens', 'opened_at', p_months_ahead, p_from)
+$function$;
+
+CREATE OR REPLACE FUNCTION public.ensure_month_partitions(p_table text, p_column text, p_months_ahead integer, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS text[]
  LANGUAGE plpgsql
 AS $function$
 DECLARE
     v_this_month timestamptz := date_trunc('month', now(), 'UTC');
+    v_default text := p_table || '_default';
     v_month timestamptz;
     v_name text;
     v_created text[] := '{}';
 BEGIN
     PERFORM pg_advisory_xact_lock(72410014);  -- one replica at a time makes them
-    IF to_regclass('deliveries_default') IS NULL THEN
-        CREATE TABLE deliveries_default PARTITION OF deliveries DEFAULT;
+    IF to_regclass(v_default) IS NULL THEN
+        EXECUTE format('CREATE TABLE %I PARTITION OF %I DEFAULT', v_default, p_table);
     END IF;
-    -- The months from p_from's (or this one) to p_months_ahead after this one, and every month
-    -- a row in DEFAULT belongs to (a far-off due time makes its own month, not all between).
-    FOR v_month IN
-        SELECT m FROM generate_series(
-            date_trunc('month', least(coalesce(p_from, v_this_month), v_this_month), 'UTC'),
-            v_this_month + make_interval(months => p_months_ahead), interval '1 month') AS m
-        UNION
-        SELECT DISTINCT date_trunc('month', key_at, 'UTC') FROM deliveries_default
-        ORDER BY 1
+    FOR v_month IN EXECUTE format(
+        'SELECT m FROM generate_series(date_trunc(''month'', least(coalesce($1, $2), $2), ''UTC''),'
+        ' $2 + make_interval(months => $3), interval ''1 month'') AS m'
+        ' UNION SELECT DISTINCT date_trunc(''month'', %I, ''UTC'') FROM %I ORDER BY 1',
+        p_column, v_default) USING p_from, v_this_month, p_months_ahead
     LOOP
-        v_name := 'deliveries_' || to_char(v_month AT TIME ZONE 'UTC', '"y"YYYY"m"MM');
-        IF to_regclass(v_name) IS NULL THEN
-            IF EXISTS (SELECT 1 FROM deliveries_default
-                       WHERE key_at >= v_month AND key_at < v_month + interval '1 month') THEN
-                -- A partition cannot be created over rows in DEFAULT: move them into it first
-                -- (the rows move between partitions, so the ledger's count triggers, which
-                -- are the parent's, see nothing).
-                EXECUTE format('CREATE TABLE %I (LIKE deliveries INCLUDING DEFAULTS'
-                               ' INCLUDING CONSTRAINTS)', v_name);
-                EXECUTE format('WITH moved AS (DELETE FROM deliveries_default WHERE key_at >= %L'
-                               ' AND key_at < %L RETURNING *) INSERT INTO %I SELECT * FROM moved',
-                               v_month, v_month + interval '1 month', v_name);
-                EXECUTE format('ALTER TABLE deliveries ATTACH PARTITION %I'
-                               ' FOR VALUES FROM (%L) TO (%L)',
-                               v_name, v_month, v_month + interval '1 month');
-            ELSE
-                EXECUTE format('CREATE TABLE %I PARTITION OF deliveries'
-                               ' FOR VALUES FROM (%L) TO (%L)',
-                               v_name, v_month, v_month + interval '1 month');
-            END IF;
-            v_created := v_created || v_name;
-        END IF;
+        v_name := p_table || '_' || to_char(v_month AT TIME ZONE 'UTC', '"y"YYYY"m"MM');
+        CONTINUE WHEN to_regclass(v_name) IS NOT NULL;
+        -- A partition cannot be created over rows in DEFAULT: they move into it first (between
+        -- partitions, so the parent's triggers see nothing).
+        EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                       v_name, p_table);
+        EXECUTE format('WITH moved AS (DELETE FROM %I WHERE %I >= $1 AND %I < $2 RETURNING *)'
+                       ' INSERT INTO %I SELECT * FROM moved', v_default, p_column, p_column, v_name)
+            USING v_month, v_month + interval '1 month';
+        EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+                       p_table, v_name, v_month, v_month + interval '1 month');
+        v_created := v_created || v_name;
     END LOOP;
     RETURN v_created;
 END;

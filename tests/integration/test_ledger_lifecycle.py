@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from scheduler.app.ledger import prune
 from scheduler.settings import Settings
+from scheduler.store.consent import OpenReport
 from scheduler.store.ledger import retention_edge
 from scheduler.store.postgres import Store
 from tests.conftest import with_database
@@ -120,6 +121,51 @@ async def test_rows_of_a_month_without_a_partition_move_into_it_when_it_is_made(
     assert (await months(store))["2031-05"] == 6
 
 
+async def opens_by_month(store: Store) -> dict[str, int]:
+    return {
+        p.label: p.rows for p in await store.ledger.partitions(retention_edge(NOW, 13), "opens")
+    }
+
+
+async def test_opens_are_in_month_partitions_and_go_once_past_retention(
+    store: Store, tmp_path: Path
+):
+    """Opens (migration 015): one partition a month, the far-off one moved out of DEFAULT when
+    it is made, a repeated report still recorded once, and a prune drops a month of them whole
+    once it is past retention (exported first) while it keeps the recent ones."""
+    opened = [
+        OLD,
+        OLD + timedelta(hours=1),
+        NOW - timedelta(days=3),
+        datetime(2031, 5, 1, tzinfo=UTC),
+    ]
+    reports = [OpenReport(f"u{k}", 1001, when, None, "test") for k, when in enumerate(opened)]
+    assert await store.consent.record_opens(reports) == (4, 0)
+    assert await store.consent.record_opens(reports[:1]) == (0, 1)  # opens_once holds across them
+    await store.ledger.ensure_partitions()
+    await store.pool.execute("SELECT ensure_ledger_partitions(0, $1)", OLD)
+    found = await opens_by_month(store)
+    assert found["opens 2025-01"] == 2 and found["opens 2031-05"] == 1
+    assert found["opens DEFAULT"] == 0 and found[f"opens {NOW - timedelta(days=3):%Y-%m}"] == 1
+
+    report = await prune(
+        store, retention_months=13, now=NOW, actor="test", export_dir=tmp_path / "out"
+    )
+    dropped = {p.label: p.rows for p in report.dropped}
+    assert dropped["opens 2025-01"] == 2
+    assert all(p.month and p.month < retention_edge(NOW, 13) for p in report.dropped)
+    left = await store.pool.fetch("SELECT user_id FROM opens ORDER BY user_id")
+    assert [r["user_id"] for r in left] == ["u2", "u3"]
+    [exported] = [f for f in report.exported if f.name == "opens-2025-01.csv.gz"]
+    with gzip.open(exported, "rt", encoding="utf-8") as f:
+        assert sorted(r["user_id"] for r in csv.DictReader(f)) == ["u0", "u1"]
+    event = await store.pool.fetchval(
+        "SELECT reason FROM plan_events WHERE action = 'ledger_prune'"
+        " AND details ->> 'partition' = 'opens_y2025m01'"
+    )
+    assert event == "opens month 2025-01 past retention (2 rows)"
+
+
 async def test_the_key_is_the_occurrence_user_and_key_time(store: Store):
     """A calendar occurrence met twice is one row; an inactivity extra step claimed by two
     steps with different due times is one row (its key_at is the period's start); a relative
@@ -168,7 +214,7 @@ def test_the_cli_prune_on_a_fresh_database_has_nothing_to_do(db_url: str):
     assert "at least 2 months" in refused.stderr
 
 
-async def test_migration_014_keeps_a_ledger_written_before_it(pg_url: str):
+async def test_migrations_014_and_015_keep_a_ledger_and_opens_written_before_them(pg_url: str):
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_url)
     await admin.execute(f"CREATE DATABASE {name}")
@@ -196,12 +242,21 @@ async def test_migration_014_keeps_a_ledger_written_before_it(pg_url: str):
             " FROM generate_series(1, 300) AS k"
         )
         before = await conn.fetch("SELECT id, occurrence, user_id, status FROM deliveries")
+        await conn.execute(
+            "INSERT INTO opens (user_id, scene, opened_at, source)"
+            " SELECT 'u' || k, 1001, timestamptz '2025-06-01 01:00+00' + k * interval '9 days',"
+            "  'test' FROM generate_series(1, 6) AS k"
+        )
+        opens_before = await conn.fetch("SELECT * FROM opens ORDER BY id")
         await conn.close()
         async with Store.open(url) as store:
             assert await store.migrate() == [f.name for f in files if f.name >= "014"]
             after = await store.pool.fetch("SELECT id, occurrence, user_id, status FROM deliveries")
             assert sorted(map(tuple, after)) == sorted(map(tuple, before))
             assert await store.pool.fetchval(COUNTED) == 300  # counted once, not twice
+            opens_after = await store.pool.fetch("SELECT * FROM opens ORDER BY id")
+            assert list(map(tuple, opens_after)) == list(map(tuple, opens_before))  # 015
+            assert (await opens_by_month(store))["opens 2025-07"] == 3
             parts = await months(store)
             assert parts["2025-06"] == 100 and parts["2025-07"] == 100
             await missed(store, "new", NOW, 1)
