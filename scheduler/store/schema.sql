@@ -21,6 +21,7 @@
 --   011_activity.sql
 --   014_ledger_partitions.sql
 --   015_opens_partitions.sql
+--   016_engagement_counts.sql
 --
 -- Functions:
 --   claim_deliveries(p_plan text, p_version integer, p_template text, p_consent_kind text,
@@ -38,6 +39,14 @@
 --   delivery_counts_updated_v1() -> trigger
 --   delivery_outcomes_v1(p_plan text, p_now timestamp with time zone) -> TABLE(plan_id text, status
 --       text, reason text, d1 bigint, d7 bigint, total bigint)
+--   due_quarter_v1(p_at timestamp with time zone) -> timestamp with time zone
+--   engagement_counts_deleted_v1() -> trigger
+--   engagement_counts_inserted_v1() -> trigger
+--   engagement_counts_truncated_v1() -> trigger
+--   engagement_counts_updated_v1() -> trigger
+--   engagement_sent_v1(p_plan text, p_edges timestamp with time zone[]) -> TABLE(due_at timestamp
+--       with time zone, plan_version integer, step integer, variant text, sent bigint, delivered
+--       bigint, opened bigint)
 --   ensure_ledger_partitions(p_months_ahead integer, p_from timestamp with time zone) -> text[]
 --   ensure_month_partitions(p_table text, p_column text, p_months_ahead integer, p_from timestamp
 --       with time zone) -> text[]
@@ -226,6 +235,7 @@ CREATE TABLE deliveries (
     defer_until  timestamp with time zone,
     variant      text,
     key_at       timestamp with time zone NOT NULL,
+    opened_at    timestamp with time zone,
     CONSTRAINT deliveries_pkey PRIMARY KEY (id, key_at),
     CONSTRAINT deliveries_plan_id_occurrence_user_id_key UNIQUE (plan_id, occurrence, user_id, key_at),
     CONSTRAINT deliveries_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'sent'::text, 'failed'::text, 'skipped'::text, 'deferred'::text, 'unknown'::text, 'missed'::text])))
@@ -253,6 +263,29 @@ CREATE TABLE delivery_counts_delta (
     status   text NOT NULL,
     reason   text NOT NULL,
     n        bigint NOT NULL
+);
+
+CREATE TABLE engagement_counts (
+    plan_id      text NOT NULL,
+    due_quarter  timestamp with time zone NOT NULL,
+    plan_version integer NOT NULL,
+    step         integer NOT NULL,
+    variant      text NOT NULL,
+    sent         bigint NOT NULL,
+    delivered    bigint NOT NULL,
+    opened       bigint NOT NULL,
+    CONSTRAINT engagement_counts_pkey PRIMARY KEY (plan_id, due_quarter, plan_version, step, variant)
+);
+
+CREATE TABLE engagement_counts_delta (
+    plan_id      text NOT NULL,
+    due_quarter  timestamp with time zone NOT NULL,
+    plan_version integer NOT NULL,
+    step         integer NOT NULL,
+    variant      text NOT NULL,
+    sent         bigint NOT NULL,
+    delivered    bigint NOT NULL,
+    opened       bigint NOT NULL
 );
 
 CREATE TABLE enrollments (
@@ -430,6 +463,14 @@ CREATE TRIGGER deliveries_counts_insert AFTER INSERT ON deliveries REFERENCING N
 CREATE TRIGGER deliveries_counts_truncate AFTER TRUNCATE ON deliveries FOR EACH STATEMENT EXECUTE FUNCTION delivery_counts_truncated_v1();
 
 CREATE TRIGGER deliveries_counts_update AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION delivery_counts_updated_v1();
+
+CREATE TRIGGER deliveries_engagement_delete AFTER DELETE ON deliveries REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION engagement_counts_deleted_v1();
+
+CREATE TRIGGER deliveries_engagement_insert AFTER INSERT ON deliveries REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION engagement_counts_inserted_v1();
+
+CREATE TRIGGER deliveries_engagement_truncate AFTER TRUNCATE ON deliveries FOR EACH STATEMENT EXECUTE FUNCTION engagement_counts_truncated_v1();
+
+CREATE TRIGGER deliveries_engagement_update AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION engagement_counts_updated_v1();
 
 -- ------------------------------------------------------------------------------------------------
 -- Functions
@@ -760,6 +801,107 @@ AS $function$
     FROM (SELECT * FROM hours UNION ALL SELECT * FROM edges) AS both_
     GROUP BY 1, 2, 3
     HAVING sum(total) > 0
+$function$;
+
+CREATE OR REPLACE FUNCTION public.due_quarter_v1(p_at timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    SELECT date_bin('15 minutes', p_at, timestamptz '2000-01-01 00:00+00')
+$function$;
+
+CREATE OR REPLACE FUNCTION public.engagement_counts_deleted_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO engagement_counts_delta
+    SELECT plan_id, due_quarter_v1(due_at), plan_version, step, coalesce(variant, 'default'),
+           -count(*), -count(*) FILTER (WHERE push_errcode = 0),
+           -count(*) FILTER (WHERE opened_at IS NOT NULL)
+    FROM old_rows WHERE status = 'sent' OR reason = 'push_failed'
+    GROUP BY 1, 2, 3, 4, 5;
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.engagement_counts_inserted_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO engagement_counts_delta
+    SELECT plan_id, due_quarter_v1(due_at), plan_version, step, coalesce(variant, 'default'),
+           count(*), count(*) FILTER (WHERE push_errcode = 0),
+           count(*) FILTER (WHERE opened_at IS NOT NULL)
+    FROM new_rows WHERE status = 'sent' OR reason = 'push_failed'
+    GROUP BY 1, 2, 3, 4, 5;
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.engagement_counts_truncated_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM pg_advisory_xact_lock(72410010);  -- after a roll-up under way, not beside it
+    DELETE FROM engagement_counts;
+    DELETE FROM engagement_counts_delta;
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.engagement_counts_updated_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO engagement_counts_delta
+    SELECT plan_id, due_quarter_v1(due_at), plan_version, step, coalesce(variant, 'default'),
+           sum(n), coalesce(sum(n) FILTER (WHERE push_errcode = 0), 0),
+           coalesce(sum(n) FILTER (WHERE opened_at IS NOT NULL), 0)
+    FROM (SELECT *, 1 AS n FROM new_rows UNION ALL SELECT *, -1 FROM old_rows) AS moved
+    WHERE status = 'sent' OR reason = 'push_failed'
+    GROUP BY 1, 2, 3, 4, 5
+    -- an update that moves no count (a claim, a skip, most results) adds nothing
+    HAVING sum(n) <> 0 OR coalesce(sum(n) FILTER (WHERE push_errcode = 0), 0) <> 0
+        OR coalesce(sum(n) FILTER (WHERE opened_at IS NOT NULL), 0) <> 0;
+    RETURN NULL;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION public.engagement_sent_v1(p_plan text, p_edges timestamp with time zone[])
+ RETURNS TABLE(due_at timestamp with time zone, plan_version integer, step integer, variant text, sent bigint, delivered bigint, opened bigint)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    WITH cut AS (
+        SELECT DISTINCT due_quarter_v1(e) AS q FROM unnest(p_edges) AS e WHERE e IS NOT NULL
+    ), counted AS (
+        SELECT c.due_quarter, c.plan_version, c.step, c.variant, c.sent, c.delivered, c.opened
+        FROM engagement_counts c WHERE c.plan_id = p_plan
+        UNION ALL
+        SELECT c.due_quarter, c.plan_version, c.step, c.variant, c.sent, c.delivered, c.opened
+        FROM engagement_counts_delta c WHERE c.plan_id = p_plan
+    )
+    SELECT c.due_quarter, c.plan_version, c.step, c.variant, sum(c.sent)::bigint,
+           sum(c.delivered)::bigint, sum(c.opened)::bigint
+    FROM counted c WHERE c.due_quarter NOT IN (SELECT q FROM cut)
+    GROUP BY 1, 2, 3, 4
+    HAVING sum(c.sent) <> 0
+    UNION ALL
+    SELECT d.due_at, d.plan_version, d.step, coalesce(d.variant, 'default'), count(*),
+           count(*) FILTER (WHERE d.push_errcode = 0),
+           count(*) FILTER (WHERE d.opened_at IS NOT NULL)
+    FROM cut CROSS JOIN LATERAL (
+        SELECT * FROM deliveries d
+        WHERE d.plan_id = p_plan AND d.due_at >= cut.q AND d.due_at < cut.q + interval '15 minutes'
+          AND (d.status = 'sent' OR d.reason = 'push_failed')
+        OFFSET 0  -- each quarter an index scan on (plan_id, due_at)
+    ) AS d
+    GROUP BY 1, 2, 3, 4
 $function$;
 
 CREATE OR REPLACE FUNCTION public.ensure_ledger_partitions(p_months_ahead integer, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -1174,7 +1316,9 @@ CREATE OR REPLACE FUNCTION public.roll_up_delivery_counts_v1()
 AS $function$
 DECLARE
     v_folded int;
+    v_engaged int;
     v_emptied delivery_counts[];
+    v_engaged_emptied engagement_counts[];
 BEGIN
     IF NOT pg_try_advisory_xact_lock(72410010) THEN  -- the counts' key (migrations take 72410001)
         RETURN -1;
@@ -1198,6 +1342,33 @@ BEGIN
     DELETE FROM delivery_counts c USING unnest(v_emptied) AS z
     WHERE c.plan_id = z.plan_id AND c.due_hour = z.due_hour AND c.status = z.status
       AND c.reason = z.reason AND c.n = 0;
-    RETURN v_folded;
+
+    WITH folded AS (
+        DELETE FROM engagement_counts_delta RETURNING *
+    ), summed AS (
+        SELECT plan_id, due_quarter, plan_version, step, variant, sum(sent)::bigint AS sent,
+               sum(delivered)::bigint AS delivered, sum(opened)::bigint AS opened,
+               count(*) AS deltas
+        FROM folded GROUP BY 1, 2, 3, 4, 5
+    ), upserted AS (
+        INSERT INTO engagement_counts AS c
+        SELECT plan_id, due_quarter, plan_version, step, variant, sent, delivered, opened
+        FROM summed ORDER BY 1, 2, 3, 4, 5
+        ON CONFLICT (plan_id, due_quarter, plan_version, step, variant) DO UPDATE
+            SET sent = c.sent + excluded.sent, delivered = c.delivered + excluded.delivered,
+                opened = c.opened + excluded.opened
+        RETURNING c.*
+    )
+    SELECT (SELECT coalesce(sum(deltas), 0)::int FROM summed),
+           (SELECT coalesce(array_agg(ROW(u.plan_id, u.due_quarter, u.plan_version, u.step,
+                                          u.variant, u.sent, u.delivered, u.opened)
+                                      ::engagement_counts), '{}')
+            FROM upserted u WHERE u.sent = 0)
+    INTO v_engaged, v_engaged_emptied;
+    DELETE FROM engagement_counts c USING unnest(v_engaged_emptied) AS z
+    WHERE c.plan_id = z.plan_id AND c.due_quarter = z.due_quarter
+      AND c.plan_version = z.plan_version AND c.step = z.step AND c.variant = z.variant
+      AND c.sent = 0;
+    RETURN v_folded + v_engaged;
 END;
 $function$;
