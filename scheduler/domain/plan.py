@@ -82,7 +82,7 @@ WEEKDAYS: tuple[str, ...] = get_args(Weekday)
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")

@@ -490,7 +490,7 @@ class ConsentStore:
                 "INSERT INTO opens (user_id, delivery_id, plan_id, scene, opened_at, source)"
                 " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::int[],"
                 "  $5::timestamptz[], $6::text[])"
-                " ON CONFLICT DO NOTHING RETURNING delivery_id, opened_at",
+                " ON CONFLICT DO NOTHING RETURNING id",
                 [o.user_id for o in opens],
                 [o.delivery_id for o in opens],
                 [plans[o.delivery_id][1] if o.delivery_id else None for o in opens],
@@ -498,22 +498,6 @@ class ConsentStore:
                 [o.opened_at for o in opens],
                 [o.source for o in opens],
             )
-            # The delivery's first open marks it: the engagement counts (migration 016) follow
-            # from the ledger's own rows.
-            first: dict[int, datetime] = {}
-            for r in rows:
-                if r["delivery_id"] in plans:
-                    first[r["delivery_id"]] = min(
-                        r["opened_at"], first.get(r["delivery_id"], r["opened_at"])
-                    )
-            if first:
-                await conn.execute(
-                    "UPDATE deliveries d SET opened_at = o.at"
-                    " FROM unnest($1::bigint[], $2::timestamptz[]) AS o (id, at)"
-                    " WHERE d.id = o.id AND (d.opened_at IS NULL OR d.opened_at > o.at)",
-                    sorted(first),
-                    [first[k] for k in sorted(first)],
-                )
         return len(rows), len(opens) - len(rows)
 
     async def apply_sent_results(self, results: Sequence[SentResult]) -> int:

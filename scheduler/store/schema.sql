@@ -68,6 +68,7 @@
 --   gate_v2_take_credits(p_batch gate_batch_v2, p_rows gate_row_v2[], p_ids bigint[], p_allowed
 --       boolean[]) -> void
 --   ledger_key_at(p_occurrence text, p_due_at timestamp with time zone) -> timestamp with time zone
+--   opens_mark_delivery_v1() -> trigger
 --   record_flight_v1(p_replica text, p_still_in_flight bigint[], p_candidates bigint[], p_ids
 --       bigint[], p_templates text[], p_kinds text[], p_statuses text[], p_reasons text[],
 --       p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until timestamp with
@@ -471,6 +472,8 @@ CREATE TRIGGER deliveries_engagement_insert AFTER INSERT ON deliveries REFERENCI
 CREATE TRIGGER deliveries_engagement_truncate AFTER TRUNCATE ON deliveries FOR EACH STATEMENT EXECUTE FUNCTION engagement_counts_truncated_v1();
 
 CREATE TRIGGER deliveries_engagement_update AFTER UPDATE ON deliveries REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION engagement_counts_updated_v1();
+
+CREATE TRIGGER opens_mark_delivery AFTER INSERT ON opens REFERENCING NEW TABLE AS new_opens FOR EACH STATEMENT EXECUTE FUNCTION opens_mark_delivery_v1();
 
 -- ------------------------------------------------------------------------------------------------
 -- Functions
@@ -1195,6 +1198,19 @@ AS $function$
                 THEN substring(p_occurrence FROM ':since:([0-9]{4}-[0-9]{2}-[0-9]{2}T[^:]*:.*)$')
                          ::timestamptz
                 ELSE p_due_at END
+$function$;
+
+CREATE OR REPLACE FUNCTION public.opens_mark_delivery_v1()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    UPDATE deliveries d SET opened_at = o.first
+    FROM (SELECT delivery_id, min(opened_at) AS first FROM new_opens
+          WHERE delivery_id IS NOT NULL GROUP BY 1 ORDER BY 1) AS o
+    WHERE d.id = o.delivery_id AND (d.opened_at IS NULL OR d.opened_at > o.first);
+    RETURN NULL;
+END;
 $function$;
 
 CREATE OR REPLACE FUNCTION public.record_flight_v1(p_replica text, p_still_in_flight bigint[], p_candidates bigint[], p_ids bigint[], p_templates text[], p_kinds text[], p_statuses text[], p_reasons text[], p_errcodes integer[], p_msgids bigint[], p_details text[], p_defer_until timestamp with time zone[])

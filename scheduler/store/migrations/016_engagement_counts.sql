@@ -18,6 +18,22 @@
 -- an edge from the ledger itself, row by row, so every figure is exact.
 ALTER TABLE deliveries ADD COLUMN opened_at timestamptz;  -- its first open (POST /v1/opens)
 
+-- Every open that names a delivery marks it, whoever inserts it (a replica of the previous
+-- release during a rolling upgrade too): the earliest open's time.
+CREATE FUNCTION opens_mark_delivery_v1() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE deliveries d SET opened_at = o.first
+    FROM (SELECT delivery_id, min(opened_at) AS first FROM new_opens
+          WHERE delivery_id IS NOT NULL GROUP BY 1 ORDER BY 1) AS o
+    WHERE d.id = o.delivery_id AND (d.opened_at IS NULL OR d.opened_at > o.first);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER opens_mark_delivery AFTER INSERT ON opens
+    REFERENCING NEW TABLE AS new_opens
+    FOR EACH STATEMENT EXECUTE FUNCTION opens_mark_delivery_v1();
+
 UPDATE deliveries d SET opened_at = o.first
 FROM (SELECT delivery_id, min(opened_at) AS first FROM opens
       WHERE delivery_id IS NOT NULL GROUP BY 1) AS o
