@@ -88,8 +88,11 @@ BEGIN
     SELECT plan_id, due_quarter_v1(due_at), plan_version, step, coalesce(variant, 'default'),
            sum(n), coalesce(sum(n) FILTER (WHERE push_errcode = 0), 0),
            coalesce(sum(n) FILTER (WHERE opened_at IS NOT NULL), 0)
-    FROM (SELECT *, 1 AS n FROM new_rows UNION ALL SELECT *, -1 FROM old_rows) AS moved
-    WHERE status = 'sent' OR reason = 'push_failed'
+    FROM (SELECT plan_id, due_at, plan_version, step, variant, push_errcode, opened_at, 1 AS n
+          FROM new_rows WHERE status = 'sent' OR reason = 'push_failed'
+          UNION ALL
+          SELECT plan_id, due_at, plan_version, step, variant, push_errcode, opened_at, -1
+          FROM old_rows WHERE status = 'sent' OR reason = 'push_failed') AS moved
     GROUP BY 1, 2, 3, 4, 5
     -- an update that moves no count (a claim, a skip, most results) adds nothing
     HAVING sum(n) <> 0 OR coalesce(sum(n) FILTER (WHERE push_errcode = 0), 0) <> 0
