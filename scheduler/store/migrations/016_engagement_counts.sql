@@ -25,7 +25,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE deliveries d SET opened_at = o.first
     FROM (SELECT delivery_id, min(opened_at) AS first FROM new_opens
-          WHERE delivery_id IS NOT NULL GROUP BY 1 ORDER BY 1) AS o
+          WHERE delivery_id IS NOT NULL GROUP BY 1) AS o
     WHERE d.id = o.delivery_id AND (d.opened_at IS NULL OR d.opened_at > o.first);
     RETURN NULL;
 END;
