@@ -251,7 +251,13 @@ class Store:
     async def open(cls, dsn: str, *, max_size: int = 10) -> AsyncIterator[Store]:
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, init=_init_connection
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                init=_init_connection,
+                # Every query here is short; JIT compiling one whose estimate crosses
+                # jit_above_cost took 0.28 s of a 0.33 s engagement read at 10M ledger rows.
+                server_settings={"jit": "off"},
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
