@@ -8,6 +8,11 @@ variants without another round trip. A delivery's time is its due time, as in th
 outcome counts; an open or a cancellation counts for the delivery it is attributed to, whenever
 it arrived.
 
+Sent, delivered and opened come from the engagement counts (migration 016): per due quarter
+hour, with the quarters that hold an edge of the question read from the ledger row by row
+(`engagement_sent_v1`), so they cost the same at any ledger size and are exact. Cancellations
+come from the consent history and are joined to the deliveries they are attributed to.
+
 Attribution (the rule lives here, in SQL, and only here): a cancellation is a consent event of
 the template that is a reject or a ban (in a popup, or the settings switch turned off) or
 WeChat's 43101 answer to a send; it belongs to the user's last delivery of that template, in any
