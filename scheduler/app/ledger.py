@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from scheduler.store.ledger import PARTITIONED, Partition, retention_edge
+from scheduler.store.ledger import Partition, retention_edge
 from scheduler.store.postgres import Store
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,7 @@ async def prune(
     first into `export_dir`); the others are reported with why they stay."""
     await store.ledger.ensure_partitions()
     report = PruneReport(retention_edge(now, retention_months))
-    partitions = [
-        p for table in PARTITIONED for p in await store.ledger.partitions(report.edge, table)
-    ]
-    for partition in partitions:
+    for partition in await store.ledger.partitions(report.edge):
         if partition.keep is not None or dry_run:
             (report.kept if partition.keep else report.dropped).append(partition)
             continue

@@ -33,14 +33,14 @@ def _line(partition: Partition, verdict: str) -> str:
 
 def cmd_partitions(args: argparse.Namespace) -> int:
     from scheduler.cli.common import run_with_store
-    from scheduler.store.ledger import PARTITIONED, retention_edge
+    from scheduler.store.ledger import retention_edge
 
     months = _retention(args)
     edge = retention_edge(datetime.now(UTC), months)
 
     async def work(store: Store) -> list[Partition]:
         await store.ledger.ensure_partitions()
-        return [p for table in PARTITIONED for p in await store.ledger.partitions(edge, table)]
+        return await store.ledger.partitions(edge)
 
     parts = run_with_store(args, work)
     print(f"ledger partitions (retention {months} months: rows due before {edge:%Y-%m-%d} may go)")

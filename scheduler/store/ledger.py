@@ -88,16 +88,19 @@ class LedgerStore:
         )
         return created
 
-    async def partitions(self, edge: datetime, table: str = "deliveries") -> list[Partition]:
-        """Every partition of `table` (one of PARTITIONED), oldest month first (DEFAULT last),
-        with its verdict against the retention `edge` (`retention_edge`)."""
+    async def partitions(self, edge: datetime, table: str | None = None) -> list[Partition]:
+        """Every partition of `table` (None: of each of PARTITIONED), each table's oldest month
+        first (DEFAULT last), with its verdict against the retention `edge` (`retention_edge`)."""
+        found = []
         async with self.pool.acquire() as conn:
-            found = []
-            for r in await conn.fetch(_PARTITIONS, table):
-                match = _MONTH.match(r["name"])
-                month = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC) if match else None
-                found.append(await _judge(conn, table, r["name"], month, edge))
-        return sorted(found, key=lambda p: (p.month is None, p.month or edge))
+            for parent in PARTITIONED if table is None else (table,):
+                months = []
+                for r in await conn.fetch(_PARTITIONS, parent):
+                    match = _MONTH.match(r["name"])
+                    month = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC) if match else None
+                    months.append(await _judge(conn, parent, r["name"], month, edge))
+                found += sorted(months, key=lambda p: (p.month is None, p.month or edge))
+        return found
 
     async def export(self, partition: Partition, folder: Path) -> Path:
         """Write the partition as gzip CSV with a header into `folder` (complete and fsynced

@@ -46,8 +46,9 @@ async def missed(store: Store, occurrence: str, due: datetime, users: int, plan:
 
 
 async def months(store: Store) -> dict[str, int]:
-    """Rows per month partition (DEFAULT included)."""
-    return {p.label: p.rows for p in await store.ledger.partitions(retention_edge(NOW, 13))}
+    """Rows per month partition of the ledger (DEFAULT included)."""
+    edge = retention_edge(NOW, 13)
+    return {p.label: p.rows for p in await store.ledger.partitions(edge, "deliveries")}
 
 
 async def test_prune_drops_only_what_nothing_needs_and_the_counts_keep_it(
