@@ -76,47 +76,43 @@ cancellations AS (
       AND ($3::timestamptz IS NULL OR c.at < $3 + $5::interval)
 )"""
 
-# Whether a delivery counts: WeChat accepted it (and perhaps reported it undelivered after).
-ACCEPTED = "(d.status = 'sent' OR d.reason = 'push_failed')"
+# The plan's deliveries WeChat accepted as counted rows (due_at, plan_version, step, variant,
+# sent, delivered, opened, cancelled), exact at every edge in the array that follows in the
+# query text (migration 016's engagement_sent_v1), and one row per delivery a cancellation is
+# attributed to (`attributed`, from ATTRIBUTION): the readers below filter and group them by
+# due time as they would the ledger's own rows.
+ACCEPTED_ROWS = (
+    ATTRIBUTION
+    + """, accepted AS (
+    SELECT a.*, 0::bigint AS cancelled FROM engagement_sent_v1($1, (SELECT e FROM edges)) AS a
+    UNION ALL
+    SELECT d.due_at, d.plan_version, d.step, coalesce(d.variant, 'default'), 0, 0, 0, 1
+    FROM deliveries d
+    WHERE d.id IN (SELECT id FROM attributed) AND d.plan_id = $1
+      AND (d.status = 'sent' OR d.reason = 'push_failed')
+)"""
+)
 
 # $1 plan, $2 from (NULL: the beginning), $3 to (exclusive; NULL: no end), $4 now (the windows),
-# $5 the attribution window, $6 the time zone of the days. The deliveries come from the counts
-# (migration 016's engagement_sent_v1, exact at every edge passed to it), the cancellations
-# from the attribution, joined to the deliveries they are attributed to.
+# $5 the attribution window, $6 the time zone of the days.
 ENGAGEMENT_ROWS = (
     """
-WITH sent AS (
-    SELECT s.plan_version, s.step, s.variant, (s.due_at AT TIME ZONE $6::text)::date AS day,
-           CASE WHEN s.due_at > $4::timestamptz - interval '24 hours' THEN 1
-                WHEN s.due_at > $4::timestamptz - interval '7 days' THEN 7
-                ELSE 0 END AS age,
-           s.sent, s.delivered, s.opened, 0::bigint AS cancelled
-    FROM engagement_sent_v1($1, ARRAY[$2::timestamptz, $3::timestamptz,
-                                      $4::timestamptz - interval '24 hours',
-                                      $4::timestamptz - interval '7 days']) AS s
-    WHERE ($2::timestamptz IS NULL OR s.due_at >= $2) AND ($3::timestamptz IS NULL OR s.due_at < $3)
+WITH edges (e) AS (
+    SELECT ARRAY[$2::timestamptz, $3::timestamptz, $4::timestamptz - interval '24 hours',
+                 $4::timestamptz - interval '7 days']
 ),"""
-    + ATTRIBUTION
-    + """, cancelled AS (
-    SELECT d.plan_version, d.step, coalesce(d.variant, 'default'),
-           (d.due_at AT TIME ZONE $6::text)::date,
-           CASE WHEN d.due_at > $4::timestamptz - interval '24 hours' THEN 1
-                WHEN d.due_at > $4::timestamptz - interval '7 days' THEN 7
-                ELSE 0 END,
-           0::bigint, 0::bigint, 0::bigint, count(*)
-    FROM deliveries d
-    WHERE d.id IN (SELECT id FROM attributed) AND d.plan_id = $1 AND """
-    + ACCEPTED
+    + ACCEPTED_ROWS
     + """
-      AND ($2::timestamptz IS NULL OR d.due_at >= $2) AND ($3::timestamptz IS NULL OR d.due_at < $3)
-    GROUP BY 1, 2, 3, 4, 5
-)
-SELECT plan_version, step, variant, day, age, sum(sent)::bigint AS sent,
-       sum(delivered)::bigint AS delivered, sum(opened)::bigint AS opened,
-       sum(cancelled)::bigint AS cancelled
-FROM (SELECT * FROM sent UNION ALL SELECT * FROM cancelled) AS g
-GROUP BY plan_version, step, variant, day, age
-ORDER BY plan_version, step, variant, day, age
+SELECT plan_version, step, variant, (due_at AT TIME ZONE $6::text)::date AS day,
+       CASE WHEN due_at > $4::timestamptz - interval '24 hours' THEN 1
+            WHEN due_at > $4::timestamptz - interval '7 days' THEN 7
+            ELSE 0 END AS age,
+       sum(sent)::bigint AS sent, sum(delivered)::bigint AS delivered,
+       sum(opened)::bigint AS opened, sum(cancelled)::bigint AS cancelled
+FROM accepted
+WHERE ($2::timestamptz IS NULL OR due_at >= $2) AND ($3::timestamptz IS NULL OR due_at < $3)
+GROUP BY 1, 2, 3, 4, 5
+ORDER BY 1, 2, 3, 4, 5
 """
 )
 
@@ -124,35 +120,23 @@ ORDER BY plan_version, step, variant, day, age
 # [$2, $3) WeChat accepted, in the `recent` window from $4 or the `baseline` before it, per plan
 # version, step and variant, with how many had a cancellation attributed. Deliveries due in one
 # of the spans $6 (what earlier automatic pauses judged) are left out. $5: the attribution window.
-# Every window's and span's bound is an edge of engagement_sent_v1, so the counts are exact.
+# Every window's and span's bound is an edge, so the counts are exact.
 GUARD_COUNTS = (
     """
-WITH sent AS (
-    SELECT s.due_at >= $4::timestamptz AS recent, s.plan_version, s.step, s.variant, s.sent,
-           0::bigint AS cancelled
-    FROM engagement_sent_v1($1, ARRAY[$2::timestamptz, $3::timestamptz, $4::timestamptz]
-         || ARRAY(SELECT b FROM unnest($6::tstzrange[]) AS r,
-                  LATERAL (VALUES (lower(r)), (upper(r))) AS v (b))) AS s
-    WHERE s.due_at >= $2::timestamptz AND s.due_at < $3::timestamptz
-      AND NOT s.due_at <@ ANY ($6::tstzrange[])
+WITH edges (e) AS (
+    SELECT ARRAY[$2::timestamptz, $3::timestamptz, $4::timestamptz]
+           || ARRAY(SELECT b FROM unnest($6::tstzrange[]) AS r,
+                    LATERAL (VALUES (lower(r)), (upper(r))) AS v (b))
 ),"""
-    + ATTRIBUTION
-    + """, cancelled AS (
-    SELECT d.due_at >= $4::timestamptz, d.plan_version, d.step, coalesce(d.variant, 'default'),
-           0::bigint, count(*)
-    FROM deliveries d
-    WHERE d.id IN (SELECT id FROM attributed) AND d.plan_id = $1 AND """
-    + ACCEPTED
+    + ACCEPTED_ROWS
     + """
-      AND d.due_at >= $2::timestamptz AND d.due_at < $3::timestamptz
-      AND NOT d.due_at <@ ANY ($6::tstzrange[])
-    GROUP BY 1, 2, 3, 4
-)
-SELECT recent, plan_version, step, variant, sum(sent)::bigint AS sent,
-       sum(cancelled)::bigint AS cancelled
-FROM (SELECT * FROM sent UNION ALL SELECT * FROM cancelled) AS g
-GROUP BY recent, plan_version, step, variant
-ORDER BY recent, plan_version, step, variant
+SELECT due_at >= $4::timestamptz AS recent, plan_version, step, variant,
+       sum(sent)::bigint AS sent, sum(cancelled)::bigint AS cancelled
+FROM accepted
+WHERE due_at >= $2::timestamptz AND due_at < $3::timestamptz
+  AND NOT due_at <@ ANY ($6::tstzrange[])
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4
 """
 )
 
