@@ -46,7 +46,7 @@ import aiohttp
 import httpx
 import yarl
 from httpx_aiohttp import AiohttpTransport
-from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
+from httpx_aiohttp.transport import map_aiohttp_exceptions
 from multidict import CIMultiDict, CIMultiDictProxy
 from tenacity import (
     AsyncRetrying,
@@ -92,7 +92,8 @@ TOKEN_REFUSAL_HOLD_S = 30  # after stable_token refused the credentials, ask aga
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # json.dumps with options builds an encoder per call: 40 % of encoding a send's body.
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_CACHE_MAX = 64  # distinct URLs / header lists / timeouts remembered by the transport
+_encode_str = json.encoder.encode_basestring  # a str as JSON, as _encode writes it
+_BODIES_MAX = 1024  # distinct (template, data) bodies remembered by a channel
 
 
 class _Failure(Exception):
@@ -125,41 +126,27 @@ class _NoCookies(CookieJar):
         pass
 
 
-class _Body(AiohttpResponseStream):
-    """An aiohttp response body read in one piece: WeChat's answers are a few dozen bytes."""
-
-    async def __aiter__(self) -> Any:
-        body = await self.read()
-        if body:
-            yield body
-
-    @property
-    def plain(self) -> bool:
-        """No Content-Encoding: the bytes read are the body (else httpx has to decode them)."""
-        return "Content-Encoding" not in self._aiohttp_response.headers
-
-    async def read(self) -> bytes:
-        with map_aiohttp_exceptions():
-            return await self._aiohttp_response.read()
-
-
 class _WireTransport(AiohttpTransport):
-    """httpx's aiohttp transport without its per-request conversions (wechat-api.md §1).
+    """httpx's aiohttp transport, with a way round httpx for the one request sent millions of
+    times (wechat-api.md §1).
 
-    The stock transport turns every request's httpx headers, URL and timeouts into aiohttp's
-    anew, and with httpx's client around it that was half of a send's CPU. The channel sends
-    the same few of each millions of times, so they are converted once and kept; its session
-    keeps no cookies (WeChat sets none). What aiohttp is asked to do, and every exception it
-    raises (mapped to httpx's exactly as the stock transport maps them), is unchanged: the
-    channel's never-arrived / may-have-arrived
-    classification reads the same exceptions.
+    Its session keeps no cookies (WeChat sets none). `post` is what `handle_async_request`
+    does for a POST of a bytes body, minus building an httpx request and response around it:
+    with httpx's client, those objects and their header conversions were half of a send's CPU.
+    It asks aiohttp for the same request and maps every exception aiohttp raises to httpx's
+    exactly as the stock transport does, so the channel's never-arrived / may-have-arrived
+    classification reads the same exceptions on either path.
     """
 
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, limits: httpx.Limits, timeout: httpx.Timeout) -> None:
         super().__init__(limits=limits)
-        self._urls: dict[str, yarl.URL] = {}
-        self._headers: dict[tuple[tuple[bytes, bytes], ...], CIMultiDictProxy[str]] = {}
-        self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
+        self._json_headers = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+        # httpx's timeouts as the stock transport turns them into aiohttp's.
+        self._timeout = aiohttp.ClientTimeout(
+            sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+        )
+        self._url_text = ""
+        self._url = yarl.URL()
 
     def get_client(self) -> aiohttp.ClientSession:
         if self.client is not None:
@@ -172,61 +159,24 @@ class _WireTransport(AiohttpTransport):
         )
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def post(self, url: str, content: bytes) -> tuple[int, bytes]:
+        """POST the JSON `content` to `url`: the status and the whole (decoded) body."""
         session = self.client
         if not isinstance(session, aiohttp.ClientSession):
             session = self.client = self.get_client()
-        extensions = request.extensions
-        timeout = extensions.get("timeout") or {}
-        timeout_key = (timeout.get("connect"), timeout.get("read"), timeout.get("pool"))
-        client_timeout = self._timeouts.get(timeout_key)
-        if client_timeout is None:
-            client_timeout = aiohttp.ClientTimeout(
-                sock_connect=timeout_key[0], sock_read=timeout_key[1], connect=timeout_key[2]
-            )
-            _remember(self._timeouts, timeout_key, client_timeout)
-        url_text = str(request.url)
-        url = self._urls.get(url_text)
-        if url is None:
-            url = yarl.URL(url_text)  # as aiohttp would parse it
-            _remember(self._urls, url_text, url)
-        raw_headers = tuple(request.headers.raw)
-        headers = self._headers.get(raw_headers)
-        if headers is None:
-            headers = CIMultiDictProxy(
-                CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
-            )
-            _remember(self._headers, raw_headers, headers)
-        data: bytes | httpx.AsyncByteStream | None
-        try:
-            data = request.content or None
-        except httpx.RequestNotRead:
-            data = request.stream  # type: ignore[assignment]
+        if url is not self._url_text:  # one URL per token: parsed when the token changes
+            self._url, self._url_text = yarl.URL(url), url
         with map_aiohttp_exceptions():
-            response = await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
+            async with session.request(
+                "POST",
+                self._url,
+                headers=self._json_headers,
+                data=content,
                 allow_redirects=False,
-                auto_decompress=False,
                 compress=False,
-                timeout=client_timeout,
-                server_hostname=extensions.get("sni_hostname"),
-            ).__aenter__()
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=_Body(response),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
-
-
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= _CACHE_MAX:
-        cache.clear()
-    cache[key] = value
+                timeout=self._timeout,
+            ) as response:
+                return response.status, await response.read()
 
 
 def send_body(message: OutgoingMessage, *, miniprogram_state: str, lang: str) -> dict[str, Any]:
@@ -268,7 +218,7 @@ class WeChatChannel:
         aiohttp transport with `max_connections` pooled connections."""
         self._on_errcode = on_errcode  # e.g. a metrics counter: sees every non-zero errcode
         self._base = base_url.rstrip("/")
-        self._token_url = httpx.URL(f"{self._base}/cgi-bin/stable_token")
+        self._token_url = f"{self._base}/cgi-bin/stable_token"
         self._quota_url = f"{self._base}/cgi-bin/openapi/quota/get"
         self._appid = appid
         self._secret = secret
@@ -293,20 +243,18 @@ class WeChatChannel:
             )
             # trust_env=False: a proxy from the environment would make httpx route around the
             # aiohttp transport with its own pool.
-            transport = _WireTransport(limits)
+            transport = _WireTransport(limits, self._timeout)
             client = httpx.AsyncClient(transport=transport, cookies=_NoCookies(), trust_env=False)
         self._client = client
-        # Our own client's requests go straight to its transport: the client's auth, redirect,
-        # cookie and event-hook machinery has nothing to do for the channel and costs as much as
-        # HTTP itself. A given client is used through its API (`send`).
-        self._transport = transport if self._owns_client else None
-        host = httpx.URL(self._base).netloc
-        self._headers = httpx.Headers([(b"Host", host), (b"Content-Type", b"application/json")])
-        self._extensions = {"timeout": self._timeout.as_dict()}
+        # Our own client's requests go straight to its transport (`_WireTransport.post`): the
+        # client's auth, redirect, cookie and event-hook machinery and httpx's request and
+        # response objects have nothing to do for the channel and cost as much as HTTP itself.
+        # A given client is used through its API (`post`).
+        self._transport = transport
+        self._bodies: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
 
-        # (token, send URL with the token) and when to renew it; read without the lock. The URL
-        # is parsed once per token: parsing a 128-character token per send costs more than JSON.
-        self._current: tuple[str, httpx.URL] | None = None
+        # (token, send URL with the token) and when to renew it; read without the lock.
+        self._current: tuple[str, str] | None = None
         self._renew_at = 0.0
         self._lock = asyncio.Lock()
         self._fetches_done = 0  # finished token fetches: a failure is shared with all who waited
@@ -319,8 +267,7 @@ class WeChatChannel:
     async def send(self, message: OutgoingMessage) -> SendResult:
         """Deliver one message: SENT, or FAILED with reason, errcode and errmsg; never raises
         for a WeChat or network error."""
-        body = send_body(message, miniprogram_state=self._miniprogram_state, lang=self._lang)
-        content = _encode(body).encode()
+        content = self._content(message)
         try:
             try:
                 return await self._send_once(content)
@@ -334,6 +281,25 @@ class WeChatChannel:
                 extra={"user": message.touser, "reason": failure.reason, "detail": failure.detail},
             )
             return failure.result()
+
+    def _content(self, message: OutgoingMessage) -> bytes:
+        """`send_body` as JSON bytes. A fan-out sends a few distinct texts to many users: the
+        part of the body they share is encoded once and only the user and the page (which
+        carries the delivery's id) per send (equal to encoding the whole: test_channel.py)."""
+        key = (message.template_id, tuple(message.data.items()))
+        shared = self._bodies.get(key)
+        if shared is None:
+            if len(self._bodies) >= _BODIES_MAX:
+                self._bodies.clear()
+            rest = send_body(
+                OutgoingMessage("", message.template_id, message.data),
+                miniprogram_state=self._miniprogram_state,
+                lang=self._lang,
+            )
+            del rest["touser"]
+            shared = self._bodies[key] = _encode(rest)[1:-1]
+        page = "" if message.page is None else ',"page":' + _encode_str(message.page)
+        return f'{{"touser":{_encode_str(message.touser)},{shared}{page}}}'.encode()
 
     async def _retry(self, content: bytes, first: _Failure) -> SendResult:
         """Attempts 2..retries with backoff after a transient failure of attempt 1.
@@ -364,7 +330,7 @@ class WeChatChannel:
         body = json.dumps({"cgi_path": "/cgi-bin/message/subscribe/send"}).encode()
         try:
             token, _ = await self._token()
-            url = httpx.URL(self._quota_url, params={"access_token": token})
+            url = f"{self._quota_url}?access_token={quote(token)}"
             answer = await self._post(url, body, idempotent=True)
         except _Failure as failure:
             logger.debug("the send quota cannot be read: %s", failure.detail)
@@ -416,9 +382,7 @@ class WeChatChannel:
         if self._on_errcode is not None and isinstance(errcode, int) and errcode:
             self._on_errcode(errcode)
 
-    async def _post(
-        self, url: httpx.URL, content: bytes, *, idempotent: bool = False
-    ) -> dict[str, Any]:
+    async def _post(self, url: str, content: bytes, *, idempotent: bool = False) -> dict[str, Any]:
         """POST JSON; return the JSON object answered or raise _Failure: transient when the
         request provably never arrived (or `idempotent`), UNKNOWN when it may have."""
         try:
@@ -446,45 +410,24 @@ class WeChatChannel:
             raise _Failure(Reason.WECHAT_ERROR, None, f"HTTP {status}: {_text(body)!r}")
         return answer
 
-    async def _request(self, url: httpx.URL, content: bytes) -> tuple[int, bytes]:
+    async def _request(self, url: str, content: bytes) -> tuple[int, bytes]:
         """POST `content` to `url`: the status and body, or the transport's exception."""
-        transport = self._transport
-        if transport is None:
-            response = await self._client.post(
-                url, content=content, headers=_JSON_HEADERS, timeout=self._timeout
-            )
-            return response.status_code, response.content
-        # Built as the client would build it, minus the work it does per request: the headers
-        # are the channel's (aiohttp adds Content-Length for a bytes body) and the body is given
-        # as a stream, so httpx does not re-encode and re-merge the headers.
-        request = httpx.Request(
-            "POST",
-            url,
-            headers=self._headers,
-            stream=httpx.ByteStream(content),
-            extensions=self._extensions,
+        if self._transport is not None:
+            return await self._transport.post(url, content)
+        response = await self._client.post(
+            url, content=content, headers=_JSON_HEADERS, timeout=self._timeout
         )
-        request.read()
-        response = await transport.handle_async_request(request)
-        try:
-            stream = response.stream
-            if isinstance(stream, _Body) and stream.plain:
-                body = await stream.read()  # what aread() returns, without its decoder chain
-            else:
-                body = await response.aread()
-        finally:
-            await response.aclose()
-        return response.status_code, body
+        return response.status_code, response.content
 
     # -- access token ------------------------------------------------------------------------
 
-    async def _token(self) -> tuple[str, httpx.URL]:
+    async def _token(self) -> tuple[str, str]:
         current = self._current
         if current is not None and time.monotonic() < self._renew_at:
             return current  # the fast path: no lock
         return await self._refresh_token()
 
-    async def _refresh_token(self) -> tuple[str, httpx.URL]:
+    async def _refresh_token(self) -> tuple[str, str]:
         fetches_before = self._fetches_done
         async with self._lock:
             current = self._current
@@ -508,7 +451,7 @@ class WeChatChannel:
             finally:
                 self._fetches_done += 1
             url = f"{self._base}/cgi-bin/message/subscribe/send?access_token={quote(token)}"
-            self._current = (token, httpx.URL(url))
+            self._current = (token, url)
             self._renew_at = time.monotonic() + max(
                 expires_in - TOKEN_EARLY_RENEWAL_S, TOKEN_MIN_REUSE_S
             )
