@@ -43,9 +43,10 @@ class FlightRecorder:
         self._rate_wait_s = min(max(1 / rate.per_second, 0.01), 0.1) if rate else 0.0
         self._waiting = False
         # A round trip costs this process ~100 us of CPU whatever it carries: wait a moment for
-        # more to carry, unless a quarter of the slots is already waiting.
+        # more to carry, until a quarter of the slots' worth is waiting (then at once).
         self._linger_s = linger_s
         self._enough = max(slots // 4, 1)
+        self._enough_waiting = asyncio.Event()
         self._replica = replica
         self._slots = asyncio.Semaphore(slots)
         self._in_flight: set[int] = set()  # authorized, result not written yet
@@ -90,6 +91,8 @@ class FlightRecorder:
             await self._flushed.wait_for(lambda: self._written >= target)
 
     def _kick(self) -> None:
+        if len(self._candidates) + len(self._results) >= self._enough:
+            self._enough_waiting.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
 
@@ -112,7 +115,11 @@ class FlightRecorder:
         if self._waiting:
             await asyncio.sleep(self._rate_wait_s)
         elif len(self._candidates) + len(self._results) < self._enough:
-            await asyncio.sleep(self._linger_s)
+            # Not a fixed sleep: a send waits for its authorisation for as long as this lasts.
+            self._enough_waiting.clear()
+            timer = asyncio.get_running_loop().call_later(self._linger_s, self._enough_waiting.set)
+            await self._enough_waiting.wait()
+            timer.cancel()
         candidates, self._candidates = self._candidates, {}
         results, self._results = self._results, []
         done = {r.delivery_id for _, _, r, sent in results if sent}
