@@ -118,6 +118,23 @@ async def test_sends_recorded_in_flight_never_exceed_the_concurrency(store, fake
     assert max(x or 0 for x in seen) == 5  # reached, never passed
 
 
+async def test_the_recorder_lingers_only_until_enough_sends_wait(store):
+    # Authorisations wait for a round trip; a round trip waits for more to carry, but only until
+    # a quarter of the slots is waiting (2 of 8 here), never its whole linger.
+    from scheduler.app.flight import FlightRecorder
+
+    users = await audience(store, 3)
+    claims = await claim(store, "test", users)
+    recorder = FlightRecorder(store.fanout, "test", 8, linger_s=60)
+    first = asyncio.create_task(recorder.authorize(claims[0].delivery_id))
+    await asyncio.sleep(0.2)
+    assert not first.done()  # alone: it lingers
+    second = recorder.authorize(claims[1].delivery_id)
+    assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [True, True]
+    in_flight = await store.pool.fetchval("SELECT in_flight FROM replicas WHERE id = 'test'")
+    assert sorted(in_flight) == sorted(c.delivery_id for c in claims[:2])
+
+
 async def test_a_replica_given_up_is_fenced_and_another_continues_its_chunk(store, fake, channel):
     await audience(store, 200)
     fanout = store.fanout
