@@ -141,9 +141,10 @@ class _WireTransport(AiohttpTransport):
     def __init__(self, limits: httpx.Limits, timeout: httpx.Timeout) -> None:
         super().__init__(limits=limits)
         self._json_headers = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
-        # httpx's timeouts as the stock transport turns them into aiohttp's.
+        # httpx's timeouts as the stock transport turns a request's into aiohttp's.
+        limit = timeout.as_dict()
         self._timeout = aiohttp.ClientTimeout(
-            sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+            sock_connect=limit["connect"], sock_read=limit["read"], connect=limit["pool"]
         )
         self._url_text = ""
         self._url = yarl.URL()
