@@ -1,7 +1,7 @@
 """Crash trials: kill the daemon at random moments of a fan-out, restart it, count every user.
 
     .venv/bin/python bench/crash_trials.py --trials 20 --users 20000 [--replicas 1] \
-        [--signal KILL|TERM] [--kills 1] [--concurrency 64] [--lose-replies 0.0]
+        [--signal KILL|TERM] [--kills 1] [--concurrency 128] [--lose-replies 0.0]
 
 Each trial uses a fresh database (on --database-url / DATABASE_URL, else an embedded PostgreSQL),
 a fake WeChat in its own process, a plan firing once a few seconds after the daemons start, and
@@ -42,6 +42,8 @@ import httpx
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `scheduler` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scheduler.settings import SEND_CONCURRENCY  # noqa: E402 - after the path is set
 
 PLAN_ID = "burst"
 TEMPLATE_ID = "tmpl_burst"
@@ -224,7 +226,7 @@ async def run_trial(
     replicas: int = 1,
     sig: int = signal.SIGKILL,
     kills: int = 1,
-    concurrency: int = 64,
+    concurrency: int = SEND_CONCURRENCY,
     batch_size: int = 500,
     chunk_size: int = 1000,
     lease_seconds: float = 20.0,
@@ -377,7 +379,7 @@ async def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--kills", type=int, default=1)
     parser.add_argument("--signal", choices=["KILL", "TERM"], default="KILL")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=SEND_CONCURRENCY)
     parser.add_argument("--lose-replies", type=float, default=0.0)
     parser.add_argument("--lease-seconds", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=None)

@@ -1,6 +1,6 @@
 """Fan-out benchmark: one occurrence of a calendar plan sent to N users, end to end.
 
-    .venv/bin/python bench/fanout.py --users 100000 [--concurrency 64] [--batch-size 500]
+    .venv/bin/python bench/fanout.py --users 100000 [--concurrency 128] [--batch-size 500]
         [--chunk-size 1000] [--replicas 1] [--send-rate 0] [--profile FILE]
 
 Registers a daily long-term `transport` plan in a fresh database (`bench_<random>` on the server
@@ -90,6 +90,7 @@ from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.messages import render
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import calendar_anchor, calendar_occurrences
+from scheduler.settings import SEND_CONCURRENCY
 from scheduler.store.embedded import start_embedded
 from scheduler.store.postgres import SendRate, Store
 
@@ -609,7 +610,7 @@ async def main(args: argparse.Namespace) -> str:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=10_000, help="audience size (up to 1e6)")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=SEND_CONCURRENCY)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--pool-size", type=int, default=10, help="asyncpg pool max_size")
     parser.add_argument("--chunk-size", type=int, default=1000, help="users per occurrence chunk")

@@ -1,6 +1,6 @@
 """HTTP baselines: how fast WeChatChannel.send is against the fake, next to a bare aiohttp loop.
 
-    python -m bench.http_baselines [--n 5000] [--concurrency 64]
+    python -m bench.http_baselines [--n 5000] [--concurrency 128]
 
 starts the fake WeChat in a subprocess (pinned to another core than this process where the
 machine has two), posts N messages through the channel and then N raw requests with the same
@@ -26,6 +26,7 @@ import aiohttp
 from scheduler.channels.base import OutgoingMessage
 from scheduler.channels.wechat import WeChatChannel, send_body
 from scheduler.domain.outcomes import Outcome
+from scheduler.settings import SEND_CONCURRENCY
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ async def _main(n: int, concurrency: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000, help="messages per loop")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=SEND_CONCURRENCY)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_main(args.n, args.concurrency))

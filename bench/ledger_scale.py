@@ -274,9 +274,7 @@ async def timed_fanout(store: Store, db_url: str, users: int) -> float:
     fake, base_url = await _start_fake()
     channel = WeChatChannel(base_url, "bench", "bench")
     try:
-        dispatcher = Dispatcher(
-            store, channel, replica_id="bench", concurrency=64, clock=lambda: fire_time
-        )
+        dispatcher = Dispatcher(store, channel, replica_id="bench", clock=lambda: fire_time)
         started = time.perf_counter()
         report = await dispatcher.fire(fanout.PLAN.id, fire_time)
         took = time.perf_counter() - started

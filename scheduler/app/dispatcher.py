@@ -52,6 +52,7 @@ from scheduler.domain.schedule import (
     relative_due,
 )
 from scheduler.domain.tracking import page_tracker
+from scheduler.settings import SEND_CONCURRENCY
 from scheduler.store.postgres import (
     CapUse,
     Chunk,
@@ -127,7 +128,7 @@ class Dispatcher:
         channel: Channel,
         *,
         replica_id: str,
-        concurrency: int = 64,
+        concurrency: int = SEND_CONCURRENCY,
         batch_size: int = 500,
         clock: Clock = utc_now,
         policy: Policy = DEFAULT_POLICY,
