@@ -38,7 +38,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from http.cookiejar import CookieJar
 from typing import Any
 from urllib.parse import quote
 
@@ -117,13 +116,6 @@ class _Failure(Exception):
 
     def result(self) -> SendResult:
         return SendResult(self.outcome, self.reason, errcode=self.errcode, detail=self.detail)
-
-
-class _NoCookies(CookieJar):
-    """The WeChat API sets no cookies; not parsing for them saves a tenth of a send's time."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
 
 
 class _WireTransport(AiohttpTransport):
@@ -215,8 +207,8 @@ class WeChatChannel:
     ) -> None:
         """`retries` counts attempts for a transient failure (1: no retry). The backoff before
         attempt n+1 is base * 2**(n-1) capped at `backoff_max`, half fixed and half random.
-        `client` is used as given (and not closed); by default the channel makes one on the
-        aiohttp transport with `max_connections` pooled connections."""
+        `client` is used as given (and not closed); by default the channel sends through its
+        own aiohttp transport with `max_connections` pooled connections."""
         self._on_errcode = on_errcode  # e.g. a metrics counter: sees every non-zero errcode
         self._base = base_url.rstrip("/")
         self._token_url = f"{self._base}/cgi-bin/stable_token"
@@ -232,8 +224,12 @@ class WeChatChannel:
         self._wait: wait_base = wait_exponential(multiplier=backoff_base / 2, max=backoff_max / 2)
         self._wait += wait_random_exponential(multiplier=backoff_base / 2, max=backoff_max / 2)
 
-        self._owns_client = client is None
-        transport: _WireTransport | None = None
+        # A given client is used through its API (`post`) and not closed. Without one, the
+        # channel's requests go straight to its own transport (`_WireTransport.post`): an httpx
+        # client's auth, redirect, cookie and event-hook machinery and httpx's request and
+        # response objects have nothing to do for the channel and cost as much as HTTP itself.
+        self._client = client
+        self._transport: _WireTransport | None = None
         if client is None:
             # httpx's own pool tops out around 320 sends/s; aiohttp's does not. Its connector
             # takes only max_connections (per host unlimited) and keepalive_expiry from Limits.
@@ -242,16 +238,7 @@ class WeChatChannel:
                 max_keepalive_connections=max_connections,
                 keepalive_expiry=30.0,
             )
-            # trust_env=False: a proxy from the environment would make httpx route around the
-            # aiohttp transport with its own pool.
-            transport = _WireTransport(limits, self._timeout)
-            client = httpx.AsyncClient(transport=transport, cookies=_NoCookies(), trust_env=False)
-        self._client = client
-        # Our own client's requests go straight to its transport (`_WireTransport.post`): the
-        # client's auth, redirect, cookie and event-hook machinery and httpx's request and
-        # response objects have nothing to do for the channel and cost as much as HTTP itself.
-        # A given client is used through its API (`post`).
-        self._transport = transport
+            self._transport = _WireTransport(limits, self._timeout)
         self._bodies: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
 
         # (token, send URL with the token) and when to renew it; read without the lock.
@@ -346,8 +333,8 @@ class WeChatChannel:
             return None
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     # -- one attempt -------------------------------------------------------------------------
 
@@ -415,6 +402,7 @@ class WeChatChannel:
         """POST `content` to `url`: the status and body, or the transport's exception."""
         if self._transport is not None:
             return await self._transport.post(url, content)
+        assert self._client is not None  # one or the other
         response = await self._client.post(
             url, content=content, headers=_JSON_HEADERS, timeout=self._timeout
         )
