@@ -86,6 +86,11 @@ async def test_only_the_docs_can_be_public(serve):
         ),
         ("REMINDERS_API_PUBLIC", '["everything"]', "REMINDERS_API_PUBLIC (0): Input should be"),
         ("REMINDERS_SEND_RATE", "-1", "REMINDERS_SEND_RATE: Input should be greater than"),
+        (  # no sender at all: a fan-out would wait forever
+            "REMINDERS_SEND_CONCURRENCY",
+            "0",
+            "REMINDERS_SEND_CONCURRENCY: Input should be greater than",
+        ),
         ("REMINDERS_API_PORT", "eighty", "REMINDERS_API_PORT: Input should be a valid integer"),
         (  # a rule across two settings
             "REMINDERS_WECHAT_PUSH_MODE",
