@@ -318,7 +318,7 @@ class WeChatChannel:
         body = json.dumps({"cgi_path": "/cgi-bin/message/subscribe/send"}).encode()
         try:
             token, _ = await self._token()
-            url = f"{self._quota_url}?access_token={quote(token)}"
+            url = _with_token(self._quota_url, token)
             answer = await self._post(url, body, idempotent=True)
         except _Failure as failure:
             logger.debug("the send quota cannot be read: %s", failure.detail)
@@ -439,7 +439,7 @@ class WeChatChannel:
                 raise
             finally:
                 self._fetches_done += 1
-            url = f"{self._base}/cgi-bin/message/subscribe/send?access_token={quote(token)}"
+            url = _with_token(f"{self._base}/cgi-bin/message/subscribe/send", token)
             self._current = (token, url)
             self._renew_at = time.monotonic() + max(
                 expires_in - TOKEN_EARLY_RENEWAL_S, TOKEN_MIN_REUSE_S
@@ -487,6 +487,10 @@ def _result(answer: dict[str, Any]) -> SendResult:
     if reason is Reason.TRANSIENT:
         raise _Failure(reason, errcode, detail)
     return SendResult(Outcome.FAILED, reason, errcode=errcode, detail=detail)
+
+
+def _with_token(url: str, token: str) -> str:
+    return f"{url}?access_token={quote(token)}"
 
 
 def _text(body: bytes) -> str:
