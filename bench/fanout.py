@@ -17,16 +17,17 @@ min(N, --baseline-max) of them). The last line printed is
     users=N sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q peak_rss_mb=M
         cpu_us=F channel_cpu_us=U raw_cpu_us=W fake_cpu_us=X db_cpu_us=D pinned=P
 
-with ratio = S / C and raw_ratio = S / B, where C is the mean of the channel alone just before
-and just after the fan-out (the machine's load drifts over a long run). F, U and W are this
-process's CPU microseconds per send (time.process_time) in the fan-out, the channel loop (mean of
-before and after) and the bare aiohttp loop: unlike the rates they barely move when other work
-shares the machine. X and D are the CPU microseconds per send, during the fan-out, of the fake
-WeChat and of the embedded PostgreSQL (all its processes; D is n/a for a --database-url server):
-they share the other core, and when their sum times S nears a whole core, that core is the
-bottleneck, not this process. P is 1 when the fake and the embedded PostgreSQL were pinned to
-the other core; when this process sees fewer than two cores (under taskset, say) nothing is
-pinned, a warning says so on stdout and stderr, and P is 0. Loopback only;
+with ratio = S / C and raw_ratio = S / B, where C and B are the means of the channel alone and of
+the bare aiohttp loop just before and just after the fan-out (the machine's speed drifts over a
+long run; a warning says when either baseline moved by more than a fifth, and such a run's ratios
+are unreliable). F, U and W are this process's CPU microseconds per send (time.process_time) in the
+fan-out, the channel loop and the bare aiohttp loop (means of before and after): unlike the rates
+they barely move when other work shares the machine. X and D are the CPU microseconds per send,
+during the fan-out, of the fake WeChat and of the embedded PostgreSQL (all its processes; D is n/a
+for a --database-url server): they share the other core, and when their sum times S nears a whole
+core, that core is the bottleneck, not this process. P is 1 when the fake and the embedded
+PostgreSQL were pinned to the other core; when this process sees fewer than two cores (under
+taskset, say) nothing is pinned, a warning says so on stdout and stderr, and P is 0. Loopback only;
 everything started is stopped and the database dropped on the way out, also on error or after
 --timeout seconds.
 
@@ -251,6 +252,22 @@ def warn_unpinned(cpus: list[int]) -> None:
     print(message, flush=True)
 
 
+DRIFT_WARNING = 0.2  # a baseline's before and after further apart than this: say so
+
+
+def warn_drift(name: str, before: float, after: float) -> None:
+    """A baseline that moved by more than DRIFT_WARNING over the run: the machine's speed
+    changed under it, and this run's ratios are worth less than a steadier run's."""
+    drift = abs(after - before) / max(min(before, after), 1e-9)
+    if drift > DRIFT_WARNING:
+        message = (
+            f"WARNING: the {name} baseline moved by {drift:.0%} between before and after the "
+            "fan-out: the machine's speed drifted during this run, so its ratios are unreliable"
+        )
+        print(message)
+        print(message, file=sys.stderr)
+
+
 def send_rate(args: argparse.Namespace) -> SendRate | None:
     return SendRate("bench", args.send_rate) if args.send_rate else None
 
@@ -334,19 +351,29 @@ async def bench(
                 print(f"profile of the fan-out written to {args.profile} (read it with pstats)")
             fire_us = cpu_us(cpu, max(report.sent, 1))
             faked = await fake_sends(base_url) - sends_before
-            # The channel alone once more: the machine's load drifts over a long run, so the
-            # ratio is taken against the mean of the channel before and after the fan-out.
+            # Both baselines once more: the machine's speed drifts over a long run, so the
+            # ratios are taken against the mean of each before and after the fan-out.
             again = messages(fire_time, step, min(n, args.baseline_max))
             cpu = time.process_time()
             channel_after = await channel_loop(channel, again, concurrency)
             channel_after_us = cpu_us(cpu, len(again))
+            cpu = time.process_time()
+            raw_after = await aiohttp_loop(base_url, token, again, concurrency)
+            raw_after_us = cpu_us(cpu, len(again))
             del again
-            print(
-                f"channel alone: {channel_per_s:.0f}/s before, {channel_after:.0f}/s after "
-                f"({channel_us:.0f} and {channel_after_us:.0f} us CPU/send)"
-            )
+            for name, before, after, before_us, after_us in (
+                ("channel", channel_per_s, channel_after, channel_us, channel_after_us),
+                ("bare aiohttp", raw_per_s, raw_after, raw_us, raw_after_us),
+            ):
+                print(
+                    f"{name} alone: {before:.0f}/s before, {after:.0f}/s after "
+                    f"({before_us:.0f} and {after_us:.0f} us CPU/send)"
+                )
+                warn_drift(name, before, after)
             channel_per_s = (channel_per_s + channel_after) / 2
             channel_us = (channel_us + channel_after_us) / 2
+            raw_per_s = (raw_per_s + raw_after) / 2
+            raw_us = (raw_us + raw_after_us) / 2
         finally:
             await channel.aclose()
         sends_per_s = report.sent / elapsed
