@@ -182,7 +182,13 @@ def test_validate_checks_every_variant_against_the_rules(
 ) -> None:
     """A variant's text is a message some users get: too long, it is rejected at its own path."""
 
+    def sparse(p: dict) -> None:
+        # `validate` samples the plan as one user enrolled today: five daily sends met the
+        # education cap (3 a week) on the days when four of them fell in one ISO week.
+        p["schedule"]["relative"]["every"] = "3 days"
+
     def long(p: dict) -> None:
+        sparse(p)
         p["message"]["steps"][3]["variants"]["direct"]["fields"]["thing2"] = "很长" * 11
 
     (tmp_path / "tips.yaml").write_text(plan_text(long), encoding="utf-8")
@@ -192,7 +198,7 @@ def test_validate_checks_every_variant_against_the_rules(
         f"error  {tmp_path / 'tips.yaml'}: message.steps.3.variants.direct.fields.thing2: "
         "thing2: thing allows at most 20 characters, got 22 (step 3, variant direct)"
     ) in out, out
-    (tmp_path / "tips.yaml").write_text(plan_text(), encoding="utf-8")
+    (tmp_path / "tips.yaml").write_text(plan_text(sparse), encoding="utf-8")
     assert main(["validate", str(tmp_path)]) == 0
 
 
