@@ -25,11 +25,12 @@ fan-out, the channel loop and the bare aiohttp loop (means of before and after):
 they barely move when other work shares the machine. X and D are the CPU microseconds per send,
 during the fan-out, of the fake WeChat and of the embedded PostgreSQL (all its processes; D is n/a
 for a --database-url server): they share the other core, and when their sum times S nears a whole
-core, that core is the bottleneck, not this process. P is 1 when the fake and the embedded
-PostgreSQL were pinned to the other core; when this process sees fewer than two cores (under
-taskset, say) nothing is pinned, a warning says so on stdout and stderr, and P is 0. Loopback only;
-everything started is stopped and the database dropped on the way out, also on error or after
---timeout seconds.
+core, that core is the bottleneck, not this process. A human line before the last gives each core's
+ceiling: the sends/s (and raw_ratio) it would allow at 100 % at the CPU per send measured, F for
+this process and X + D for the other core. P is 1 when the fake and the embedded PostgreSQL were
+pinned to the other core; when this process sees fewer than two cores (under taskset, say) nothing
+is pinned, a warning says so on stdout and stderr, and P is 0. Loopback only; everything started is
+stopped and the database dropped on the way out, also on error or after --timeout seconds.
 
 With --replicas K > 1 the occurrence is worked by K replicas instead of this process: after the
 baselines, K worker subprocesses (this file with --worker; replica ids r0..r{K-1}) each open a
@@ -388,6 +389,18 @@ async def bench(
             f"the other core per send: fake WeChat {fake_us:.0f} us CPU, "
             + (f"PostgreSQL {db_us:.0f} us CPU" if db_us is not None else "PostgreSQL n/a")
             + f" (busy {(fake_us + (db_us or 0)) * sends_per_s / 1e6:.0%} of a core)"
+        )
+        # What each core allows at 100 %: a raw_ratio above the lower ceiling cannot be had by
+        # any change to this process alone.
+        ceilings = {"this process": fire_us}
+        if db_us is not None:
+            ceilings["the other core"] = fake_us + db_us
+        print(
+            "ceilings at 100 % of a core: "
+            + ", ".join(
+                f"{name} {1e6 / us:.0f} sends/s (raw_ratio {1e6 / us / raw_per_s:.2f})"
+                for name, us in ceilings.items()
+            )
         )
 
         ledger = await store.pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'sent'")
