@@ -36,6 +36,9 @@ this full ledger, end to end (`Dispatcher.fire`: chunks, claims with consent and
 sends to the fake WeChat in a subprocess, result writes), at today's fire time so its rows land
 in the current month's partition beside the loaded ones; every user must be sent once. Nothing
 is pinned here: compare it with bench/fanout.py --users 10000 on the same machine, not pinned.
+Around it the ledger's size is read: the bytes it grew by per sent row (a claim, then its result:
+two versions of the row, the first one dead), then, after a VACUUM, the same for the day
+before's occurrence, which fills the space VACUUM freed (docs/operations.md, "Sizing").
 
 --before drops what migration 010 added (the count triggers and tables, the last-errors index)
 before loading: run it with the previous scheduler/store/status.py checked out to measure the
@@ -268,26 +271,50 @@ def last_fire(now: datetime) -> datetime:
 
 
 async def timed_fanout(store: Store, db_url: str, users: int) -> float:
-    """One real occurrence fanned out to `users` users on this ledger: its sends per second."""
+    """One real occurrence fanned out to `users` users on this ledger: its sends per second.
+    Then the ledger's growth per row written by the send path (a claim, then its result: two
+    row versions), before and after a VACUUM: the sizing of docs/operations.md."""
     await fanout.load(store, db_url, users)
     fire_time = last_fire(datetime.now(UTC))
     fake, base_url = await _start_fake()
     channel = WeChatChannel(base_url, "bench", "bench")
     try:
-        dispatcher = Dispatcher(store, channel, replica_id="bench", clock=lambda: fire_time)
-        started = time.perf_counter()
-        report = await dispatcher.fire(fanout.PLAN.id, fire_time)
-        took = time.perf_counter() - started
+        took, grew = await _fire(store, channel, fire_time, users)
+        print(f"fan-out of {users:,} users on this ledger: {took:.2f} s ({users / took:,.0f}/s)")
+        print(
+            f"  the ledger grew by {grew / users:.0f} bytes a sent row (heap, indexes, TOAST; a"
+            " row's first version stays until VACUUM)"
+        )
+        await store.pool.execute("VACUUM deliveries")
+        _, grew = await _fire(store, channel, fire_time - timedelta(days=1), users)
+        print(
+            f"  after VACUUM, the day before's fan-out grew it by {grew / users:.0f} bytes a sent"
+            " row (the space VACUUM freed, used again)"
+        )
     finally:
         await channel.aclose()
         await fanout.stop_process(fake)
+    return users / took
+
+
+async def _fire(
+    store: Store, channel: WeChatChannel, fire_time: datetime, users: int
+) -> tuple[float, int]:
+    """bench/fanout.py's plan fired at `fire_time`: seconds taken, bytes the ledger grew by."""
+    before = await store.pool.fetchval(LEDGER_BYTES)
+    dispatcher = Dispatcher(store, channel, replica_id="bench", clock=lambda: fire_time)
+    started = time.perf_counter()
+    report = await dispatcher.fire(fanout.PLAN.id, fire_time)
+    took = time.perf_counter() - started
     sent = await store.pool.fetchval(
-        "SELECT count(*) FROM deliveries WHERE plan_id = $1 AND status = 'sent'", fanout.PLAN.id
+        "SELECT count(*) FROM deliveries WHERE plan_id = $1 AND occurrence = $2"
+        " AND status = 'sent'",
+        fanout.PLAN.id,
+        occurrence_key(fire_time),
     )
     if not report.sent == sent == users:
         raise SystemExit(f"FAILED: the fan-out sent {report.sent} (ledger {sent}) of {users}")
-    print(f"fan-out of {users:,} users on this ledger: {took:.2f} s ({users / took:,.0f}/s)")
-    return users / took
+    return took, await store.pool.fetchval(LEDGER_BYTES) - before
 
 
 async def bench(args: argparse.Namespace, db_url: str) -> str:
