@@ -22,6 +22,7 @@
 --   014_ledger_partitions.sql
 --   015_opens_partitions.sql
 --   016_engagement_counts.sql
+--   017_drop_plan_status_index.sql
 --
 -- Functions:
 --   claim_deliveries(p_plan text, p_version integer, p_template text, p_consent_kind text,
@@ -246,7 +247,6 @@ CREATE INDEX deliveries_errors ON ONLY public.deliveries USING btree (plan_id, i
 CREATE INDEX deliveries_msgid ON ONLY public.deliveries USING btree (msgid) WHERE (msgid IS NOT NULL);
 CREATE INDEX deliveries_pending ON ONLY public.deliveries USING btree (claimed_by) WHERE (status = 'pending'::text);
 CREATE INDEX deliveries_plan_due ON ONLY public.deliveries USING btree (plan_id, due_at);
-CREATE INDEX deliveries_plan_status ON ONLY public.deliveries USING btree (plan_id, status);
 CREATE INDEX deliveries_user_sent ON ONLY public.deliveries USING btree (user_id, due_at) WHERE (status = 'sent'::text);
 
 CREATE TABLE delivery_counts (
