@@ -1,7 +1,7 @@
 """Crash trials: kill the daemon at random moments of a fan-out, restart it, count every user.
 
     .venv/bin/python bench/crash_trials.py --trials 20 --users 20000 [--replicas 1] \
-        [--signal KILL|TERM] [--kills 1] [--concurrency 128] [--lose-replies 0.0]
+        [--signal KILL|TERM] [--kills 1] [--concurrency 256] [--lose-replies 0.0]
 
 Each trial uses a fresh database (on --database-url / DATABASE_URL, else an embedded PostgreSQL),
 a fake WeChat in its own process, a plan firing once a few seconds after the daemons start, and

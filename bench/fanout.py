@@ -1,6 +1,6 @@
 """Fan-out benchmark: one occurrence of a calendar plan sent to N users, end to end.
 
-    .venv/bin/python bench/fanout.py --users 100000 [--concurrency 128] [--batch-size 500]
+    .venv/bin/python bench/fanout.py --users 100000 [--concurrency 256] [--batch-size 500]
         [--chunk-size 1000] [--replicas 1] [--send-rate 0] [--profile FILE]
 
 Registers a daily long-term `transport` plan in a fresh database (`bench_<random>` on the server

@@ -1,6 +1,6 @@
 """HTTP baselines: how fast WeChatChannel.send is against the fake, next to a bare aiohttp loop.
 
-    python -m bench.http_baselines [--n 5000] [--concurrency 128]
+    python -m bench.http_baselines [--n 5000] [--concurrency 256]
 
 starts the fake WeChat in a subprocess (pinned to another core than this process where the
 machine has two), posts N messages through the channel and then N raw requests with the same

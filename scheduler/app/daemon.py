@@ -390,6 +390,8 @@ async def open_channel(settings: Settings, stack: AsyncExitStack) -> Channel:
         miniprogram_state=settings.miniprogram_state,
         lang=settings.lang,
         on_errcode=metrics.count_errcode,
+        # A connection for every send slot: a pool smaller than the concurrency would cap it.
+        max_connections=max(settings.send_concurrency, 256),
     )
     stack.push_async_callback(channel.aclose)
     return channel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -27,3 +28,25 @@ def test_the_table_lists_no_setting_that_does_not_exist():
     )
     known = {variable_of(name) for name in Settings.model_fields}
     assert rows - known == set()
+
+
+def test_the_table_gives_each_setting_its_real_default():
+    """A default changed in scheduler/settings.py is changed in the README too (the send
+    concurrency's once was not: operators size their replicas and a crash's `unknown` by it)."""
+    documented = dict(
+        re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", README.read_text(encoding="utf-8"), re.M)
+    )
+    wrong = {}
+    for name, field in Settings.model_fields.items():
+        variable, default = variable_of(name), field.get_default(call_default_factory=True)
+        if variable not in documented or default is None:
+            continue  # prose defaults ("unset", "host name") are read by people
+        if isinstance(default, bool):
+            actual = str(default).lower()
+        elif isinstance(default, (list, dict)):
+            actual = json.dumps(default)
+        else:
+            actual = str(default)
+        if documented[variable] != actual:
+            wrong[variable] = (documented[variable], actual)
+    assert wrong == {}, f"README default -> real default: {wrong}"
