@@ -394,17 +394,22 @@ class Dispatcher:
         def when(_: Recipient) -> tuple[str, int, datetime, ZoneInfo]:
             return chunk.occurrence, chunk.step, chunk.fire_time, tz
 
-        while not self.stopping.is_set():
+        more = True
+        while more and not self.stopping.is_set():
             recipients: list[Recipient] = await retry_transient(
                 60, what="reading an audience chunk"
             )(self.store.fanout.chunk_audience, chunk, cursor, self.batch_size)
             if not recipients:
                 return
+            cursor = recipients[-1].user_id
+            # A short page was the chunk's last, and so was one that reached its last user: the
+            # chunk ends without a round trip to read nothing.
+            more = len(recipients) == self.batch_size and cursor != chunk.last_user
             try:
                 async for attempt in retry_transient(60, what="claiming a batch"):
                     with attempt:
                         async with self.store.fanout.chunk_batch(
-                            chunk, self.replica_id, recipients[-1].user_id
+                            chunk, self.replica_id, cursor
                         ) as conn:
                             dues, claims = await self._adapted_batch(
                                 active, conn, recipients, self.clock(), report, when
@@ -413,9 +418,9 @@ class Dispatcher:
                 log.info("chunk %d stops: %s", chunk.id, why, extra={"plan_id": chunk.plan_id})
                 yield None
                 return
-            cursor = recipients[-1].user_id
             yield dues, claims
-        yield None  # stopping: the chunk is let go, another replica continues it
+        if self.stopping.is_set():
+            yield None  # stopping: the chunk is let go, another replica continues it
 
     async def _chunk_missed(self, active: ActivePlan, chunk: Chunk, report: FanOutReport) -> bool:
         """The chunk comes too late (the daemon was down past the plan's grace): its users

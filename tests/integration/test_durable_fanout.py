@@ -77,6 +77,25 @@ async def test_an_occurrence_is_recorded_once_as_chunks_covering_every_user(stor
     assert await store.pool.fetchval("SELECT total FROM occurrences") == 250
 
 
+async def test_a_chunk_reads_each_page_of_its_audience_once(store, fake, channel):
+    # A chunk ends at its last user or at a short page, without a round trip that reads nothing.
+    await audience(store, 230)
+    pages: list[int] = []
+    read = store.fanout.chunk_audience
+
+    async def counted(chunk, after, limit):  # noqa: ANN001, ANN202
+        page = await read(chunk, after, limit)
+        pages.append(len(page))
+        return page
+
+    store.fanout.chunk_audience = counted
+    d = dispatcher(store, channel, Clock(FIRE), batch_size=50, chunk_size=100)
+    report = await d.fire("alerts", FIRE)
+    assert report.sent == 230 and await outcomes(store) == {"sent": 230}
+    # Chunks (start, 100th], (100th, 200th], (200th, end): two full pages, two, one short.
+    assert sorted(pages) == [30, 50, 50, 50, 50]
+
+
 async def test_two_replicas_share_one_occurrence_and_send_each_user_once(store, fake, channel):
     users = await audience(store, 600)
     fake.inject(latency_s=0.01, times=600)
