@@ -1,14 +1,18 @@
 """Fan-out benchmark: one occurrence of a calendar plan sent to N users, end to end.
 
     .venv/bin/python bench/fanout.py --users 100000 [--concurrency 256] [--batch-size 500]
-        [--chunk-size 1000] [--replicas 1] [--send-rate 0] [--profile FILE]
+        [--chunk-size 1000] [--fanout-workers 0] [--replicas 1] [--send-rate 0] [--profile FILE]
 
 Registers a daily long-term `transport` plan in a fresh database (`bench_<random>` on the server
 of --database-url / DATABASE_URL, else on an embedded PostgreSQL in a temp dir), bulk-loads N
 enrolments and N long-term consents with COPY (not timed), starts the fake WeChat in a subprocess
 (its own core where there are two; keep_messages off), and times `Dispatcher.fire` for one real
 occurrence of the plan: audience pages, ledger claims with consent, HTTP sends and result writes.
-It then checks that N rows are `sent` in the ledger and that the fake counted N sends.
+By default that is the fire's own pipeline alone. With --fanout-workers W the fire is joined by W
+chunk loops, as the daemon's REMINDERS_FANOUT_WORKERS loops join it within a poll period (the
+daemon's default is 2): each takes free chunks of the occurrence, a pipeline of its own, and all
+share the replica's send slots. It then checks that N rows are `sent` in the ledger and that the
+fake counted N sends.
 
 Against the same fake, same concurrency, no database, it measures the channel's own HTTP client
 (`channel_loop`) and a bare aiohttp loop (`aiohttp_loop`) posting the same messages (the first
@@ -38,10 +42,11 @@ Store on the bench database, a WeChatChannel to the same fake and a Dispatcher w
 concurrency and batch size (each), warm their channel up and wait. This process then records the
 occurrence (`store.fanout.record_occurrence`, in chunks of --chunk-size users, as `fire` does),
 sends the workers the start signal (a line on their stdin) and times from just before the record
-until every worker has reported (its last send finished); each worker runs `Dispatcher.work()`
-until the occurrence is done (it returns when no chunk is free, which may be while others still
-hold chunks, so it is called again after a short sleep). It prints each replica's share of the
-ledger's `sent` rows, runs the same checks (ledger sent == fake sends == N) and ends with
+until every worker has reported (its last send finished); each worker runs 1 + --fanout-workers
+loops of `Dispatcher.work()` until the occurrence is done (it returns when no chunk is free, which
+may be while others still hold chunks, so it is called again after a short sleep). It prints each
+replica's share of the ledger's `sent` rows, runs the same checks (ledger sent == fake sends ==
+N) and ends with
 
     users=N replicas=K sends_per_s=S channel_per_s=C raw_per_s=B ratio=R raw_ratio=Q
         peak_rss_mb=M shares=r0:n0,r1:n1,... cpu_us=F channel_cpu_us=U raw_cpu_us=W pinned=P
@@ -92,7 +97,7 @@ from scheduler.channels.wechat import WeChatChannel
 from scheduler.domain.messages import render
 from scheduler.domain.plan import Plan
 from scheduler.domain.schedule import calendar_anchor, calendar_occurrences
-from scheduler.settings import SEND_CONCURRENCY
+from scheduler.settings import SEND_CONCURRENCY, Settings
 from scheduler.store.embedded import start_embedded
 from scheduler.store.postgres import SendRate, Store
 
@@ -269,6 +274,39 @@ def warn_drift(name: str, before: float, after: float) -> None:
         print(message, file=sys.stderr)
 
 
+async def fire_as_the_daemon_does(
+    dispatcher: Dispatcher, fire_time: datetime, fanout_workers: int
+) -> FanOutReport:
+    """The fire, joined by the replica's `fanout_workers` chunk loops, as in the daemon (there
+    they take free chunks of any occurrence within REMINDERS_WORK_POLL_SECONDS; here at once):
+    each loop is a pipeline of its own, so one chunk's batches are rendered and claimed while
+    another's are, and all of them share the replica's send slots."""
+    fired = asyncio.create_task(dispatcher.fire(PLAN.id, fire_time))
+
+    async def join() -> FanOutReport:
+        report = FanOutReport()
+        while not fired.done():
+            await dispatcher.work(report)  # returns when no chunk is free
+            await asyncio.sleep(0.005)
+        return report
+
+    joined = asyncio.gather(*(join() for _ in range(fanout_workers)))  # running from now on
+    return merged([await fired, *await joined])
+
+
+def merged(reports: list[FanOutReport]) -> FanOutReport:
+    """The reports of a replica's pipelines as one."""
+    total = FanOutReport()
+    for r in reports:
+        total.sent += r.sent
+        total.failed += r.failed
+        total.already_claimed += r.already_claimed
+        total.missed += r.missed
+        for key, count in r.gate.items():
+            total.gate[key] = total.gate.get(key, 0) + count
+    return total
+
+
 def send_rate(args: argparse.Namespace) -> SendRate | None:
     return SendRate("bench", args.send_rate) if args.send_rate else None
 
@@ -340,7 +378,7 @@ async def bench(
             started, cpu = time.perf_counter(), time.process_time()
             if profiler:
                 profiler.enable()
-            report = await dispatcher.fire(PLAN.id, fire_time)
+            report = await fire_as_the_daemon_does(dispatcher, fire_time, args.fanout_workers)
             elapsed = time.perf_counter() - started
             others_us = {
                 name: (tree_cpu_s(pid) - others_before[name]) / max(report.sent, 1) * 1e6
@@ -450,6 +488,8 @@ async def replicated(
             str(args.batch_size),
             "--chunk-size",
             str(args.chunk_size),
+            "--fanout-workers",
+            str(args.fanout_workers),
             "--pool-size",
             str(args.pool_size),
             "--send-rate",
@@ -575,16 +615,21 @@ async def worker(args: argparse.Namespace) -> None:
             if len(line) != 2 or line[0] != "go":
                 return  # the benchmark went away before the start
             occurrence_id = int(line[1])
-            report = FanOutReport()
+
+            async def loop() -> FanOutReport:  # one of the replica's chunk loops
+                report = FanOutReport()
+                while True:
+                    await dispatcher.work(report)  # returns when no chunk is free
+                    state = await store.pool.fetchval(
+                        "SELECT state FROM occurrences WHERE id = $1", occurrence_id
+                    )
+                    if state == "done":
+                        return report
+                    await asyncio.sleep(0.02)  # other replicas still hold chunks
+
             cpu = time.process_time()
-            while True:
-                await dispatcher.work(report)  # returns when no chunk is free
-                state = await store.pool.fetchval(
-                    "SELECT state FROM occurrences WHERE id = $1", occurrence_id
-                )
-                if state == "done":
-                    break
-                await asyncio.sleep(0.02)  # other replicas still hold chunks
+            # As in the daemon: the loop that would have fired it, and the fanout workers.
+            report = merged(await asyncio.gather(*(loop() for _ in range(1 + args.fanout_workers))))
             cpu_per_send = cpu_us(cpu, max(report.sent, 1))
         finally:
             await channel.aclose()
@@ -654,6 +699,13 @@ def cli() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--pool-size", type=int, default=10, help="asyncpg pool max_size")
     parser.add_argument("--chunk-size", type=int, default=1000, help="users per occurrence chunk")
+    parser.add_argument(
+        "--fanout-workers",
+        type=int,
+        default=0,
+        help="chunk loops that join the fire, as REMINDERS_FANOUT_WORKERS's do in the daemon"
+        f" (its default: {Settings.model_fields['fanout_workers'].default}; 0: the fire alone)",
+    )
     parser.add_argument(
         "--replicas",
         type=int,
