@@ -199,8 +199,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 # Compact and in UTF-8 (Chinese as it is, not as \u escapes): a third fewer bytes for a fan-out's
-# messages to encode, send and parse, and 40 % less of this process's time (json.dumps with
-# arguments would build an encoder at every call).
+# messages to send and parse, and 40 % less time to encode them (json.dumps with arguments would
+# build an encoder at every call).
 _compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -942,7 +942,7 @@ class FanOutStore:
         the caller claims in it; raises Fenced when the replica no longer holds the chunk or the
         plan stopped (the plan row is held FOR SHARE: a pause waits for this batch)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            # One round trip for both (a batch's round trips were the producer's limit).
+            # One round trip for both: a fan-out's producer waits on each of a batch's.
             row = await conn.fetchrow(
                 "WITH plan AS (SELECT state FROM plans WHERE id = $4 FOR SHARE),"
                 " moved AS (UPDATE occurrence_chunks SET cursor = $3, updated_at = now()"

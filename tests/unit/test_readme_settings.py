@@ -31,8 +31,8 @@ def test_the_table_lists_no_setting_that_does_not_exist():
 
 
 def test_the_table_gives_each_setting_its_real_default():
-    """A default changed in scheduler/settings.py is changed in the README too (the send
-    concurrency's once was not: operators size their replicas and a crash's `unknown` by it)."""
+    """A default changed in scheduler/settings.py is changed in the README too: operators size
+    their replicas by these (the send concurrency also bounds a crash's `unknown`)."""
     documented = dict(
         re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", README.read_text(encoding="utf-8"), re.M)
     )
