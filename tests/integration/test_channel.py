@@ -376,3 +376,24 @@ async def test_a_compressed_reply_is_decoded_and_the_pool_keeps_its_limit() -> N
     finally:
         await channel.aclose()
         await runner.cleanup()
+
+
+async def test_the_daemon_gives_its_channel_a_connection_for_every_send_slot() -> None:
+    # A pool smaller than REMINDERS_SEND_CONCURRENCY would cap it: the sends past the pool's
+    # size would wait for a connection, however many slots the flight recorder grants.
+    from contextlib import AsyncExitStack
+
+    from scheduler.app.daemon import open_channel
+    from scheduler.settings import Settings
+
+    for concurrency, pool in ((300, 300), (8, 256)):
+        settings = Settings(
+            send_concurrency=concurrency,
+            wechat_appid="wx-test",
+            wechat_secret="s3cret",
+            wechat_api_base="http://127.0.0.1:9",  # never called: nothing is sent here
+        )
+        async with AsyncExitStack() as stack:
+            channel = await open_channel(settings, stack)
+            assert isinstance(channel, WeChatChannel) and channel._transport is not None
+            assert channel._transport.limits.max_connections == pool
