@@ -58,6 +58,7 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from scheduler.channels.base import OutgoingMessage, Quota, SendResult
+from scheduler.compact_json import encode as _encode
 from scheduler.domain.outcomes import Outcome, Reason
 
 __all__ = ["ERRCODE_REASONS", "WeChatChannel", "send_body"]
@@ -89,8 +90,6 @@ TOKEN_MIN_REUSE_S = 60
 TOKEN_REFUSAL_HOLD_S = 30  # after stable_token refused the credentials, ask again after this
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
-# json.dumps with options builds an encoder per call: 40 % of encoding a send's body.
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _encode_str = json.encoder.encode_basestring  # a str as JSON, as _encode writes it
 _BODIES_MAX = 1024  # distinct (template, data) bodies remembered by a channel
 

@@ -375,3 +375,15 @@ async def test_stopping_a_plans_occurrences_while_a_chunk_is_released_does_not_d
     recorded = await asyncio.wait_for(stopping, 10)
     assert recorded == 50
     assert await store.pool.fetchval("SELECT state FROM occurrences") == "done"
+
+
+async def test_jsonb_goes_compact_in_utf8_and_a_lone_surrogate_is_still_refused(store):
+    import asyncpg
+
+    from scheduler.store.postgres import _encode_jsonb
+
+    message = {"thing1": "康复训练第3周", "time2": "09:00"}
+    assert _encode_jsonb(message) == b"\x01" + '{"thing1":"康复训练第3周","time2":"09:00"}'.encode()
+    assert await store.pool.fetchval("SELECT $1::jsonb", message) == message
+    with pytest.raises(asyncpg.exceptions.DataError):  # refused, as before: not a crash
+        await store.pool.fetchval("SELECT $1::jsonb", {"thing1": "\ud800"})
